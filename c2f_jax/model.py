@@ -1,0 +1,416 @@
+"""Mistral decoder in Flax (Linen), used functionally over plain param pytrees.
+
+One module definition serves all four PPO roles: the actor and the reference use
+the LM head (`MistralForCausalLM`), the critic and the reward model a scalar head
+named like HF `MistralForSequenceClassification` (`score`).
+
+Einsum axis letters: B batch, T query time, S key time, D model, N query heads,
+K kv heads, G query heads per kv head, H head dim, F mlp hidden, V vocab, L layers.
+
+Param tree (leading L on everything under `layers`, which are scanned):
+    embed            [V, D]
+    layers/attn_norm/scale [L, D]      layers/mlp_norm/scale [L, D]
+    layers/attn/q    [L, D, N, H]      layers/attn/k, v [L, D, K, H]
+    layers/attn/o    [L, N, H, D]
+    layers/mlp/gate, up [L, D, F]      layers/mlp/down [L, F, D]
+    final_norm/scale [D]
+    lm_head          [D, V]   (absent when tie_word_embeddings)
+    score            [D, num_labels]   (scalar-head models instead of lm_head)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Params = dict[str, Any]
+
+CAUSAL_LM = "MistralForCausalLM"
+SEQ_CLS = "MistralForSequenceClassification"
+ARCHITECTURES = (CAUSAL_LM, SEQ_CLS)
+REMAT_POLICIES = ("none", "full", "dots")
+
+# Large-but-finite so a query row with no visible key (a pad query) gives a
+# uniform softmax instead of NaN.
+_MASKED = -1e30
+
+
+class ConfigError(ValueError):
+    """A config.json or MistralConfig value that we cannot run."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MistralConfig:
+    """Architecture (mirrors HF config.json) plus how to run it (dtypes, remat).
+
+    Frozen and hashable, so it can be a static argument of `jax.jit`.
+    """
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 14336
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 8
+    head_dim: int = 128
+    rope_theta: float = 10000.0
+    sliding_window: int | None = 4096
+    rms_norm_eps: float = 1e-5
+    max_position_embeddings: int = 32768
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = 1
+    eos_token_id: int | tuple[int, ...] | None = 2
+    pad_token_id: int | None = None
+    architecture: str = CAUSAL_LM
+    num_labels: int = 1
+    # How to run it; not part of the architecture.
+    param_dtype: str = "float32"
+    compute_dtype: str = "float32"
+    remat: str = "none"
+
+    def __post_init__(self):
+        if self.architecture not in ARCHITECTURES:
+            raise ConfigError(f"unsupported architecture {self.architecture!r}; expected one of {ARCHITECTURES}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}"
+            )
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        if self.remat not in REMAT_POLICIES:
+            raise ConfigError(f"remat={self.remat!r}; expected one of {REMAT_POLICIES}")
+        for field in ("param_dtype", "compute_dtype"):
+            try:
+                jnp.dtype(getattr(self, field))
+            except TypeError:
+                raise ConfigError(f"{field}={getattr(self, field)!r} is not a dtype") from None
+
+    @property
+    def has_lm_head(self) -> bool:
+        return self.architecture == CAUSAL_LM
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        if self.eos_token_id is None:
+            return ()
+        if isinstance(self.eos_token_id, int):
+            return (self.eos_token_id,)
+        return tuple(self.eos_token_id)
+
+    def replace(self, **kw) -> "MistralConfig":
+        return dataclasses.replace(self, **kw)
+
+    @classmethod
+    def from_hf(cls, d: dict, **runtime) -> "MistralConfig":
+        """Builds a config from a parsed HF `config.json` (transformers v4 or v5 names)."""
+        archs = d.get("architectures") or [CAUSAL_LM]
+        arch = archs[0]
+        if d.get("model_type", "mistral") != "mistral" or arch not in ARCHITECTURES:
+            raise ConfigError(
+                f"unsupported model: model_type={d.get('model_type')!r}, architectures={archs}; "
+                f"expected model_type 'mistral' with one of {ARCHITECTURES}"
+            )
+        if d.get("hidden_act", "silu") != "silu":
+            raise ConfigError(f"unsupported hidden_act={d['hidden_act']!r}; Mistral uses 'silu'")
+        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default":
+            raise ConfigError(f"unsupported rope_type={rope_type!r}; only 'default' rotary embeddings are ported")
+        theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+            if key not in d:
+                raise ConfigError(f"config.json has no {key!r}")
+        heads = d["num_attention_heads"]
+        eos = d.get("eos_token_id", 2)
+        num_labels = 1  # meaningless for the LM head; HF's default there is 2
+        if arch == SEQ_CLS:
+            num_labels = len(d["id2label"]) if d.get("id2label") else d.get("num_labels", 1)
+        return cls(
+            vocab_size=d["vocab_size"],
+            hidden_size=d["hidden_size"],
+            intermediate_size=d["intermediate_size"],
+            num_hidden_layers=d["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=d.get("num_key_value_heads") or heads,
+            head_dim=d.get("head_dim") or d["hidden_size"] // heads,
+            rope_theta=float(theta),
+            sliding_window=d.get("sliding_window"),
+            rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+            max_position_embeddings=d.get("max_position_embeddings", 32768),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            bos_token_id=d.get("bos_token_id"),
+            eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
+            pad_token_id=d.get("pad_token_id"),
+            architecture=arch,
+            num_labels=num_labels,
+            **runtime,
+        )
+
+    def to_hf(self, dtype: str | None = None) -> dict:
+        """The HF `config.json` dict (transformers v5 names; `rope_theta` also top-level for v4 readers)."""
+        eos = list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id
+        d = {
+            "architectures": [self.architecture],
+            "model_type": "mistral",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
+            "rope_theta": self.rope_theta,
+            "sliding_window": self.sliding_window,
+            "rms_norm_eps": self.rms_norm_eps,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": eos,
+            "pad_token_id": self.pad_token_id,
+            "attention_dropout": 0.0,
+            "initializer_range": 0.02,
+            "use_cache": True,
+            "dtype": dtype or self.param_dtype,
+        }
+        if self.architecture == SEQ_CLS:
+            d["id2label"] = {str(i): f"LABEL_{i}" for i in range(self.num_labels)}
+            d["label2id"] = {f"LABEL_{i}": i for i in range(self.num_labels)}
+        return d
+
+
+# Presets. Instruct-v0.1 shares v0.1's config; Instruct-v0.2 changed RoPE and the window.
+MISTRAL_7B_V01 = MistralConfig()
+MISTRAL_7B_INSTRUCT_V02 = MistralConfig(rope_theta=1e6, sliding_window=None)
+# Real Mistral vocabulary (so the bundled v0.1 tokenizer works), everything else tiny.
+TINY = MistralConfig(
+    hidden_size=64,
+    intermediate_size=192,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=4096,
+)
+PRESETS = {"mistral-7b-v0.1": MISTRAL_7B_V01, "mistral-7b-instruct-v0.2": MISTRAL_7B_INSTRUCT_V02, "tiny": TINY}
+
+
+# ----------------------------------------------------------------------------- pure pieces
+
+
+def positions_from_mask(mask: jax.Array) -> jax.Array:
+    """Position ids counted from each row's first real token. mask [B, T] -> int32 [B, T] (0 on left pads)."""
+    return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def rope_sin_cos(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """positions int [B, T] -> (sin, cos), float32 [B, T, H/2]."""
+    inv_freq = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    return jnp.sin(angles), jnp.cos(angles)
+
+
+def apply_rope(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
+    """HF half-split rotary embedding: x [B, T, heads, H], sin/cos [B, T, H/2]."""
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    sin, cos = sin[:, :, None, :], cos[:, :, None, :]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def attention_bias(q_pos, key_pos, key_mask, sliding_window: int | None) -> jax.Array:
+    """Additive mask, float32 [B, T, S]: key visible if real, not in the future, and inside the window.
+
+    q_pos [B, T], key_pos [B, S] are position ids; key_mask [B, S] is 1 for real keys.
+    Positions stand in for indices: within a left-padded row they differ by a constant.
+    """
+    delta = q_pos[:, :, None] - key_pos[:, None, :]  # [B, T, S]
+    visible = (delta >= 0) & (key_mask[:, None, :] > 0)
+    if sliding_window is not None:
+        visible &= delta < sliding_window
+    return jnp.where(visible, 0.0, _MASKED).astype(jnp.float32)
+
+
+# ----------------------------------------------------------------------------- modules
+
+
+def _init(config: MistralConfig):
+    return nn.initializers.normal(stddev=0.02)
+
+
+class RMSNorm(nn.Module):
+    config: MistralConfig
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.config
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.dtype(c.param_dtype))
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + c.rms_norm_eps)
+        return y.astype(x.dtype) * scale.astype(x.dtype)
+
+
+class Attention(nn.Module):
+    config: MistralConfig
+
+    @nn.compact
+    def __call__(self, x, sin, cos, bias, kv, write_index):
+        """x [B, T, D]; bias [B, T, S]; kv None or {'k','v': [B, S, K, H]} written at write_index."""
+        c = self.config
+        N, K, H, D = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.hidden_size
+        pdt, cdt = jnp.dtype(c.param_dtype), jnp.dtype(c.compute_dtype)
+        wq = self.param("q", _init(c), (D, N, H), pdt).astype(cdt)
+        wk = self.param("k", _init(c), (D, K, H), pdt).astype(cdt)
+        wv = self.param("v", _init(c), (D, K, H), pdt).astype(cdt)
+        wo = self.param("o", _init(c), (N, H, D), pdt).astype(cdt)
+
+        q = apply_rope(jnp.einsum("BTD,DNH->BTNH", x, wq), sin, cos)
+        k = apply_rope(jnp.einsum("BTD,DKH->BTKH", x, wk), sin, cos)
+        v = jnp.einsum("BTD,DKH->BTKH", x, wv)
+        if kv is not None:
+            k = jax.lax.dynamic_update_slice(kv["k"], k.astype(kv["k"].dtype), (0, write_index, 0, 0))
+            v = jax.lax.dynamic_update_slice(kv["v"], v.astype(kv["v"].dtype), (0, write_index, 0, 0))
+            kv = {"k": k, "v": v}
+        B, T = x.shape[:2]
+        q = q.reshape(B, T, K, N // K, H)  # [B, T, K, G, H]
+        scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k.astype(cdt), preferred_element_type=jnp.float32)
+        scores = scores * H**-0.5 + bias[:, None, None, :, :]
+        probs = jax.nn.softmax(scores, axis=-1).astype(cdt)
+        out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v.astype(cdt)).reshape(B, T, N, H)
+        return jnp.einsum("BTNH,NHD->BTD", out, wo), kv
+
+
+class MLP(nn.Module):
+    config: MistralConfig
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.config
+        pdt, cdt = jnp.dtype(c.param_dtype), jnp.dtype(c.compute_dtype)
+        D, F = c.hidden_size, c.intermediate_size
+        gate = jnp.einsum("BTD,DF->BTF", x, self.param("gate", _init(c), (D, F), pdt).astype(cdt))
+        up = jnp.einsum("BTD,DF->BTF", x, self.param("up", _init(c), (D, F), pdt).astype(cdt))
+        return jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate) * up, self.param("down", _init(c), (F, D), pdt).astype(cdt))
+
+
+class DecoderLayer(nn.Module):
+    config: MistralConfig
+
+    @nn.compact
+    def __call__(self, x, sin, cos, bias, write_index, kv):
+        attn_out, kv = Attention(self.config, name="attn")(
+            RMSNorm(self.config, name="attn_norm")(x), sin, cos, bias, kv, write_index
+        )
+        x = x + attn_out
+        x = x + MLP(self.config, name="mlp")(RMSNorm(self.config, name="mlp_norm")(x))
+        return x, kv
+
+
+def _remat_policy(name: str):
+    return {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}[name]
+
+
+class Mistral(nn.Module):
+    """The decoder with its head. Returns (head output float32, updated kv)."""
+
+    config: MistralConfig
+
+    @nn.compact
+    def __call__(self, input_ids, positions, bias, kv=None, write_index=0, head=True):
+        c = self.config
+        pdt, cdt = jnp.dtype(c.param_dtype), jnp.dtype(c.compute_dtype)
+        embed = self.param("embed", _init(c), (c.vocab_size, c.hidden_size), pdt)
+        x = jnp.take(embed, input_ids, axis=0).astype(cdt)  # [B, T, D]
+        sin, cos = rope_sin_cos(positions, c.head_dim, c.rope_theta)
+
+        layer = DecoderLayer
+        if c.remat != "none":
+            layer = nn.remat(layer, policy=_remat_policy(c.remat), prevent_cse=False)
+        # Stacked, scanned layers: compile time does not grow with depth.
+        stack = nn.scan(
+            layer,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
+            length=c.num_hidden_layers,
+        )
+        x, kv = stack(c, name="layers")(x, sin, cos, bias, write_index, kv)
+        x = RMSNorm(c, name="final_norm")(x)
+        if not head:
+            return x, kv
+        if c.has_lm_head:
+            w = embed.T if c.tie_word_embeddings else self.param("lm_head", _init(c), (c.hidden_size, c.vocab_size), pdt)
+            out = jnp.einsum("BTD,DV->BTV", x, w.astype(cdt), preferred_element_type=jnp.float32)
+        else:
+            w = self.param("score", _init(c), (c.hidden_size, c.num_labels), pdt)
+            out = jnp.einsum("BTD,DV->BTV", x, w.astype(cdt), preferred_element_type=jnp.float32)
+        return out.astype(jnp.float32), kv
+
+
+# ----------------------------------------------------------------------------- public functions
+
+
+def init_params(config: MistralConfig, rng: jax.Array) -> Params:
+    """Random params (normal 0.02, norms at 1) in `config.param_dtype`, as a plain nested dict."""
+    ids = jnp.zeros((1, 1), jnp.int32)
+    bias = jnp.zeros((1, 1, 1), jnp.float32)
+    return Mistral(config).init(rng, ids, ids, bias)["params"]
+
+
+def param_shapes(config: MistralConfig) -> Params:
+    """The param tree as `jax.ShapeDtypeStruct`s, without allocating anything."""
+    return jax.eval_shape(functools.partial(init_params, config), jax.random.key(0))
+
+
+def apply(config: MistralConfig, params: Params, input_ids, positions, key_pos, key_mask, kv=None, write_index=0,
+          head=True):
+    """The general entry point (forward and cached decoding).
+
+    input_ids, positions int [B, T]; key_pos, key_mask [B, S] describe every key the
+    queries may see (S = T without a cache, the cache length with one); kv is None or
+    {'k','v': [L, B, S, K, H]} and the new keys/values are written at `write_index`.
+    Returns (head output float32 [B, T, V or num_labels] or hidden [B, T, D], kv).
+    """
+    bias = attention_bias(positions, key_pos, key_mask, config.sliding_window)
+    return Mistral(config).apply({"params": params}, input_ids, positions, bias, kv, write_index, head)
+
+
+def _mask_and_positions(input_ids, attention_mask):
+    if attention_mask is None:
+        attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+    return attention_mask, positions_from_mask(attention_mask)
+
+
+def forward(config: MistralConfig, params: Params, input_ids, attention_mask=None) -> jax.Array:
+    """Logits float32 [B, T, V] for int input_ids [B, T] (left padding marked 0 in attention_mask [B, T]).
+
+    For a scalar-head config the last axis is num_labels (the per-token scores).
+    """
+    mask, pos = _mask_and_positions(input_ids, attention_mask)
+    return apply(config, params, input_ids, pos, pos, mask)[0]
+
+
+def forward_values(config: MistralConfig, params: Params, input_ids, attention_mask=None) -> jax.Array:
+    """Per-token scalar head output float32 [B, T] (critic values); needs num_labels == 1."""
+    if config.has_lm_head or config.num_labels != 1:
+        raise ConfigError("forward_values needs a MistralForSequenceClassification config with num_labels=1")
+    return forward(config, params, input_ids, attention_mask)[..., 0]
+
+
+def last_token_index(attention_mask) -> jax.Array:
+    """Index of each row's last real token, int32 [B] (as HF picks the last non-pad token)."""
+    T = attention_mask.shape[-1]
+    return jnp.max(jnp.where(attention_mask > 0, jnp.arange(T), 0), axis=-1).astype(jnp.int32)
+
+
+def sequence_scores(config: MistralConfig, params: Params, input_ids, attention_mask=None) -> jax.Array:
+    """Scalar-head output at each row's last real token: float32 [B, num_labels] (reward model)."""
+    mask, _ = _mask_and_positions(input_ids, attention_mask)
+    per_token = forward(config, params, input_ids, mask)
+    return jnp.take_along_axis(per_token, last_token_index(mask)[:, None, None], axis=1)[:, 0]

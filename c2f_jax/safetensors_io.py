@@ -1,0 +1,125 @@
+"""Safetensors read/write with NumPy memory maps (bfloat16 included, via ml_dtypes).
+
+Our own small reader instead of `safetensors.numpy` because that one has no
+bfloat16, and because we want a precise one-line error for a truncated or
+corrupt file before any tensor is used. Files written here load in
+`safetensors`/transformers unchanged. Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+DTYPES = {
+    "F64": np.dtype(np.float64),
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16),
+    "I8": np.dtype(np.int8),
+    "U8": np.dtype(np.uint8),
+    "BOOL": np.dtype(np.bool_),
+}
+CODES = {v: k for k, v in DTYPES.items()}
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+class SafetensorsError(ValueError):
+    """A safetensors file that is missing, truncated or malformed."""
+
+
+class SafetensorsFile:
+    """A lazily read safetensors file: `names()`, `shape(name)`, `dtype(name)`, `get(name)` (a read-only memmap)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        try:
+            size = self.path.stat().st_size
+            with open(self.path, "rb") as f:
+                head = f.read(8)
+                if len(head) < 8:
+                    raise SafetensorsError(f"{self.path}: truncated (shorter than the 8-byte header length)")
+                (n,) = struct.unpack("<Q", head)
+                if n > _MAX_HEADER or 8 + n > size:
+                    raise SafetensorsError(f"{self.path}: truncated or corrupt (header length {n}, file size {size})")
+                header = json.loads(f.read(n))
+        except FileNotFoundError:
+            raise SafetensorsError(f"{self.path}: file not found") from None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise SafetensorsError(f"{self.path}: corrupt header (not JSON)") from None
+        self.metadata = header.pop("__metadata__", None) or {}
+        self._entries = header
+        self._data_start = 8 + n
+        end = 0
+        for name, e in header.items():
+            if not isinstance(e, dict) or e.get("dtype") not in DTYPES or "data_offsets" not in e:
+                raise SafetensorsError(f"{self.path}: corrupt header entry for tensor {name!r}")
+            begin, stop = e["data_offsets"]
+            expected = int(np.prod(e["shape"], dtype=np.int64)) * DTYPES[e["dtype"]].itemsize
+            if stop - begin != expected:
+                raise SafetensorsError(f"{self.path}: tensor {name!r} has {stop - begin} bytes, shape needs {expected}")
+            end = max(end, stop)
+        if self._data_start + end > size:
+            raise SafetensorsError(
+                f"{self.path}: truncated: header declares {end} bytes of tensor data, file holds {size - self._data_start}"
+            )
+
+    def names(self) -> list[str]:
+        return list(self._entries)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._entries[name]["shape"])
+
+    def dtype(self, name: str) -> np.dtype:
+        return DTYPES[self._entries[name]["dtype"]]
+
+    def nbytes(self, name: str) -> int:
+        begin, stop = self._entries[name]["data_offsets"]
+        return stop - begin
+
+    def get(self, name: str) -> np.ndarray:
+        e = self._entries[name]
+        begin, stop = e["data_offsets"]
+        dtype, shape = DTYPES[e["dtype"]], tuple(e["shape"])
+        if stop == begin:
+            return np.zeros(shape, dtype)
+        return np.memmap(self.path, dtype=dtype, mode="r", offset=self._data_start + begin, shape=shape)
+
+
+def write_file(path: str | os.PathLike, tensors, metadata: dict | None = None) -> None:
+    """Writes (name, array) pairs to `path`, one tensor in memory at a time.
+
+    `tensors` is a list of (name, shape, dtype, produce) where produce() returns the
+    array; the header is written first from shapes alone, so nothing is buffered.
+    """
+    header: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
+    offset = 0
+    for name, shape, dtype, _ in tensors:
+        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        header[name] = {"dtype": CODES[np.dtype(dtype)], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # keep tensor data 8-byte aligned, as the reference writer does
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for name, shape, dtype, produce in tensors:
+            arr = np.ascontiguousarray(produce())
+            if arr.shape != tuple(shape) or arr.dtype != np.dtype(dtype):
+                raise SafetensorsError(f"{path}: tensor {name!r} produced {arr.shape}/{arr.dtype}, declared {shape}/{dtype}")
+            f.write(arr.reshape(-1).view(np.uint8).data)  # no copy
+        f.flush()
+        os.fsync(f.fileno())
