@@ -344,13 +344,24 @@ class Mistral(nn.Module):
         x = RMSNorm(c, name="final_norm")(x)
         if not head:
             return x, kv
-        if c.has_lm_head:
-            w = embed.T if c.tie_word_embeddings else self.param("lm_head", _init(c), (c.hidden_size, c.vocab_size), pdt)
-            out = jnp.einsum("BTD,DV->BTV", x, w.astype(cdt), preferred_element_type=jnp.float32)
-        else:
-            w = self.param("score", _init(c), (c.hidden_size, c.num_labels), pdt)
-            out = jnp.einsum("BTD,DV->BTV", x, w.astype(cdt), preferred_element_type=jnp.float32)
-        return out.astype(jnp.float32), kv
+        head_params = {"embed": embed}
+        if not c.has_lm_head:
+            head_params["score"] = self.param("score", _init(c), (c.hidden_size, c.num_labels), pdt)
+        elif not c.tie_word_embeddings:
+            head_params["lm_head"] = self.param("lm_head", _init(c), (c.hidden_size, c.vocab_size), pdt)
+        return head_output(c, head_params, x), kv
+
+
+def head_output(config: MistralConfig, params: Params, hidden: jax.Array) -> jax.Array:
+    """LM logits [..., V] (or scalar-head scores [..., num_labels]), float32, from final hidden states [..., D]."""
+    c = config
+    if not c.has_lm_head:
+        w = params["score"]
+    elif c.tie_word_embeddings:
+        w = params["embed"].T
+    else:
+        w = params["lm_head"]
+    return jnp.einsum("...D,DV->...V", hidden, w.astype(c.compute_dtype), preferred_element_type=jnp.float32)
 
 
 # ----------------------------------------------------------------------------- public functions

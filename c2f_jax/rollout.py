@@ -1,0 +1,189 @@
+"""Sampling as one compiled program per (prompt bucket, response bucket).
+
+Prefill the left-padded prompt into a KV cache sized prompt + response, then a
+`lax.scan` decodes one token per step with no host round trip. The cache is a
+loop-carried buffer inside that one program, so XLA updates it in place (there
+is no second program to donate it to). Lengths come from the configured
+buckets, never from the data, so a new batch of the same bucket never
+recompiles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from c2f_jax import model
+from c2f_jax.model import MistralConfig, Params
+
+
+class RolloutError(ValueError):
+    """A prompt batch or sampling setting the rollout cannot run."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How tokens are drawn. temperature 0 is greedy; top_k 0 and top_p 1 switch those filters off."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    suppress_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise RolloutError(f"temperature={self.temperature} must be >= 0")
+        if self.top_k < 0:
+            raise RolloutError(f"top_k={self.top_k} must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise RolloutError(f"top_p={self.top_p} must be in (0, 1]")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Rollout:
+    """tokens int32 [B, R]; mask int32 [B, R]: 1 for generated tokens up to and including the first EOS."""
+
+    tokens: jax.Array
+    mask: jax.Array
+
+
+def pick_bucket(length: int, buckets: Sequence[int]) -> int:
+    """The smallest bucket >= length; a length over the largest bucket is an error, never a new shape."""
+    for b in sorted(buckets):
+        if length <= b:
+            return b
+    raise RolloutError(f"prompt of {length} tokens is longer than the largest prompt bucket {max(buckets)}")
+
+
+def left_pad(token_lists: Sequence[Sequence[int]], buckets: Sequence[int], pad_id: int = 0,
+             truncate: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pads prompts to the smallest bucket holding the longest: int32 ids [B, P], mask [B, P].
+
+    truncate=True keeps the last tokens of prompts longer than the largest bucket
+    (the end of a dialogue is what the answer depends on); otherwise that is an error.
+    """
+    if not token_lists or any(len(t) == 0 for t in token_lists):
+        raise RolloutError("every prompt needs at least one token")
+    longest = max(len(t) for t in token_lists)
+    if truncate:
+        longest = min(longest, max(buckets))
+    width = pick_bucket(longest, buckets)
+    ids = np.full((len(token_lists), width), pad_id, np.int32)
+    mask = np.zeros((len(token_lists), width), np.int32)
+    for row, toks in enumerate(token_lists):
+        toks = list(toks)[-width:]
+        ids[row, width - len(toks):] = toks
+        mask[row, width - len(toks):] = 1
+    return ids, mask
+
+
+def init_cache(config: MistralConfig, batch: int, length: int) -> dict:
+    """Empty KV cache: k, v [L, B, S, K, H] in compute dtype; key_mask, key_pos int32 [B, S]."""
+    c = config
+    shape = (c.num_hidden_layers, batch, length, c.num_key_value_heads, c.head_dim)
+    return {
+        "k": jnp.zeros(shape, c.compute_dtype),
+        "v": jnp.zeros(shape, c.compute_dtype),
+        "key_mask": jnp.zeros((batch, length), jnp.int32),
+        "key_pos": jnp.zeros((batch, length), jnp.int32),
+    }
+
+
+def filter_logits(logits: jax.Array, sampling: SamplingConfig) -> jax.Array:
+    """Suppression, temperature, top-k and top-p on float32 logits [B, V]; removed entries become -inf."""
+    if sampling.suppress_token_ids:
+        logits = logits.at[:, jnp.asarray(sampling.suppress_token_ids)].set(-jnp.inf)
+    if sampling.temperature == 0:
+        return logits
+    logits = logits / sampling.temperature
+    if sampling.top_k:
+        kth = jax.lax.top_k(logits, sampling.top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if sampling.top_p < 1:
+        desc = jnp.sort(logits, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(desc, axis=-1)
+        # Keep the smallest prefix whose mass reaches top_p (the top token always survives).
+        before = jnp.cumsum(probs, axis=-1) - probs
+        kept = jnp.where(before < sampling.top_p, desc, jnp.inf)
+        threshold = jnp.min(kept, axis=-1, keepdims=True)
+        logits = jnp.where(logits < threshold, -jnp.inf, logits)
+    return logits
+
+
+def sample_token(logits: jax.Array, rng: jax.Array, sampling: SamplingConfig) -> jax.Array:
+    """int32 [B] drawn from float32 logits [B, V] (argmax when temperature is 0)."""
+    logits = filter_logits(logits, sampling)
+    if sampling.temperature == 0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "sampling", "eos_token_ids", "pad_id"))
+def _generate(params, prompt_ids, prompt_mask, rng, *, config, max_new_tokens, sampling, eos_token_ids, pad_id):
+    B, P = prompt_ids.shape
+    R = max_new_tokens
+    cache = init_cache(config, B, P + R)
+    prompt_pos = model.positions_from_mask(prompt_mask)
+    key_mask = cache["key_mask"].at[:, :P].set(prompt_mask)
+    key_pos = cache["key_pos"].at[:, :P].set(prompt_pos)
+    hidden, kv = model.apply(config, params, prompt_ids, prompt_pos, key_pos, key_mask,
+                             {"k": cache["k"], "v": cache["v"]}, 0, head=False)
+    # Left padding puts every row's last real token in the last column.
+    logits = model.head_output(config, params, hidden[:, -1])  # [B, V]
+    rngs = jax.random.split(rng, R)
+    eos = jnp.asarray(eos_token_ids or (-1,), jnp.int32)
+
+    first = sample_token(logits, rngs[0], sampling)
+    alive = jnp.ones((B,), jnp.int32)
+
+    def step(carry, t):
+        token, alive, next_pos, key_mask, key_pos, kv = carry
+        alive_after = alive * (1 - jnp.isin(token, eos).astype(jnp.int32))
+        slot = P + t - 1  # where the previous token's keys go
+        key_mask = jax.lax.dynamic_update_slice(key_mask, jnp.ones((B, 1), jnp.int32), (0, slot))
+        key_pos = jax.lax.dynamic_update_slice(key_pos, next_pos[:, None], (0, slot))
+        hidden, kv = model.apply(config, params, token[:, None], next_pos[:, None], key_pos, key_mask, kv, slot,
+                                 head=False)
+        new = sample_token(model.head_output(config, params, hidden[:, 0]), rngs[t], sampling)
+        return (new, alive_after, next_pos + 1, key_mask, key_pos, kv), (token, alive)
+
+    carry = (first, alive, prompt_pos[:, -1] + 1, key_mask, key_pos, kv)
+    carry, (tokens, mask) = jax.lax.scan(step, carry, jnp.arange(1, R))
+    last, last_alive = carry[0], carry[1]
+    tokens = jnp.concatenate([tokens, last[None]], axis=0).T  # [B, R]
+    mask = jnp.concatenate([mask, last_alive[None]], axis=0).T
+    return Rollout(tokens=jnp.where(mask > 0, tokens, pad_id), mask=mask)
+
+
+def generate(config: MistralConfig, params: Params, prompt_ids, prompt_mask, rng, *, max_new_tokens: int,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             suppress_token_ids: Sequence[int] = (), eos_token_ids: Sequence[int] | None = None,
+             pad_id: int | None = None) -> Rollout:
+    """Samples exactly `max_new_tokens` tokens after left-padded prompts.
+
+    prompt_ids, prompt_mask: int [B, P], P a prompt bucket, every row with >= 1 real
+    token; max_new_tokens: a response bucket. EOS ids default to the config's;
+    `suppress_token_ids` are never sampled (the Coarse Actor passes EOS and stop
+    tokens, so every response runs to the limit). One compilation per
+    (B, P, max_new_tokens, sampling settings).
+    """
+    prompt_ids, prompt_mask = jnp.asarray(prompt_ids, jnp.int32), jnp.asarray(prompt_mask, jnp.int32)
+    if prompt_ids.ndim != 2 or prompt_ids.shape != prompt_mask.shape:
+        raise RolloutError(f"prompt_ids {prompt_ids.shape} and prompt_mask {prompt_mask.shape} must be equal [B, P]")
+    if max_new_tokens < 1:
+        raise RolloutError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    if not bool(jnp.all(prompt_mask[:, -1] == 1)):
+        raise RolloutError("prompts must be left-padded: every row's last column must be a real token")
+    sampling = SamplingConfig(float(temperature), int(top_k), float(top_p),
+                              tuple(sorted(int(t) for t in suppress_token_ids)))
+    eos = tuple(config.eos_token_ids if eos_token_ids is None else eos_token_ids)
+    if pad_id is None:
+        pad_id = config.pad_token_id if config.pad_token_id is not None else 0
+    return _generate(params, prompt_ids, prompt_mask, rng, config=config, max_new_tokens=int(max_new_tokens),
+                     sampling=sampling, eos_token_ids=eos, pad_id=int(pad_id))

@@ -1,0 +1,121 @@
+"""Sample responses from an HF Mistral folder (or a tiny random model) with the compiled rollout.
+
+  python tools/generate.py --model DIR --prompt "Why is the sky blue?" --max-new-tokens 64
+  python tools/generate.py --model DIR --prompts-file prompts.txt --out responses.jsonl --suppress-eos
+  python tools/generate.py --tiny --prompt "Hi" --suppress-eos      # random tiny model, bundled tokenizer
+
+A prompts file holds one prompt per line (.txt) or objects with a "prompt" field (.jsonl).
+Prompts are wrapped as HH dialogues ("Human: ... Assistant:"), behind --system-prompt if given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from c2f_jax import cli, hf, model, rollout, tokenizer
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="HF folder with config.json, safetensors and tokenizer files")
+    src.add_argument("--tiny", action="store_true", help="a random tiny Mistral with the bundled v0.1 tokenizer")
+    text = p.add_mutually_exclusive_group(required=True)
+    text.add_argument("--prompt", help="one prompt")
+    text.add_argument("--prompts-file", help=".txt (a prompt per line) or .jsonl (a 'prompt' field per line)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="response length bucket (default 128)")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy (default 1.0)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--suppress-eos", action="store_true", help="never sample EOS/stop tokens (the Coarse Actor's mode)")
+    p.add_argument("--system-prompt", default=None, help="text placed before the dialogue; 'coarse' = the paper's")
+    p.add_argument("--prompt-buckets", default="64,128,256,512,1024", help="comma-separated prompt lengths")
+    p.add_argument("--truncate", action="store_true", help="keep the end of prompts longer than the largest bucket")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--dtype", default="float32", help="compute dtype (float32 or bfloat16)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="write JSONL here instead of printing text")
+    return p.parse_args(argv)
+
+
+def read_prompts(args) -> list[str]:
+    if args.prompt is not None:
+        return [args.prompt]
+    path = Path(args.prompts_file)
+    if not path.exists():
+        raise cli.UsageError(f"{path}: prompts file not found")
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    if path.suffix != ".jsonl":
+        return lines
+    prompts = []
+    for n, line in enumerate(lines, 1):
+        try:
+            prompts.append(json.loads(line)["prompt"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise cli.UsageError(f"{path}:{n}: expected a JSON object with a 'prompt' field") from None
+    return prompts
+
+
+def load_model(args):
+    if args.tiny:
+        config = model.TINY.replace(compute_dtype=args.dtype)
+        return config, model.init_params(config, jax.random.key(args.seed)), tokenizer.load_tokenizer(None)
+    config, params = hf.load_pretrained(args.model, compute_dtype=args.dtype)
+    if not config.has_lm_head:
+        raise cli.UsageError(f"{args.model}: is a {config.architecture}; generation needs MistralForCausalLM")
+    return config, params, tokenizer.load_tokenizer(args.model)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.batch_size < 1:
+        raise cli.UsageError(f"--batch-size={args.batch_size} must be >= 1")
+    buckets = [int(b) for b in args.prompt_buckets.split(",")]
+    system = tokenizer.COARSE_SYSTEM_PROMPT if args.system_prompt == "coarse" else args.system_prompt
+    prompts = read_prompts(args)
+    config, params, tok = load_model(args)
+    suppress = tokenizer.stop_token_ids(tok) if args.suppress_eos else ()
+    texts = [tokenizer.format_prompt(p, system) for p in prompts]
+    token_lists = [tok(t).input_ids for t in texts]
+    rng = jax.random.key(args.seed)
+    records = []
+    for start in range(0, len(token_lists), args.batch_size):
+        chunk = token_lists[start:start + args.batch_size]
+        # Fill the last batch with copies: one batch shape, one compilation.
+        padded = chunk + [chunk[-1]] * (args.batch_size - len(chunk))
+        ids, mask = rollout.left_pad(padded, buckets, tok.pad_token_id, truncate=args.truncate)
+        rng, key = jax.random.split(rng)
+        out = rollout.generate(config, params, ids, mask, key, max_new_tokens=args.max_new_tokens,
+                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                               suppress_token_ids=suppress, eos_token_ids=(tok.eos_token_id,),
+                               pad_id=tok.pad_token_id)
+        tokens, gen_mask = np.asarray(out.tokens), np.asarray(out.mask)
+        for row in range(len(chunk)):
+            kept = tokens[row][gen_mask[row] > 0].tolist()
+            records.append({
+                "prompt": prompts[start + row],
+                "response": tok.decode(kept, skip_special_tokens=True),
+                "num_tokens": len(kept),
+                "ended_with_eos": bool(kept and kept[-1] == tok.eos_token_id),
+            })
+    if args.out:
+        tmp = f"{args.out}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
+            for r in records:
+                f.write(json.dumps(r) + "\n")
+        os.replace(tmp, args.out)
+    else:
+        for r in records:
+            print(f"### {r['prompt']}\n{r['response']}\n", file=sys.stdout)
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run(main)
