@@ -72,6 +72,9 @@ class MistralConfig:
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
     remat: str = "none"
+    # Stacked layers under a scan (params["layers"]) or one subtree per layer
+    # (params["layers_0"], ...); see unstack_layers.
+    scan_layers: bool = True
 
     def __post_init__(self):
         if self.architecture not in ARCHITECTURES:
@@ -260,8 +263,12 @@ class Attention(nn.Module):
     config: MistralConfig
 
     @nn.compact
-    def __call__(self, x, sin, cos, bias, kv, write_index):
-        """x [B, T, D]; bias [B, T, S]; kv None or {'k','v': [B, S, K, H]} written at write_index."""
+    def __call__(self, x, sin, cos, bias, kv, write_index, layer):
+        """x [B, T, D]; bias [B, T, S]; kv None or the whole cache {'k','v': [L, B, S, K, H]}.
+
+        With a cache, this layer's new keys/values are written in place at
+        (layer, :, write_index) and attention reads this layer's slice.
+        """
         c = self.config
         N, K, H, D = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.hidden_size
         pdt, cdt = jnp.dtype(c.param_dtype), jnp.dtype(c.compute_dtype)
@@ -274,9 +281,14 @@ class Attention(nn.Module):
         k = apply_rope(jnp.einsum("BTD,DKH->BTKH", x, wk), sin, cos)
         v = jnp.einsum("BTD,DKH->BTKH", x, wv)
         if kv is not None:
-            k = jax.lax.dynamic_update_slice(kv["k"], k.astype(kv["k"].dtype), (0, write_index, 0, 0))
-            v = jax.lax.dynamic_update_slice(kv["v"], v.astype(kv["v"].dtype), (0, write_index, 0, 0))
-            kv = {"k": k, "v": v}
+            # The cache rides in the layer scan's carry, so XLA updates it in place
+            # instead of restacking a copy of every layer each step.
+            at = (layer, 0, write_index, 0, 0)
+            kv = {
+                "k": jax.lax.dynamic_update_slice(kv["k"], k[None].astype(kv["k"].dtype), at),
+                "v": jax.lax.dynamic_update_slice(kv["v"], v[None].astype(kv["v"].dtype), at),
+            }
+            k, v = kv["k"][layer], kv["v"][layer]  # [B, S, K, H]
         B, T = x.shape[:2]
         q = q.reshape(B, T, K, N // K, H)  # [B, T, K, G, H]
         scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k.astype(cdt), preferred_element_type=jnp.float32)
@@ -303,13 +315,14 @@ class DecoderLayer(nn.Module):
     config: MistralConfig
 
     @nn.compact
-    def __call__(self, x, sin, cos, bias, write_index, kv):
+    def __call__(self, carry, sin, cos, bias, write_index, layer):
+        x, kv = carry
         attn_out, kv = Attention(self.config, name="attn")(
-            RMSNorm(self.config, name="attn_norm")(x), sin, cos, bias, kv, write_index
+            RMSNorm(self.config, name="attn_norm")(x), sin, cos, bias, kv, write_index, layer
         )
         x = x + attn_out
         x = x + MLP(self.config, name="mlp")(RMSNorm(self.config, name="mlp_norm")(x))
-        return x, kv
+        return (x, kv), None
 
 
 def _remat_policy(name: str):
@@ -332,15 +345,24 @@ class Mistral(nn.Module):
         layer = DecoderLayer
         if c.remat != "none":
             layer = nn.remat(layer, policy=_remat_policy(c.remat), prevent_cse=False)
-        # Stacked, scanned layers: compile time does not grow with depth.
-        stack = nn.scan(
-            layer,
-            variable_axes={"params": 0},
-            split_rngs={"params": True},
-            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
-            length=c.num_hidden_layers,
-        )
-        x, kv = stack(c, name="layers")(x, sin, cos, bias, write_index, kv)
+        if c.scan_layers:
+            # Stacked, scanned layers: compile time does not grow with depth.
+            stack = nn.scan(
+                layer,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
+                length=c.num_hidden_layers,
+            )
+            layers = jnp.arange(c.num_hidden_layers)
+            (x, kv), _ = stack(c, name="layers")((x, kv), sin, cos, bias, write_index, layers)
+        else:
+            # One array per layer: no per-layer dynamic slice (a weight copy on CPU) in decode loops.
+            new_kv = []
+            for i in range(c.num_hidden_layers):
+                (x, kv_i), _ = layer(c, name=f"layers_{i}")((x, kv and kv[i]), sin, cos, bias, write_index, 0)
+                new_kv.append(kv_i)
+            kv = new_kv if kv else None
         x = RMSNorm(c, name="final_norm")(x)
         if not head:
             return x, kv
@@ -379,13 +401,32 @@ def param_shapes(config: MistralConfig) -> Params:
     return jax.eval_shape(functools.partial(init_params, config), jax.random.key(0))
 
 
+def unstack_layers(params: Params) -> Params:
+    """Stacked params (`layers` with leading L) -> one subtree per layer (`layers_0`, ...), for scan_layers=False."""
+    params = dict(params)
+    stacked = params.pop("layers")
+    n = jax.tree.leaves(stacked)[0].shape[0]
+    for i in range(n):
+        params[f"layers_{i}"] = jax.tree.map(lambda a: a[i], stacked)
+    return params
+
+
+def stack_layers(params: Params) -> Params:
+    """The inverse of unstack_layers."""
+    params = dict(params)
+    names = sorted((k for k in params if k.startswith("layers_")), key=lambda k: int(k.split("_")[1]))
+    params["layers"] = jax.tree.map(lambda *a: jnp.stack(a), *[params.pop(k) for k in names])
+    return params
+
+
 def apply(config: MistralConfig, params: Params, input_ids, positions, key_pos, key_mask, kv=None, write_index=0,
           head=True):
     """The general entry point (forward and cached decoding).
 
     input_ids, positions int [B, T]; key_pos, key_mask [B, S] describe every key the
-    queries may see (S = T without a cache, the cache length with one); kv is None or
-    {'k','v': [L, B, S, K, H]} and the new keys/values are written at `write_index`.
+    queries may see (S = T without a cache, the cache length with one); kv is None, or
+    the cache: {'k','v': [L, B, S, K, H]} with scan_layers, else a list of L
+    {'k','v': [1, B, S, K, H]}; new keys/values are written at `write_index`.
     Returns (head output float32 [B, T, V or num_labels] or hidden [B, T, D], kv).
     """
     bias = attention_bias(positions, key_pos, key_mask, config.sliding_window)

@@ -83,16 +83,30 @@ def left_pad(token_lists: Sequence[Sequence[int]], buckets: Sequence[int], pad_i
     return ids, mask
 
 
-def init_cache(config: MistralConfig, batch: int, length: int) -> dict:
-    """Empty KV cache: k, v [L, B, S, K, H] in compute dtype; key_mask, key_pos int32 [B, S]."""
+def init_kv(config: MistralConfig, batch: int, length: int):
+    """Empty KV cache in compute dtype: {'k','v': [L, B, S, K, H]} for stacked layers,
+    else a list of L {'k','v': [1, B, S, K, H]} (one buffer per layer, updated in place)."""
     c = config
-    shape = (c.num_hidden_layers, batch, length, c.num_key_value_heads, c.head_dim)
-    return {
-        "k": jnp.zeros(shape, c.compute_dtype),
-        "v": jnp.zeros(shape, c.compute_dtype),
-        "key_mask": jnp.zeros((batch, length), jnp.int32),
-        "key_pos": jnp.zeros((batch, length), jnp.int32),
-    }
+    L = c.num_hidden_layers if c.scan_layers else 1
+    zeros = lambda: jnp.zeros((L, batch, length, c.num_key_value_heads, c.head_dim), c.compute_dtype)
+    if c.scan_layers:
+        return {"k": zeros(), "v": zeros()}
+    return [{"k": zeros(), "v": zeros()} for _ in range(c.num_hidden_layers)]
+
+
+def rollout_params(config: MistralConfig, params: Params) -> tuple[MistralConfig, Params]:
+    """The copy of the actor that sampling runs on: compute dtype, one array per layer.
+
+    Decoding reads every weight once per token; slicing a layer out of stacked
+    weights inside the loop costs a copy of it on CPU, so the rollout copy is
+    unstacked once per iteration instead (compile time then grows with depth,
+    for the rollout programs only).
+    """
+    cdt = jnp.dtype(config.compute_dtype)
+    cast = jax.tree.map(lambda a: a.astype(cdt), params)
+    if config.scan_layers:
+        cast = model.unstack_layers(cast)
+    return config.replace(param_dtype=config.compute_dtype, scan_layers=False), cast
 
 
 def filter_logits(logits: jax.Array, sampling: SamplingConfig) -> jax.Array:
@@ -121,19 +135,22 @@ def sample_token(logits: jax.Array, rng: jax.Array, sampling: SamplingConfig) ->
     logits = filter_logits(logits, sampling)
     if sampling.temperature == 0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+    # Inverse-CDF sampling: one uniform per row instead of a Gumbel draw per vocab
+    # entry (32000 random numbers per row per step cost more than the sampling itself).
+    cdf = jnp.cumsum(jax.nn.softmax(logits, axis=-1), axis=-1)  # [B, V]
+    u = jax.random.uniform(rng, (logits.shape[0], 1)) * cdf[:, -1:]
+    return jnp.argmax(cdf > u, axis=-1).astype(jnp.int32)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "sampling", "eos_token_ids", "pad_id"))
 def _generate(params, prompt_ids, prompt_mask, rng, *, config, max_new_tokens, sampling, eos_token_ids, pad_id):
     B, P = prompt_ids.shape
     R = max_new_tokens
-    cache = init_cache(config, B, P + R)
     prompt_pos = model.positions_from_mask(prompt_mask)
-    key_mask = cache["key_mask"].at[:, :P].set(prompt_mask)
-    key_pos = cache["key_pos"].at[:, :P].set(prompt_pos)
+    key_mask = jnp.zeros((B, P + R), jnp.int32).at[:, :P].set(prompt_mask)  # [B, S]
+    key_pos = jnp.zeros((B, P + R), jnp.int32).at[:, :P].set(prompt_pos)
     hidden, kv = model.apply(config, params, prompt_ids, prompt_pos, key_pos, key_mask,
-                             {"k": cache["k"], "v": cache["v"]}, 0, head=False)
+                             init_kv(config, B, P + R), 0, head=False)
     # Left padding puts every row's last real token in the last column.
     logits = model.head_output(config, params, hidden[:, -1])  # [B, V]
     rngs = jax.random.split(rng, R)

@@ -108,6 +108,19 @@ def test_remat_and_scan_do_not_change_results():
         assert max(jax.tree.leaves(diffs)) < 1e-6
 
 
+def test_per_layer_params_compute_the_same():
+    config = model.TINY.replace(vocab_size=128)
+    params = model.init_params(config, jax.random.key(2))
+    per_layer = model.unstack_layers(params)
+    assert sorted(k for k in per_layer if k.startswith("layers")) == ["layers_0", "layers_1"]
+    ids, mask, _ = left_padded_batch(128, length=12, pads=(0, 3, 6))
+    a = model.forward(config, params, ids, mask)
+    b = model.forward(config.replace(scan_layers=False), per_layer, ids, mask)
+    assert float(jnp.max(jnp.abs(a - b))) < 1e-5
+    back = model.stack_layers(per_layer)
+    assert all(jax.tree.leaves(jax.tree.map(lambda x, y: bool(jnp.array_equal(x, y)), params, back)))
+
+
 def test_param_dtype_and_compute_dtype_are_independent():
     config = model.TINY.replace(vocab_size=128, param_dtype="float32", compute_dtype="bfloat16")
     params = model.init_params(config, jax.random.key(0))

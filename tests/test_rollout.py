@@ -45,8 +45,12 @@ def greedy(config, params, ids, mask, **kw):
     return rollout.generate(config, params, ids, mask, jax.random.key(0), max_new_tokens=R, temperature=0.0, **kw)
 
 
-def test_greedy_matches_transformers_with_eos_suppressed(tiny, prompts):
+@pytest.mark.parametrize("layout", ["stacked", "per-layer"])
+def test_greedy_matches_transformers_with_eos_suppressed(tiny, prompts, layout):
     hm, config, params = tiny
+    if layout == "per-layer":
+        config, params = rollout.rollout_params(config, params)
+        assert "layers" not in params and params["layers_1"]["mlp"]["up"].shape == (64, 96)
     ours = greedy(config, params, *prompts, suppress_token_ids=[2])
     ref = hf_generate(hm, *prompts, min_new_tokens=R, suppress_tokens=[2])
     np.testing.assert_array_equal(np.asarray(ours.tokens), ref)

@@ -81,6 +81,7 @@ def main(argv=None) -> int:
     system = tokenizer.COARSE_SYSTEM_PROMPT if args.system_prompt == "coarse" else args.system_prompt
     prompts = read_prompts(args)
     config, params, tok = load_model(args)
+    config, params = rollout.rollout_params(config, params)
     suppress = tokenizer.stop_token_ids(tok) if args.suppress_eos else ()
     texts = [tokenizer.format_prompt(p, system) for p in prompts]
     token_lists = [tok(t).input_ids for t in texts]
