@@ -16,7 +16,6 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from c2f_jax import model
 from c2f_jax.model import MistralConfig, Params
@@ -51,36 +50,6 @@ class Rollout:
 
     tokens: jax.Array
     mask: jax.Array
-
-
-def pick_bucket(length: int, buckets: Sequence[int]) -> int:
-    """The smallest bucket >= length; a length over the largest bucket is an error, never a new shape."""
-    for b in sorted(buckets):
-        if length <= b:
-            return b
-    raise RolloutError(f"prompt of {length} tokens is longer than the largest prompt bucket {max(buckets)}")
-
-
-def left_pad(token_lists: Sequence[Sequence[int]], buckets: Sequence[int], pad_id: int = 0,
-             truncate: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Left-pads prompts to the smallest bucket holding the longest: int32 ids [B, P], mask [B, P].
-
-    truncate=True keeps the last tokens of prompts longer than the largest bucket
-    (the end of a dialogue is what the answer depends on); otherwise that is an error.
-    """
-    if not token_lists or any(len(t) == 0 for t in token_lists):
-        raise RolloutError("every prompt needs at least one token")
-    longest = max(len(t) for t in token_lists)
-    if truncate:
-        longest = min(longest, max(buckets))
-    width = pick_bucket(longest, buckets)
-    ids = np.full((len(token_lists), width), pad_id, np.int32)
-    mask = np.zeros((len(token_lists), width), np.int32)
-    for row, toks in enumerate(token_lists):
-        toks = list(toks)[-width:]
-        ids[row, width - len(toks):] = toks
-        mask[row, width - len(toks):] = 1
-    return ids, mask
 
 
 def init_kv(config: MistralConfig, batch: int, length: int):

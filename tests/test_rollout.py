@@ -12,7 +12,8 @@ import pytest
 import torch
 from conftest import hf_model, left_padded_batch
 
-from c2f_jax import compilations, hf, rollout
+from c2f_jax import compilations, data, hf, rollout
+from c2f_jax.data import DataError
 from c2f_jax.rollout import RolloutError, SamplingConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -130,15 +131,15 @@ def test_new_batches_of_a_bucket_do_not_recompile(tiny):
 
 
 def test_bucketing_and_truncation():
-    ids, mask = rollout.left_pad([[5, 6, 7], [8]], buckets=(4, 8))
+    ids, mask = data.left_pad([[5, 6, 7], [8]], buckets=(4, 8))
     np.testing.assert_array_equal(ids, [[0, 5, 6, 7], [0, 0, 0, 8]])
     np.testing.assert_array_equal(mask, [[0, 1, 1, 1], [0, 0, 0, 1]])
-    with pytest.raises(RolloutError, match="longer than the largest prompt bucket 8"):
-        rollout.left_pad([list(range(1, 11))], buckets=(4, 8))
-    ids, mask = rollout.left_pad([list(range(1, 11))], buckets=(4, 8), truncate=True)
+    with pytest.raises(DataError, match="longer than the largest bucket 8"):
+        data.left_pad([list(range(1, 11))], buckets=(4, 8))
+    ids, mask = data.left_pad([list(range(1, 11))], buckets=(4, 8), truncate=True)
     np.testing.assert_array_equal(ids[0], list(range(3, 11)))
-    with pytest.raises(RolloutError, match="at least one token"):
-        rollout.left_pad([[1], []], buckets=(4,))
+    with pytest.raises(DataError, match="at least one token"):
+        data.left_pad([[1], []], buckets=(4,))
 
 
 def test_right_padded_prompts_are_refused(tiny):

@@ -19,7 +19,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from c2f_jax import cli, hf, model, rollout, tokenizer
+from c2f_jax import cli, data, hf, model, rollout, tokenizer
 
 
 def parse_args(argv=None):
@@ -91,7 +91,7 @@ def main(argv=None) -> int:
         chunk = token_lists[start:start + args.batch_size]
         # Fill the last batch with copies: one batch shape, one compilation.
         padded = chunk + [chunk[-1]] * (args.batch_size - len(chunk))
-        ids, mask = rollout.left_pad(padded, buckets, tok.pad_token_id, truncate=args.truncate)
+        ids, mask = data.left_pad(padded, buckets, tok.pad_token_id, truncate=args.truncate)
         rng, key = jax.random.split(rng)
         out = rollout.generate(config, params, ids, mask, key, max_new_tokens=args.max_new_tokens,
                                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,

@@ -1,0 +1,75 @@
+"""Train state and the guarded optimizer step shared by the reward model, actor and critic.
+
+Master weights stay in their param dtype (float32 by default): at lr 5e-7 an
+AdamW update is ~1e-7 relative, below bfloat16's resolution (~4e-3), so bf16
+master weights would not move at all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from c2f_jax.model import Params
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with linear warmup to a constant lr and global-norm clipping (hashable: a jit static)."""
+
+    lr: float
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+
+    def make(self) -> optax.GradientTransformation:
+        schedule = optax.linear_schedule(0.0, self.lr, self.warmup_steps) if self.warmup_steps else self.lr
+        return optax.chain(
+            optax.clip_by_global_norm(self.max_grad_norm),
+            optax.adamw(schedule, b1=self.b1, b2=self.b2, eps=self.eps, weight_decay=self.weight_decay),
+        )
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TrainState:
+    """params, optimizer state, int32 step, and int32 count of updates skipped as non-finite."""
+
+    params: Params
+    opt_state: Any
+    step: jax.Array
+    skipped: jax.Array
+
+
+def create_state(params: Params, optim: OptimConfig) -> TrainState:
+    """A fresh state owning a copy of params: updates donate their buffers, which must not
+    be shared with another role (the reference starts from the same weights as the actor)."""
+    params = jax.tree.map(jnp.copy, params)
+    return TrainState(params, optim.make().init(params), jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
+
+
+def apply_gradients(state: TrainState, grads: Params, loss: jax.Array, optim: OptimConfig) -> tuple[TrainState, dict]:
+    """One optimizer step, or none at all when the loss or any gradient is not finite.
+
+    A NaN/inf batch then leaves params and optimizer moments untouched (counted in
+    `skipped`) instead of poisoning the weights. Returns (state, {'grad_norm', 'finite'}).
+    """
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, opt_state = optim.make().update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    new = TrainState(
+        params=keep(params, state.params),
+        opt_state=keep(opt_state, state.opt_state),
+        step=state.step + finite.astype(jnp.int32),
+        skipped=state.skipped + (~finite).astype(jnp.int32),
+    )
+    return new, {"grad_norm": grad_norm, "finite": finite}

@@ -1,0 +1,243 @@
+"""PPO for the Coarse Actor: experience from a rollout, KL-shaped rewards, GAE, and one compiled update.
+
+Four roles: the actor (trained, LM head), the frozen reference (same definition,
+initial weights), the critic (trained, scalar head, starts from the reward
+model) and the frozen reward model. Shapes are static: prompts [B, P] with P a
+prompt bucket, responses [B, R] with R the current CM length bucket.
+
+Per-token reward (as in InstructGPT / DeepSpeed-Chat):
+    r_t = -kl_coef * KL_t  (+ clip(score, -reward_clip, reward_clip) on the last response token)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from c2f_jax import model, optim
+from c2f_jax.model import MistralConfig, Params
+
+KL_ESTIMATORS = ("k1", "k3")
+
+
+class PPOError(ValueError):
+    """A PPO setting or batch shape the update cannot run."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PPOConfig:
+    """Hyperparameters; defaults are the paper's where it gives them (clip 0.2, gamma 0.95, lrs)."""
+
+    kl_coef: float = 0.05
+    kl_estimator: str = "k1"
+    reward_clip: float = 5.0
+    gamma: float = 0.95
+    lam: float = 0.95
+    clip_ratio: float = 0.2
+    value_clip: float = 0.2
+    epochs: int = 1
+    minibatches: int = 1
+    temperature: float = 1.0  # logprobs are taken at the sampling temperature
+    actor: optim.OptimConfig = optim.OptimConfig(lr=5e-6, warmup_steps=10)
+    critic: optim.OptimConfig = optim.OptimConfig(lr=5e-7, warmup_steps=10)
+
+    def __post_init__(self):
+        if self.kl_estimator not in KL_ESTIMATORS:
+            raise PPOError(f"kl_estimator={self.kl_estimator!r}; expected one of {KL_ESTIMATORS}")
+        if self.epochs < 1 or self.minibatches < 1:
+            raise PPOError(f"epochs={self.epochs} and minibatches={self.minibatches} must be >= 1")
+        if self.temperature <= 0:
+            raise PPOError(f"temperature={self.temperature} must be > 0 (greedy rollouts have no policy ratio)")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Experience:
+    """One rollout, scored. seq_ids/seq_mask int32 [B, P+R]; the rest float32 [B, R] except score [B]."""
+
+    seq_ids: jax.Array
+    seq_mask: jax.Array
+    response_mask: jax.Array
+    old_logprobs: jax.Array
+    ref_logprobs: jax.Array
+    values: jax.Array
+    rewards: jax.Array
+    advantages: jax.Array
+    returns: jax.Array
+    score: jax.Array
+
+
+# ----------------------------------------------------------------------------- pure pieces
+
+
+def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
+    return jnp.sum(x * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def whiten(x: jax.Array, mask: jax.Array, eps: float = 1e-8) -> jax.Array:
+    """(x - mean) / std over the valid entries; invalid entries come out 0."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    return (x - mean) * jax.lax.rsqrt(var + eps) * mask
+
+
+def kl_penalty(logprobs: jax.Array, ref_logprobs: jax.Array, estimator: str = "k1") -> jax.Array:
+    """Per-token KL(actor || reference) estimate from sampled-token logprobs [B, R].
+
+    k1 = log p - log q (unbiased, can be negative); k3 = exp(q - p) - 1 - (q - p) (>= 0, lower variance).
+    """
+    log_ratio = logprobs - ref_logprobs
+    if estimator == "k1":
+        return log_ratio
+    return jnp.expm1(-log_ratio) + log_ratio
+
+
+def shaped_rewards(kl: jax.Array, score: jax.Array, mask: jax.Array, kl_coef: float, reward_clip: float) -> jax.Array:
+    """-kl_coef * KL on every valid token, plus the clipped score on the last valid one. float32 [B, R]."""
+    last = jnp.sum(mask, axis=-1).astype(jnp.int32) - 1  # mask is a prefix of each row
+    at_last = jax.nn.one_hot(last, mask.shape[-1], dtype=jnp.float32)
+    return (-kl_coef * kl + at_last * jnp.clip(score, -reward_clip, reward_clip)[:, None]) * mask
+
+
+def gae(rewards: jax.Array, values: jax.Array, mask: jax.Array, gamma: float = 0.95,
+        lam: float = 0.95) -> tuple[jax.Array, jax.Array]:
+    """Generalised advantage estimation over float32 [B, R]; mask marks valid tokens (a prefix of each row).
+
+    The value after the last valid token is 0 (the episode ends there). Returns
+    (advantages, returns = advantages + values), both 0 on invalid tokens.
+    """
+    values = values * mask
+    next_values = jnp.concatenate([values[:, 1:], jnp.zeros_like(values[:, :1])], axis=1)
+    deltas = rewards + gamma * next_values - values
+
+    def back(carry, x):
+        delta, m = x
+        adv = (delta + gamma * lam * carry) * m
+        return adv, adv
+
+    _, adv = jax.lax.scan(back, jnp.zeros(rewards.shape[0], rewards.dtype), (deltas.T, mask.T), reverse=True)
+    adv = adv.T
+    return adv, (adv + values) * mask
+
+
+def policy_loss(logprobs, old_logprobs, advantages, mask, clip_ratio: float) -> tuple[jax.Array, dict]:
+    """Clipped surrogate: mean over valid tokens of max(-A * ratio, -A * clip(ratio, 1 - c, 1 + c))."""
+    ratio = jnp.exp(logprobs - old_logprobs)
+    unclipped = -advantages * ratio
+    clipped = -advantages * jnp.clip(ratio, 1 - clip_ratio, 1 + clip_ratio)
+    loss = masked_mean(jnp.maximum(unclipped, clipped), mask)
+    return loss, {
+        "clipfrac": masked_mean((clipped > unclipped).astype(jnp.float32), mask),
+        "approx_kl": masked_mean(0.5 * (logprobs - old_logprobs) ** 2, mask),
+    }
+
+
+def value_loss(values, old_values, returns, mask, value_clip: float) -> jax.Array:
+    """0.5 * mean over valid tokens of max((v - R)^2, (v_clipped - R)^2), v_clipped within +-c of the old value."""
+    clipped = old_values + jnp.clip(values - old_values, -value_clip, value_clip)
+    return 0.5 * masked_mean(jnp.maximum((values - returns) ** 2, (clipped - returns) ** 2), mask)
+
+
+# ----------------------------------------------------------------------------- forward passes
+
+
+def response_logprobs(config: MistralConfig, params: Params, seq_ids, seq_mask, response_len: int,
+                      temperature: float = 1.0) -> tuple[jax.Array, jax.Array]:
+    """(logprob of each response token, entropy of the policy there), float32 [B, R].
+
+    Position P-1+t predicts response token t, so the logits used are [:, P-1:-1].
+    """
+    logits = model.forward(config, params, seq_ids, seq_mask)[:, -response_len - 1:-1] / temperature
+    logp = jax.nn.log_softmax(logits, axis=-1)  # [B, R, V]
+    tokens = seq_ids[:, -response_len:]
+    chosen = jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]
+    entropy = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+    return chosen, entropy
+
+
+def response_values(config: MistralConfig, params: Params, seq_ids, seq_mask, response_len: int) -> jax.Array:
+    """Critic value of the state before each response token, float32 [B, R]."""
+    return model.forward_values(config, params, seq_ids, seq_mask)[:, -response_len - 1:-1]
+
+
+def join(prompt_ids, prompt_mask, tokens, response_mask) -> tuple[jax.Array, jax.Array]:
+    """Prompt [B, P] + response [B, R] -> seq_ids, seq_mask int32 [B, P+R] (after-EOS tokens masked out)."""
+    return (jnp.concatenate([prompt_ids, tokens], axis=1).astype(jnp.int32),
+            jnp.concatenate([prompt_mask, response_mask], axis=1).astype(jnp.int32))
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def reward_scores(params: Params, seq_ids, seq_mask, *, config: MistralConfig) -> jax.Array:
+    """Reward-model score at each sequence's last real token, float32 [B]."""
+    return model.sequence_scores(config, params, seq_ids, seq_mask)[:, 0]
+
+
+@functools.partial(jax.jit, static_argnames=("actor_config", "ref_config", "critic_config", "ppo"))
+def make_experience(actor: Params, reference: Params, critic: Params, seq_ids, seq_mask, response_mask, score, *,
+                    actor_config: MistralConfig, ref_config: MistralConfig, critic_config: MistralConfig,
+                    ppo: PPOConfig) -> Experience:
+    """Scores a rollout: old and reference logprobs, values, shaped rewards, whitened advantages, returns."""
+    R = response_mask.shape[1]
+    mask = response_mask.astype(jnp.float32)
+    old, _ = response_logprobs(actor_config, actor, seq_ids, seq_mask, R, ppo.temperature)
+    ref, _ = response_logprobs(ref_config, reference, seq_ids, seq_mask, R, ppo.temperature)
+    values = response_values(critic_config, critic, seq_ids, seq_mask, R)
+    rewards = shaped_rewards(kl_penalty(old, ref, ppo.kl_estimator), score, mask, ppo.kl_coef, ppo.reward_clip)
+    advantages, returns = gae(rewards, values, mask, ppo.gamma, ppo.lam)
+    return Experience(seq_ids, seq_mask, mask, old * mask, ref * mask, values * mask, rewards,
+                      whiten(advantages, mask), returns, score)
+
+
+# ----------------------------------------------------------------------------- the update
+
+
+def _minibatch_step(states, mb: Experience, *, actor_config, critic_config, ppo: PPOConfig):
+    actor_state, critic_state = states
+    R = mb.response_mask.shape[1]
+
+    def actor_loss(params):
+        logp, entropy = response_logprobs(actor_config, params, mb.seq_ids, mb.seq_mask, R, ppo.temperature)
+        loss, info = policy_loss(logp, mb.old_logprobs, mb.advantages, mb.response_mask, ppo.clip_ratio)
+        return loss, {**info, "entropy": masked_mean(entropy, mb.response_mask)}
+
+    def critic_loss(params):
+        values = response_values(critic_config, params, mb.seq_ids, mb.seq_mask, R)
+        return value_loss(values, mb.values, mb.returns, mb.response_mask, ppo.value_clip)
+
+    (p_loss, info), p_grads = jax.value_and_grad(actor_loss, has_aux=True)(actor_state.params)
+    v_loss, v_grads = jax.value_and_grad(critic_loss)(critic_state.params)
+    actor_state, a_info = optim.apply_gradients(actor_state, p_grads, p_loss, ppo.actor)
+    critic_state, c_info = optim.apply_gradients(critic_state, v_grads, v_loss, ppo.critic)
+    metrics = {"loss/policy": p_loss, "loss/value": v_loss, "clipfrac": info["clipfrac"],
+               "approx_kl": info["approx_kl"], "entropy": info["entropy"],
+               "grad_norm/actor": a_info["grad_norm"], "grad_norm/critic": c_info["grad_norm"]}
+    return (actor_state, critic_state), metrics
+
+
+@functools.partial(jax.jit, static_argnames=("actor_config", "critic_config", "ppo"), donate_argnums=(0, 1))
+def ppo_update(actor_state: optim.TrainState, critic_state: optim.TrainState, exp: Experience, rng: jax.Array, *,
+               actor_config: MistralConfig, critic_config: MistralConfig,
+               ppo: PPOConfig) -> tuple[optim.TrainState, optim.TrainState, dict]:
+    """`ppo.epochs` passes over the experience in `ppo.minibatches` shuffled minibatches, one program.
+
+    Actor and critic step with their own AdamW each minibatch; a non-finite loss or
+    gradient skips that model's step. Returns the new states and metrics averaged
+    over all minibatches.
+    """
+    B = exp.seq_ids.shape[0]
+    if B % ppo.minibatches:
+        raise PPOError(f"batch {B} does not split into {ppo.minibatches} equal minibatches")
+    size = B // ppo.minibatches
+    step = functools.partial(_minibatch_step, actor_config=actor_config, critic_config=critic_config, ppo=ppo)
+
+    def epoch(states, key):
+        order = jax.random.permutation(key, B)
+        mbs = jax.tree.map(lambda x: x[order].reshape(ppo.minibatches, size, *x.shape[1:]), exp)
+        return jax.lax.scan(step, states, mbs)
+
+    (actor_state, critic_state), metrics = jax.lax.scan(epoch, (actor_state, critic_state),
+                                                        jax.random.split(rng, ppo.epochs))
+    return actor_state, critic_state, jax.tree.map(jnp.mean, metrics)

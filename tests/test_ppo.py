@@ -1,0 +1,147 @@
+"""PPO pieces against hand computations, and the compiled update doing what it should."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from c2f_jax import model, optim, ppo, reward, rollout
+
+
+def prefix_mask(rng, batch, length):
+    lengths = rng.integers(1, length + 1, batch)
+    return (np.arange(length)[None] < lengths[:, None]).astype(np.float32)
+
+
+def test_gae_matches_a_python_loop():
+    rng = np.random.default_rng(0)
+    B, R, gamma, lam = 6, 9, 0.95, 0.9
+    rewards, values = rng.normal(size=(B, R)), rng.normal(size=(B, R))
+    mask = prefix_mask(rng, B, R)
+    adv, ret = ppo.gae(jnp.asarray(rewards * mask), jnp.asarray(values), jnp.asarray(mask), gamma, lam)
+    for b in range(B):
+        n = int(mask[b].sum())
+        expected, running = np.zeros(R), 0.0
+        for t in reversed(range(n)):
+            next_value = values[b, t + 1] if t + 1 < n else 0.0  # nothing after the last valid token
+            running = rewards[b, t] + gamma * next_value - values[b, t] + gamma * lam * running
+            expected[t] = running
+        np.testing.assert_allclose(np.asarray(adv[b]), expected, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(ret[b, :n]), expected[:n] + values[b, :n], rtol=1e-5, atol=1e-6)
+        assert not np.asarray(ret[b, n:]).any()
+
+
+def test_whiten_over_valid_tokens():
+    x = jnp.array([[1.0, 2.0, 3.0, 100.0], [4.0, 5.0, -7.0, -7.0]])
+    mask = jnp.array([[1, 1, 1, 0], [1, 1, 0, 0]], jnp.float32)
+    w = ppo.whiten(x, mask)
+    valid = np.asarray(w)[np.asarray(mask) > 0]
+    assert abs(valid.mean()) < 1e-6 and abs(valid.std() - 1) < 1e-4
+    assert not np.asarray(w)[np.asarray(mask) == 0].any()
+
+
+def test_policy_loss_by_hand():
+    logp = jnp.log(jnp.array([[0.6, 0.2, 0.5]]))
+    old = jnp.log(jnp.array([[0.4, 0.4, 0.5]]))  # ratios 1.5, 0.5, 1.0
+    adv = jnp.array([[1.0, -2.0, 3.0]])
+    mask = jnp.array([[1.0, 1.0, 0.0]])
+    loss, info = ppo.policy_loss(logp, old, adv, mask, 0.2)
+    # token 0: max(-1*1.5, -1*1.2) = -1.2 (clipped); token 1: max(2*0.5, 2*0.8) = 1.6 (clipped); token 2 masked
+    assert float(loss) == pytest.approx((-1.2 + 1.6) / 2, abs=1e-6)
+    assert float(info["clipfrac"]) == pytest.approx(1.0)
+
+
+def test_value_loss_by_hand():
+    values, old, returns = jnp.array([[1.0, 0.0]]), jnp.array([[0.5, 0.1]]), jnp.array([[2.0, 0.0]])
+    mask = jnp.ones((1, 2))
+    # token 0: v=1 -> (1-2)^2=1; clipped 0.7 -> (0.7-2)^2=1.69; max 1.69. token 1: 0 vs clipped 0 -> 0.
+    assert float(ppo.value_loss(values, old, returns, mask, 0.2)) == pytest.approx(0.5 * 1.69 / 2, rel=1e-6)
+
+
+def test_kl_estimators_and_shaped_rewards():
+    logp, ref = jnp.array([[-1.0, -2.0]]), jnp.array([[-1.5, -1.0]])
+    np.testing.assert_allclose(ppo.kl_penalty(logp, ref, "k1"), [[0.5, -1.0]])
+    k3 = np.asarray(ppo.kl_penalty(logp, ref, "k3"))
+    np.testing.assert_allclose(k3, [[np.exp(-0.5) - 1 + 0.5, np.exp(1.0) - 1 - 1.0]], rtol=1e-6)
+    assert (k3 >= 0).all()
+    kl = jnp.full((2, 4), 0.1)
+    mask = jnp.array([[1, 1, 1, 0], [1, 1, 1, 1]], jnp.float32)
+    r = np.asarray(ppo.shaped_rewards(kl, jnp.array([9.0, -2.0]), mask, 0.5, 5.0))
+    np.testing.assert_allclose(r, [[-0.05, -0.05, 4.95, 0.0], [-0.05, -0.05, -0.05, -2.05]], rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- models
+
+
+@pytest.fixture(scope="module")
+def tiny_roles():
+    config = model.TINY.replace(vocab_size=128)
+    actor = model.init_params(config, jax.random.key(0))
+    critic_config, critic = reward.init_from_base(config, actor, jax.random.key(1))
+    return config, actor, critic_config, critic
+
+
+def test_kl_is_zero_when_actor_equals_reference(tiny_roles):
+    config, actor, critic_config, critic = tiny_roles
+    seq = jax.random.randint(jax.random.key(2), (4, 12), 3, 128)
+    seq_mask = jnp.ones_like(seq)
+    response_mask = jnp.ones((4, 5), jnp.int32)
+    exp = ppo.make_experience(actor, actor, critic, seq, seq_mask, response_mask, jnp.zeros(4), actor_config=config,
+                              ref_config=config, critic_config=critic_config, ppo=ppo.PPOConfig())
+    np.testing.assert_array_equal(np.asarray(exp.old_logprobs), np.asarray(exp.ref_logprobs))
+    assert not np.asarray(exp.rewards).any()  # no KL, zero score
+
+
+def test_critic_step_at_5e_7_moves_fp32_master_weights(tiny_roles):
+    _, _, critic_config, critic = tiny_roles
+    cfg = optim.OptimConfig(lr=5e-7)
+    grads = jax.tree.map(jnp.ones_like, critic)
+    state, _ = optim.apply_gradients(optim.create_state(critic, cfg), grads, jnp.float32(1.0), cfg)
+    moved = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), state.params, critic)
+    assert all(jax.tree.leaves(moved))
+    # The reason for fp32 masters: in bfloat16 the same update is lost to rounding.
+    bf16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), critic)
+    state16, _ = optim.apply_gradients(optim.create_state(bf16, cfg), grads, jnp.float32(1.0), cfg)
+    changed = jnp.mean((state16.params["layers"]["mlp"]["up"] != bf16["layers"]["mlp"]["up"]).astype(jnp.float32))
+    assert float(changed) < 0.05  # only weights within ~3e-4 of zero can register the step
+
+
+def run_ppo(config, actor, critic_config, critic, iterations, pc, score_fn, seed=0):
+    actor_state, critic_state = optim.create_state(actor, pc.actor), optim.create_state(critic, pc.critic)
+    B, P, R = 32, 8, 8
+    prompts = jax.random.randint(jax.random.key(5), (B, P), 3, config.vocab_size)
+    prompt_mask = jnp.ones((B, P), jnp.int32)
+    rng, scores = jax.random.key(seed), []
+    for _ in range(iterations):
+        rng, k1, k2 = jax.random.split(rng, 3)
+        r_config, r_params = rollout.rollout_params(config, actor_state.params)
+        out = rollout.generate(r_config, r_params, prompts, prompt_mask, k1, max_new_tokens=R, suppress_token_ids=(2,))
+        seq, seq_mask = ppo.join(prompts, prompt_mask, out.tokens, out.mask)
+        score = score_fn(out.tokens)
+        exp = ppo.make_experience(actor_state.params, actor, critic_state.params, seq, seq_mask, out.mask, score,
+                                  actor_config=config, ref_config=config, critic_config=critic_config, ppo=pc)
+        actor_state, critic_state, metrics = ppo.ppo_update(actor_state, critic_state, exp, k2, actor_config=config,
+                                                            critic_config=critic_config, ppo=pc)
+        scores.append(float(score.mean()))
+    return actor_state, critic_state, scores, metrics
+
+
+def test_ppo_raises_a_fixed_reward(tiny_roles):
+    config, actor, critic_config, critic = tiny_roles
+    pc = ppo.PPOConfig(kl_coef=0.01, epochs=2, minibatches=2, actor=optim.OptimConfig(lr=3e-3),
+                       critic=optim.OptimConfig(lr=1e-3))
+    # Reward: 5 x the share of response tokens from a fixed set of 16 ids (1/8 of the vocabulary by chance).
+    score_fn = lambda tokens: 5.0 * jnp.mean((tokens < 16).astype(jnp.float32), axis=1)
+    _, _, scores, metrics = run_ppo(config, actor, critic_config, critic, 12, pc, score_fn)
+    assert np.mean(scores[-3:]) > np.mean(scores[:3]) + 1.0, scores
+    assert set(metrics) >= {"loss/policy", "loss/value", "clipfrac", "entropy", "approx_kl"}
+
+
+def test_a_nan_batch_is_skipped(tiny_roles):
+    config, actor, critic_config, critic = tiny_roles
+    pc = ppo.PPOConfig(minibatches=2)
+    nan_score = lambda tokens: jnp.full((tokens.shape[0],), jnp.nan)
+    actor_state, critic_state, _, _ = run_ppo(config, actor, critic_config, critic, 1, pc, nan_score)
+    assert int(actor_state.skipped) == 2 and int(critic_state.skipped) == 2 and int(actor_state.step) == 0
+    same = jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), actor_state.params, actor)
+    assert all(jax.tree.leaves(same))
