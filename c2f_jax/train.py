@@ -1,0 +1,411 @@
+"""`python -m c2f_jax.train --config configs/coarse.py [--config.a.b=value ...] [--workdir DIR]`
+
+Runs the job the config names: `reward` (a Bradley-Terry reward model on
+preference pairs) or `coarse` (the Coarse Actor: PPO with Continuous
+Maximization). Restarting on a workdir that holds checkpoints resumes from the
+latest one, exactly.
+
+WORKDIR holds run_config.json (the resolved config), model_config.json,
+tokenizer/, checkpoints/, metrics.jsonl, tensorboard/ and, when the coarse job
+trains its own reward model first, reward_model/ (an HF folder).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from c2f_jax import (checkpoint, cli, cm, compilations, data, hf, metrics, model, optim, ppo, reward, rollout,
+                     sft, tokenizer)
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+RUN_CONFIG, MODEL_CONFIG, TOKENIZER_DIR = "run_config.json", "model_config.json", "tokenizer"
+REQUIRED_KEYS = ("job", "steps", "seed", "checkpoint_every", "mesh.data", "mesh.fsdp", "mesh.tensor",
+                 "rollout.temperature")
+# Keys that may change between a run and its resumption; any other difference is an incompatible config.
+RESUMABLE_KEYS = ("steps", "checkpoint_every", "keep_checkpoints", "eval_every", "mesh.")
+
+
+class TrainError(ValueError):
+    """A config, workdir or input that the run cannot use."""
+
+
+# ----------------------------------------------------------------------------- config and workdir
+
+
+def resolve_config_path(value: str) -> str:
+    """A path as given, or a bare name such as `coarse.py` found in configs/."""
+    path = Path(value.split(":")[0])
+    if path.exists():
+        return value
+    if (CONFIG_DIR / path.name).exists() and path.parent == Path("."):
+        return str(CONFIG_DIR / value)
+    raise TrainError(f"config file {path} not found (nor in {CONFIG_DIR})")
+
+
+def parse_args(argv: list[str]):
+    """(config, workdir) from `--config FILE [--config.key=value ...] [--workdir DIR]`."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    argv = list(argv)
+    for i, arg in enumerate(argv):  # find bare names before absl tries the path
+        if arg == "--config" and i + 1 < len(argv):
+            argv[i + 1] = resolve_config_path(argv[i + 1])
+        elif arg.startswith("--config="):
+            argv[i] = "--config=" + resolve_config_path(arg.split("=", 1)[1])
+    if str(CONFIG_DIR.parent) not in sys.path:  # so tiny configs can `from configs import coarse`
+        sys.path.insert(0, str(CONFIG_DIR.parent))
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "ml_collections config file", flag_values=fv,
+                                    lock_config=True)
+    flags.DEFINE_string("workdir", None, "run directory (default runs/<config name>)", flag_values=fv)
+    try:
+        fv(["c2f_jax.train", *argv])
+    except (flags.Error, AttributeError, KeyError, ValueError, TypeError) as e:
+        raise TrainError(f"bad command line: {str(e).splitlines()[0]}") from None
+    if fv.config is None:
+        raise TrainError("--config is required (e.g. --config configs/tiny_coarse.py)")
+    config = fv.config
+    for key in REQUIRED_KEYS:
+        node = config
+        for part in key.split("."):
+            if part not in node:
+                raise TrainError(f"config has no {key!r} (every config needs {', '.join(REQUIRED_KEYS)})")
+            node = node[part]
+    name = Path(fv["config"].config_filename).stem
+    return config, Path(fv.workdir or Path("runs") / name)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def config_dict(config) -> dict:
+    return json.loads(config.to_json())
+
+
+def prepare_workdir(config, workdir: Path) -> checkpoint.Checkpointer:
+    """Creates the workdir or checks that its checkpoints came from a compatible config; writes run_config.json."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    saved_path = workdir / RUN_CONFIG
+    ckpt = checkpoint.Checkpointer(workdir, keep=config.get("keep_checkpoints", 3))
+    if ckpt.latest_step() is not None and saved_path.exists():
+        saved, new = _flatten(json.loads(saved_path.read_text())), _flatten(config_dict(config))
+        for key in sorted(set(saved) | set(new)):
+            if key.startswith(RESUMABLE_KEYS) or saved.get(key) == new.get(key):
+                continue
+            raise TrainError(f"{workdir} holds checkpoints of an incompatible config: {key} was "
+                             f"{saved.get(key)!r}, now {new.get(key)!r} (use another --workdir)")
+    _write_json(saved_path, config_dict(config))
+    return ckpt
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(f".tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2))
+    tmp.replace(path)
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def tiny_base(config, workdir: Path) -> Path:
+    """The demo's base model: the tiny preset, taught some language on the run's dialogues
+    (model.pretrain_steps of next-token training), saved once as WORKDIR/base_model."""
+    out = workdir / "base_model"
+    if out.exists():
+        return out
+    tok = tokenizer.load_tokenizer(None)
+    base = model.TINY.replace(compute_dtype=config.model.compute_dtype)
+    params = model.init_params(base, jax.random.key(config.seed))
+    d = config.data
+    pairs, _ = data.load_pairs(d.source, d.data_dir or None, d.split)
+    texts = [tok(pair.prompt + " " + pair.chosen).input_ids for pair in pairs]
+    params, loss = sft.fine_tune(base, params, texts, steps=config.model.pretrain_steps, batch_size=16, lr=3e-3,
+                                 buckets=(128,), pad_id=tok.pad_token_id, seed=config.seed)
+    print(f"tiny base: {config.model.pretrain_steps} next-token steps on {len(texts)} dialogues, loss {loss:.3f}")
+    hf.save_pretrained(out, base, params, tokenizer_source=tok)
+    return out
+
+
+def load_base(mc, seed: int):
+    """(MistralConfig, params, tokenizer) for model.base: an HF folder or the preset 'tiny' (random init)."""
+    runtime = dict(compute_dtype=mc.compute_dtype, remat=mc.remat)
+    if mc.base == "tiny":
+        config = model.TINY.replace(param_dtype=mc.param_dtype, **runtime)
+        return config, model.init_params(config, jax.random.key(seed)), tokenizer.load_tokenizer(None)
+    if not Path(mc.base).is_dir():
+        raise TrainError(f"model.base={mc.base!r}: model folder not found")
+    config, params = hf.load_pretrained(mc.base, dtype=mc.param_dtype, **runtime)
+    if not config.has_lm_head:
+        raise TrainError(f"model.base={mc.base!r} is a {config.architecture}; the base must be MistralForCausalLM")
+    return config, params, tokenizer.load_tokenizer(mc.base)
+
+
+def save_run_model(workdir: Path, config: model.MistralConfig, tok) -> None:
+    """What export needs besides weights: the architecture and the tokenizer."""
+    _write_json(workdir / MODEL_CONFIG, config.to_hf())
+    if not (workdir / TOKENIZER_DIR).exists():
+        with hf.atomic_dir(workdir / TOKENIZER_DIR, overwrite=False) as tmp:
+            tok.save_pretrained(tmp)
+
+
+def _as_dtype(params, dtype: str):
+    return jax.tree.map(lambda a: a.astype(dtype), params)
+
+
+# ----------------------------------------------------------------------------- the reward job
+
+
+def _reward_eval(params, rm_config, tok, pairs, buckets, batch_size, system_prompt):
+    """Held-out loss/accuracy/margin over all pairs, in fixed-size batches (the last one padded by repeats)."""
+    totals, n = {"loss": 0.0, "accuracy": 0.0, "margin": 0.0}, len(pairs)
+    for start in range(0, n, batch_size):
+        chunk = pairs[start:start + batch_size]
+        padded = chunk + [chunk[-1]] * (batch_size - len(chunk))
+        batch = data.preference_batch(tok, padded, buckets, system_prompt)
+        chosen, rejected = reward.pair_scores(rm_config, params, batch)
+        margin = np.asarray(chosen - rejected)[: len(chunk)]
+        totals["loss"] += float(np.sum(np.logaddexp(0.0, -margin)))
+        totals["accuracy"] += float(np.sum(margin > 0))
+        totals["margin"] += float(np.sum(margin))
+    return {f"eval/{k}": v / n for k, v in totals.items()}
+
+
+def run_reward(config, workdir: Path, show_progress: bool = True) -> dict:
+    """Trains the reward model; returns the last eval metrics."""
+    ckpt = prepare_workdir(config, workdir)
+    base_config, base_params, tok = load_base(config.model, config.seed)
+    rm_config, rm_params = reward.init_from_base(base_config, base_params, jax.random.key(config.seed + 1))
+    save_run_model(workdir, rm_config, tok)
+    oc = optim.OptimConfig(lr=config.optim.lr, warmup_steps=config.optim.warmup_steps,
+                           weight_decay=config.optim.weight_decay, max_grad_norm=config.optim.max_grad_norm)
+    d = config.data
+    pairs, skipped = data.load_pairs(d.source, d.data_dir or None, d.split)
+    train_pairs, eval_pairs = data.train_eval_split(pairs, d.eval_fraction, config.seed)
+    system = d.system_prompt or None
+    it = data.BatchIterator(len(train_pairs), d.batch_size, config.seed)
+    state = optim.create_state(rm_params, oc)
+    start = 0
+    if ckpt.latest_step() is not None:
+        restored, meta = ckpt.restore(target={"reward": state})
+        state, start = restored["reward"], meta["step"]
+        it.restore(meta["data"])
+    writer = metrics.MetricsWriter(workdir, resume_step=start)
+    bar = metrics.progress(config.steps, start, show_progress, desc="reward")
+    last_eval = {}
+    for step in range(start + 1, config.steps + 1):
+        batch = data.preference_batch(tok, [train_pairs[i] for i in it.next()], d.seq_buckets, system)
+        state, m = reward.train_step(state, batch, config=rm_config, optim_config=oc)
+        row = {"loss": float(m["loss"]), "accuracy": float(m["accuracy"]), "grad_norm": float(m["grad_norm"]),
+               "skipped_updates": int(m["skipped"]), "compilations": compilations.total(),
+               "data/skipped_rows": skipped}
+        if step % config.eval_every == 0 or step == config.steps:
+            last_eval = _reward_eval(state.params, rm_config, tok, eval_pairs, d.seq_buckets, d.batch_size, system)
+            row.update(last_eval)
+        writer.write(step, row)
+        bar.update(1)
+        bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{last_eval.get('eval/accuracy', float('nan')):.2f}")
+        if step % config.checkpoint_every == 0 or step == config.steps:
+            ckpt.save(step, {"reward": state}, {"step": step, "data": it.state(), "job": "reward"})
+    bar.close()
+    writer.close()
+    ckpt.close()
+    return last_eval
+
+
+# ----------------------------------------------------------------------------- the coarse job
+
+
+def _inline_reward_model(config, workdir: Path, show_progress: bool) -> Path:
+    """Trains a reward model with this run's base and data (the tiny demo) and exports it into the workdir."""
+    out = workdir / "reward_model"
+    if out.exists():
+        return out
+    from configs import tiny_reward  # the same recipe the tiny reward job uses
+
+    rc = tiny_reward.get_config()
+    rc.unlock()
+    rc.seed, rc.steps = config.seed, config.reward_model.train_steps
+    rc.model.update(base=config.model.base, param_dtype="float32", compute_dtype=config.model.compute_dtype)
+    rc.data.update(source=config.data.source, data_dir=config.data.data_dir, split=config.data.split)
+    rm_workdir = workdir / "reward_run"
+    run_reward(rc, rm_workdir, show_progress)
+    export(rm_workdir, out)
+    return out
+
+
+def _rm_sequences(prompt_tokens, responses, response_mask, buckets, pad_id):
+    """Reward-model inputs: the dialogue without the system prompt, plus the response."""
+    ids, mask = data.left_pad(prompt_tokens, buckets, pad_id, truncate=True)
+    return ppo.join(jnp.asarray(ids), jnp.asarray(mask), responses, response_mask)
+
+
+def run_coarse(config, workdir: Path, show_progress: bool = True) -> list[dict]:
+    """PPO with Continuous Maximization; returns the metrics rows of this process's steps."""
+    ckpt = prepare_workdir(config, workdir)
+    if config.model.base == "tiny" and config.model.get("pretrain_steps", 0) > 0:
+        config.unlock()
+        config.model.base = str(tiny_base(config, workdir))
+        config.lock()
+    actor_config, base_params, tok = load_base(config.model, config.seed)
+    save_run_model(workdir, actor_config, tok)
+    ref_config = actor_config.replace(param_dtype=config.model.reference_dtype)
+    reference = _as_dtype(base_params, config.model.reference_dtype)
+
+    rm_path = config.reward_model.path
+    if not rm_path:
+        if config.reward_model.train_steps <= 0:
+            raise TrainError("reward_model.path is empty and reward_model.train_steps is 0: no reward model")
+        rm_path = _inline_reward_model(config, workdir, show_progress)
+    if not Path(rm_path).is_dir():
+        raise TrainError(f"reward_model.path={str(rm_path)!r}: model folder not found")
+    rm_config, rm_params = hf.load_pretrained(rm_path, dtype=config.reward_model.dtype,
+                                              compute_dtype=config.model.compute_dtype)
+    if rm_config.has_lm_head:
+        raise TrainError(f"reward_model.path={str(rm_path)!r} is a causal LM, not MistralForSequenceClassification")
+    critic_config = rm_config.replace(param_dtype=config.model.param_dtype, remat=config.model.remat)
+    critic_init = _as_dtype(rm_params, config.model.param_dtype)
+
+    p = config.ppo
+    pc = ppo.PPOConfig(
+        kl_coef=p.kl_coef, kl_estimator=p.kl_estimator, reward_clip=p.reward_clip, gamma=p.gamma, lam=p.lam,
+        clip_ratio=p.clip_ratio, value_clip=p.value_clip, epochs=p.epochs, minibatches=p.minibatches,
+        temperature=config.rollout.temperature,
+        actor=optim.OptimConfig(lr=p.actor_lr, warmup_steps=p.warmup_steps, weight_decay=p.weight_decay,
+                                max_grad_norm=p.max_grad_norm),
+        critic=optim.OptimConfig(lr=p.critic_lr, warmup_steps=p.warmup_steps, weight_decay=p.weight_decay,
+                                 max_grad_norm=p.max_grad_norm))
+    cmc = cm.CMConfig(**{k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in config.cm.items()})
+    d = config.data
+    pairs, skipped = data.load_pairs(d.source, d.data_dir or None, d.split)
+    prompts = sorted({pair.prompt for pair in pairs})
+    system = d.system_prompt or None
+    actor_prompts = [data.tokenize_prompt(tok, q, system) for q in prompts]
+    rm_prompts = [data.tokenize_prompt(tok, q, None) for q in prompts]
+    suppress = tokenizer.stop_token_ids(tok) if config.rollout.suppress_stop_tokens else ()
+
+    actor_state = optim.create_state(base_params, pc.actor)
+    critic_state = optim.create_state(critic_init, pc.critic)
+    it = data.BatchIterator(len(prompts), d.batch_size, config.seed)
+    cm_state, start = cm.init_state(), 0
+    if ckpt.latest_step() is not None:
+        restored, meta = ckpt.restore(target={"actor": actor_state, "critic": critic_state})
+        actor_state, critic_state = restored["actor"], restored["critic"]
+        start, cm_state = meta["step"], meta["cm"]
+        it.restore(meta["data"])
+    writer = metrics.MetricsWriter(workdir, resume_step=start)
+    bar = metrics.progress(config.steps, start, show_progress, desc="coarse")
+    key, rows = jax.random.key(config.seed), []
+    for step in range(start + 1, config.steps + 1):
+        # Per-step keys from the step number: a resumed run draws exactly what an unbroken one would.
+        rollout_key, update_key = jax.random.split(jax.random.fold_in(key, step))
+        idx = it.next()
+        prompt_ids, prompt_mask = data.left_pad([actor_prompts[i] for i in idx], d.prompt_buckets,
+                                                tok.pad_token_id, truncate=d.truncate_prompts)
+        length = cm.length_limit(cmc, cm_state)
+
+        t0 = time.perf_counter()
+        r_config, r_params = rollout.rollout_params(actor_config, actor_state.params)
+        out = rollout.generate(r_config, r_params, prompt_ids, prompt_mask, rollout_key, max_new_tokens=length,
+                               temperature=config.rollout.temperature, top_k=config.rollout.top_k,
+                               top_p=config.rollout.top_p, suppress_token_ids=suppress,
+                               eos_token_ids=(tok.eos_token_id,), pad_id=tok.pad_token_id)
+        jax.block_until_ready(out.tokens)
+        del r_params
+        t1 = time.perf_counter()
+        seq, seq_mask = ppo.join(jnp.asarray(prompt_ids), jnp.asarray(prompt_mask), out.tokens, out.mask)
+        rm_seq, rm_mask = _rm_sequences([rm_prompts[i] for i in idx], out.tokens, out.mask, d.prompt_buckets,
+                                        tok.pad_token_id)
+        score = ppo.reward_scores(rm_params, rm_seq, rm_mask, config=rm_config)
+        exp = ppo.make_experience(actor_state.params, reference, critic_state.params, seq, seq_mask, out.mask,
+                                  score, actor_config=actor_config, ref_config=ref_config,
+                                  critic_config=critic_config, ppo=pc)
+        actor_state, critic_state, m = ppo.ppo_update(actor_state, critic_state, exp, update_key,
+                                                      actor_config=actor_config, critic_config=critic_config,
+                                                      ppo=pc)
+        m = jax.device_get(m)
+        t2 = time.perf_counter()
+
+        score_np, mask_np = np.asarray(score), np.asarray(out.mask)
+        kl = float(np.sum((np.asarray(exp.old_logprobs) - np.asarray(exp.ref_logprobs)) * mask_np)
+                   / max(mask_np.sum(), 1))
+        cm_state = cm.update(cmc, cm_state, float(score_np.mean()), float(m["loss/value"]))
+        row = {
+            "reward/mean": float(score_np.mean()), "reward/std": float(score_np.std()), "kl": kl,
+            **{k: float(v) for k, v in m.items()},
+            "response/length": float(mask_np.sum(1).mean()),
+            "cm/length_limit": length, "cm/next_length_limit": cm.length_limit(cmc, cm_state),
+            "cm/p_advance": cm_state["p_advance"],
+            "time/rollout_tokens_per_s": mask_np.size / (t1 - t0),
+            "time/update_tokens_per_s": seq.size * pc.epochs / (t2 - t1),
+            "compilations": compilations.total(),
+            "skipped_updates": int(actor_state.skipped) + int(critic_state.skipped),
+            "data/skipped_rows": skipped,
+        }
+        writer.write(step, row)
+        rows.append({"step": step, **row})
+        bar.update(1)
+        bar.set_postfix(reward=f"{row['reward/mean']:.3f}", kl=f"{kl:.4f}", len=length,
+                        tok_s=f"{row['time/rollout_tokens_per_s']:.0f}")
+        if step % config.checkpoint_every == 0 or step == config.steps:
+            ckpt.save(step, {"actor": actor_state, "critic": critic_state},
+                      {"step": step, "cm": cm_state, "data": it.state(), "job": "coarse"})
+    bar.close()
+    writer.close()
+    ckpt.close()
+    return rows
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def export(workdir: str | os.PathLike, out: str | os.PathLike, step: int | None = None, dtype: str | None = None,
+           overwrite: bool = False) -> Path:
+    """Writes the trained model of a workdir as an HF folder: the actor of a coarse run
+    (MistralForCausalLM) or the reward model of a reward run (MistralForSequenceClassification)."""
+    workdir = Path(workdir)
+    for name in (RUN_CONFIG, MODEL_CONFIG):
+        if not (workdir / name).exists():
+            raise TrainError(f"{workdir}: no {name}; not a c2f_jax training workdir")
+    job = json.loads((workdir / RUN_CONFIG).read_text())["job"]
+    config = model.MistralConfig.from_hf(json.loads((workdir / MODEL_CONFIG).read_text()))
+    ckpt = checkpoint.Checkpointer(workdir)
+    try:
+        state, meta = ckpt.restore(step)
+    finally:
+        ckpt.close()
+    params = state["actor" if job == "coarse" else "reward"]["params"]
+    hf.save_pretrained(out, config, params, dtype=dtype, tokenizer_source=workdir / TOKENIZER_DIR,
+                       overwrite=overwrite)
+    return Path(out)
+
+
+def main(argv=None) -> int:
+    config, workdir = parse_args(sys.argv[1:] if argv is None else argv)
+    if config.job == "reward":
+        run_reward(config, workdir)
+    elif config.job == "coarse":
+        run_coarse(config, workdir)
+    else:
+        raise TrainError(f"job={config.job!r}; expected 'reward' or 'coarse'")
+    print(f"done: {workdir}")
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,30 @@
+"""Export a training workdir as a Hugging Face folder.
+
+  python tools/export_hf.py --checkpoint runs/coarse --out exports/coarse [--step N] [--dtype bfloat16]
+
+A coarse run exports its actor (MistralForCausalLM), a reward run its reward model
+(MistralForSequenceClassification), with the run's tokenizer and a generation config.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from c2f_jax import cli, train
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", required=True, help="training workdir")
+    p.add_argument("--out", required=True, help="HF folder to write")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    p.add_argument("--dtype", default="bfloat16", help="stored dtype (default bfloat16; float32 keeps masters)")
+    p.add_argument("--overwrite", action="store_true")
+    args = p.parse_args(argv)
+    out = train.export(args.checkpoint, args.out, step=args.step, dtype=args.dtype, overwrite=args.overwrite)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run(main)
