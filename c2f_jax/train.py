@@ -55,20 +55,25 @@ def parse_args(argv: list[str]):
     from absl import flags
     from ml_collections import config_flags
 
-    argv = list(argv)
-    for i, arg in enumerate(argv):  # find bare names before absl tries the path
+    joined, i = [], 0
+    while i < len(argv):  # `--config X` -> `--config=X`, which overrides need; bare names found in configs/
+        arg = argv[i]
         if arg == "--config" and i + 1 < len(argv):
-            argv[i + 1] = resolve_config_path(argv[i + 1])
-        elif arg.startswith("--config="):
-            argv[i] = "--config=" + resolve_config_path(arg.split("=", 1)[1])
+            arg, i = f"--config={argv[i + 1]}", i + 1
+        if arg.startswith("--config="):
+            arg = "--config=" + resolve_config_path(arg.split("=", 1)[1])
+        joined.append(arg)
+        i += 1
+    argv = joined
     if str(CONFIG_DIR.parent) not in sys.path:  # so tiny configs can `from configs import coarse`
         sys.path.insert(0, str(CONFIG_DIR.parent))
+    argv = ["c2f_jax.train", *argv]
     fv = flags.FlagValues()
     config_flags.DEFINE_config_file("config", None, "ml_collections config file", flag_values=fv,
-                                    lock_config=True)
+                                    lock_config=True, sys_argv=argv)
     flags.DEFINE_string("workdir", None, "run directory (default runs/<config name>)", flag_values=fv)
     try:
-        fv(["c2f_jax.train", *argv])
+        fv(argv)
     except (flags.Error, AttributeError, KeyError, ValueError, TypeError) as e:
         raise TrainError(f"bad command line: {str(e).splitlines()[0]}") from None
     if fv.config is None:
@@ -348,7 +353,7 @@ def run_coarse(config, workdir: Path, show_progress: bool = True) -> list[dict]:
         row = {
             "reward/mean": float(score_np.mean()), "reward/std": float(score_np.std()), "kl": kl,
             **{k: float(v) for k, v in m.items()},
-            "response/length": float(mask_np.sum(1).mean()),
+            "response/length": float(mask_np.sum(1).mean()), "prompt/bucket": int(prompt_ids.shape[1]),
             "cm/length_limit": length, "cm/next_length_limit": cm.length_limit(cmc, cm_state),
             "cm/p_advance": cm_state["p_advance"],
             "time/rollout_tokens_per_s": mask_np.size / (t1 - t0),

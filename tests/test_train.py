@@ -1,0 +1,141 @@
+"""The training CLI end to end on the tiny demo: metrics, CM, compilations, export, exact resume after SIGKILL."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from c2f_jax import checkpoint, hf, metrics, model, train
+
+ROOT = Path(__file__).resolve().parent.parent
+# A short demo: 3 buckets, CM allowed to move every 2 steps.
+SHORT = ["--config.steps=8", "--config.checkpoint_every=2", "--config.model.pretrain_steps=30",
+         "--config.reward_model.train_steps=20", "--config.cm.buckets=(8, 12, 16)", "--config.cm.window=2",
+         "--config.cm.min_steps=2", "--config.cm.threshold=0.01", "--config.data.prompt_buckets=(128,)"]
+TIMING_KEYS = ("time/", "compilations")
+
+
+def cli_env():
+    env = dict(os.environ)
+    env.setdefault("JAX_COMPILATION_CACHE_DIR", str(ROOT / ".jax_cache"))
+    env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+    return env
+
+
+def run_cli(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "c2f_jax.train", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, env=cli_env())
+
+
+def comparable(rows):
+    return [{k: v for k, v in r.items() if not k.startswith(TIMING_KEYS)} for r in rows]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """One uninterrupted short demo run, in process."""
+    workdir = tmp_path_factory.mktemp("demo") / "run"
+    config, _ = train.parse_args(["--config", "tiny_coarse.py", *SHORT])
+    rows = train.run_coarse(config, workdir, show_progress=False)
+    return workdir, rows
+
+
+def test_demo_logs_every_metric_and_advances_cm(demo):
+    workdir, rows = demo
+    logged = metrics.read_metrics(workdir)
+    assert [r["step"] for r in logged] == list(range(1, 9))
+    needed = {"reward/mean", "reward/std", "kl", "loss/policy", "loss/value", "clipfrac", "entropy",
+              "cm/length_limit", "cm/p_advance", "time/rollout_tokens_per_s", "time/update_tokens_per_s",
+              "compilations", "skipped_updates"}
+    assert needed <= set(logged[0])
+    limits = [r["cm/length_limit"] for r in logged]
+    assert limits == sorted(limits) and len(set(limits)) >= 2
+    assert all(r["skipped_updates"] == 0 for r in logged)
+    assert any(p.name.startswith("events.out.tfevents") for p in (workdir / "tensorboard").iterdir())
+    saved = json.loads((workdir / train.RUN_CONFIG).read_text())
+    assert saved["job"] == "coarse" and saved["cm"]["buckets"] == [8, 12, 16]
+
+
+def test_compilations_stop_growing_once_every_bucket_is_seen(demo):
+    _, rows = demo
+    shapes = [(r["prompt/bucket"], r["cm/length_limit"]) for r in rows]
+    last_new_shape = max(i for i, s in enumerate(shapes) if s not in shapes[:i])
+    after = [r["compilations"] for r in rows[last_new_shape:]]
+    assert len(after) >= 2 and len(set(after)) == 1, [(s, r["compilations"]) for s, r in zip(shapes, rows)]
+
+
+def test_export_loads_in_transformers_with_our_logits(demo, tmp_path):
+    workdir, _ = demo
+    out = train.export(workdir, tmp_path / "hf", dtype="float32")
+    config, params = hf.load_pretrained(out)
+    restored, _ = checkpoint.Checkpointer(workdir).restore()
+    assert np.array_equal(np.asarray(params["layers"]["mlp"]["up"]),
+                          np.asarray(restored["actor"]["params"]["layers"]["mlp"]["up"]))
+    hm = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    ids = np.array([tok("Human: How do tides work? Assistant: First,").input_ids])
+    with torch.no_grad():
+        ref = hm(torch.tensor(ids)).logits.numpy()
+    assert np.abs(np.asarray(model.forward(config, params, ids)) - ref).max() < 1e-4
+    done = subprocess.run([sys.executable, str(ROOT / "tools" / "plot_run.py"), str(workdir)], capture_output=True,
+                          text=True, env=cli_env())
+    assert done.returncode == 0 and (workdir / "run.png").stat().st_size > 10_000
+
+
+def test_killed_run_resumes_to_the_same_metrics_and_weights(demo, tmp_path):
+    workdir, rows = demo
+    resumed = tmp_path / "resumed"
+    # Share the demo's base and reward model so only PPO runs here.
+    args = ["--config", "tiny_coarse.py", *SHORT, f"--config.model.base={workdir / 'base_model'}",
+            f"--config.reward_model.path={workdir / 'reward_model'}", "--workdir", str(resumed)]
+    ref_args = args[:-1] + [str(tmp_path / "reference")]
+    assert run_cli(*ref_args).returncode == 0  # the same overrides, uninterrupted
+    proc = subprocess.Popen([sys.executable, "-m", "c2f_jax.train", *args], cwd=ROOT, env=cli_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and len(metrics.read_metrics(resumed)) < 5:
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)  # mid-run: after a checkpoint (step 4), before the next
+    proc.wait()
+    assert 0 < len(metrics.read_metrics(resumed)) < 8
+    done = run_cli(*args)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert comparable(metrics.read_metrics(resumed)) == comparable(metrics.read_metrics(tmp_path / "reference"))
+    a, _ = checkpoint.Checkpointer(resumed).restore()
+    b, _ = checkpoint.Checkpointer(tmp_path / "reference").restore()
+    leaves_a, tree_a = jax.tree.flatten(a)
+    leaves_b, tree_b = jax.tree.flatten(b)
+    assert tree_a == tree_b and len(leaves_a) > 10
+    assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(leaves_a, leaves_b))
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--config.ppo.kl_coeff=0.1"], "bad command line"),
+    (["--config.data.source=/nowhere/pairs.jsonl"], "dataset file not found"),
+    (["--config.model.base=/nowhere/mistral"], "model folder not found"),
+])
+def test_bad_inputs_are_one_line_errors(extra, words, tmp_path):
+    done = run_cli("--config", "tiny_coarse.py", *extra, "--workdir", str(tmp_path / "w"))
+    assert done.returncode == 2 and words in done.stderr and done.stderr.strip().count("\n") == 0, done.stderr
+
+
+def test_incompatible_workdir_is_refused_and_untouched(demo):
+    workdir, _ = demo
+    before = (workdir / train.RUN_CONFIG).read_text()
+    done = run_cli("--config", "tiny_coarse.py", *SHORT, "--config.ppo.kl_coef=0.5", "--workdir", str(workdir))
+    assert done.returncode == 2 and "incompatible config: ppo.kl_coef" in done.stderr
+    assert (workdir / train.RUN_CONFIG).read_text() == before
+
+
+def test_missing_config_file():
+    with pytest.raises(train.TrainError, match="config file nope.py not found"):
+        train.parse_args(["--config", "nope.py"])
