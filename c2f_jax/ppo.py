@@ -169,14 +169,15 @@ def join(prompt_ids, prompt_mask, tokens, response_mask) -> tuple[jax.Array, jax
             jnp.concatenate([prompt_mask, response_mask], axis=1).astype(jnp.int32))
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
-def reward_scores(params: Params, seq_ids, seq_mask, *, config: MistralConfig) -> jax.Array:
+def score_sequences(params: Params, seq_ids, seq_mask, *, config: MistralConfig) -> jax.Array:
     """Reward-model score at each sequence's last real token, float32 [B]."""
     return model.sequence_scores(config, params, seq_ids, seq_mask)[:, 0]
 
 
-@functools.partial(jax.jit, static_argnames=("actor_config", "ref_config", "critic_config", "ppo"))
-def make_experience(actor: Params, reference: Params, critic: Params, seq_ids, seq_mask, response_mask, score, *,
+reward_scores = jax.jit(score_sequences, static_argnames=("config",))
+
+
+def experience(actor: Params, reference: Params, critic: Params, seq_ids, seq_mask, response_mask, score, *,
                     actor_config: MistralConfig, ref_config: MistralConfig, critic_config: MistralConfig,
                     ppo: PPOConfig) -> Experience:
     """Scores a rollout: old and reference logprobs, values, shaped rewards, whitened advantages, returns."""
@@ -189,6 +190,9 @@ def make_experience(actor: Params, reference: Params, critic: Params, seq_ids, s
     advantages, returns = gae(rewards, values, mask, ppo.gamma, ppo.lam)
     return Experience(seq_ids, seq_mask, mask, old * mask, ref * mask, values * mask, rewards,
                       whiten(advantages, mask), returns, score)
+
+
+make_experience = jax.jit(experience, static_argnames=("actor_config", "ref_config", "critic_config", "ppo"))
 
 
 # ----------------------------------------------------------------------------- the update
@@ -217,8 +221,7 @@ def _minibatch_step(states, mb: Experience, *, actor_config, critic_config, ppo:
     return (actor_state, critic_state), metrics
 
 
-@functools.partial(jax.jit, static_argnames=("actor_config", "critic_config", "ppo"), donate_argnums=(0, 1))
-def ppo_update(actor_state: optim.TrainState, critic_state: optim.TrainState, exp: Experience, rng: jax.Array, *,
+def update(actor_state: optim.TrainState, critic_state: optim.TrainState, exp: Experience, rng: jax.Array, *,
                actor_config: MistralConfig, critic_config: MistralConfig,
                ppo: PPOConfig) -> tuple[optim.TrainState, optim.TrainState, dict]:
     """`ppo.epochs` passes over the experience in `ppo.minibatches` shuffled minibatches, one program.
@@ -241,3 +244,6 @@ def ppo_update(actor_state: optim.TrainState, critic_state: optim.TrainState, ex
     (actor_state, critic_state), metrics = jax.lax.scan(epoch, (actor_state, critic_state),
                                                         jax.random.split(rng, ppo.epochs))
     return actor_state, critic_state, jax.tree.map(jnp.mean, metrics)
+
+
+ppo_update = jax.jit(update, static_argnames=("actor_config", "critic_config", "ppo"), donate_argnums=(0, 1))

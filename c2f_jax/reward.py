@@ -7,8 +7,6 @@ from it, as DeepSpeed-Chat and OpenRLHF do.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 
@@ -44,8 +42,7 @@ def bradley_terry(chosen: jax.Array, rejected: jax.Array) -> dict:
     }
 
 
-@functools.partial(jax.jit, static_argnames=("config", "optim_config"), donate_argnums=(0,))
-def train_step(state: optim.TrainState, batch: dict, *, config: MistralConfig,
+def train(state: optim.TrainState, batch: dict, *, config: MistralConfig,
                optim_config: optim.OptimConfig) -> tuple[optim.TrainState, dict]:
     """One AdamW step on the Bradley-Terry loss; batch holds int32 [B, T] chosen/rejected ids and masks."""
 
@@ -58,7 +55,18 @@ def train_step(state: optim.TrainState, batch: dict, *, config: MistralConfig,
     return state, {**metrics, "grad_norm": info["grad_norm"], "skipped": state.skipped}
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
-def eval_step(params: Params, batch: dict, *, config: MistralConfig) -> dict:
+train_step = jax.jit(train, static_argnames=("config", "optim_config"), donate_argnums=(0,))
+
+
+def margins(params: Params, batch: dict, *, config: MistralConfig) -> jax.Array:
+    """r_chosen - r_rejected per pair, float32 [B] (for exact held-out averages over padded batches)."""
+    chosen, rejected = pair_scores(config, params, batch)
+    return chosen - rejected
+
+
+def evaluate(params: Params, batch: dict, *, config: MistralConfig) -> dict:
     """Held-out loss, accuracy and mean margin for one batch."""
     return bradley_terry(*pair_scores(config, params, batch))
+
+
+eval_step = jax.jit(evaluate, static_argnames=("config",))

@@ -11,7 +11,6 @@ recompiles.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Sequence
 
 import jax
@@ -63,6 +62,11 @@ def init_kv(config: MistralConfig, batch: int, length: int):
     return [{"k": zeros(), "v": zeros()} for _ in range(c.num_hidden_layers)]
 
 
+def rollout_config(config: MistralConfig) -> MistralConfig:
+    """The config of the rollout copy: params in compute dtype, one array per layer."""
+    return config.replace(param_dtype=config.compute_dtype, scan_layers=False)
+
+
 def rollout_params(config: MistralConfig, params: Params) -> tuple[MistralConfig, Params]:
     """The copy of the actor that sampling runs on: compute dtype, one array per layer.
 
@@ -75,7 +79,7 @@ def rollout_params(config: MistralConfig, params: Params) -> tuple[MistralConfig
     cast = jax.tree.map(lambda a: a.astype(cdt), params)
     if config.scan_layers:
         cast = model.unstack_layers(cast)
-    return config.replace(param_dtype=config.compute_dtype, scan_layers=False), cast
+    return rollout_config(config), cast
 
 
 def filter_logits(logits: jax.Array, sampling: SamplingConfig) -> jax.Array:
@@ -111,8 +115,8 @@ def sample_token(logits: jax.Array, rng: jax.Array, sampling: SamplingConfig) ->
     return jnp.argmax(cdf > u, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "sampling", "eos_token_ids", "pad_id"))
-def _generate(params, prompt_ids, prompt_mask, rng, *, config, max_new_tokens, sampling, eos_token_ids, pad_id):
+def sample(params, prompt_ids, prompt_mask, rng, *, config, max_new_tokens, sampling, eos_token_ids, pad_id) -> Rollout:
+    """The compiled body of `generate` (validated arguments; SamplingConfig static)."""
     B, P = prompt_ids.shape
     R = max_new_tokens
     prompt_pos = model.positions_from_mask(prompt_mask)
@@ -145,6 +149,9 @@ def _generate(params, prompt_ids, prompt_mask, rng, *, config, max_new_tokens, s
     tokens = jnp.concatenate([tokens, last[None]], axis=0).T  # [B, R]
     mask = jnp.concatenate([mask, last_alive[None]], axis=0).T
     return Rollout(tokens=jnp.where(mask > 0, tokens, pad_id), mask=mask)
+
+
+_generate = jax.jit(sample, static_argnames=("config", "max_new_tokens", "sampling", "eos_token_ids", "pad_id"))
 
 
 def generate(config: MistralConfig, params: Params, prompt_ids, prompt_mask, rng, *, max_new_tokens: int,

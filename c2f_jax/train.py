@@ -19,11 +19,10 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from c2f_jax import (checkpoint, cli, cm, compilations, data, hf, metrics, model, optim, ppo, reward, rollout,
-                     sft, tokenizer)
+from c2f_jax import (checkpoint, cli, cm, compilations, data, hf, metrics, model, optim, ppo, programs, reward,
+                     rollout, sft, sharding, tokenizer)
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 RUN_CONFIG, MODEL_CONFIG, TOKENIZER_DIR = "run_config.json", "model_config.json", "tokenizer"
@@ -173,18 +172,34 @@ def _as_dtype(params, dtype: str):
     return jax.tree.map(lambda a: a.astype(dtype), params)
 
 
+def _placed(mesh, params):
+    """Params in the train layout of this mesh."""
+    return sharding.place(params, sharding.param_shardings(mesh, params))
+
+
+def _placed_state(mesh, params, oc: optim.OptimConfig) -> optim.TrainState:
+    """A fresh train state with params and optimizer moments in the train layout."""
+    state = optim.create_state(_placed(mesh, params), oc)
+    return sharding.place(state, sharding.like_params(mesh, state, state.params))
+
+
 # ----------------------------------------------------------------------------- the reward job
 
 
-def _reward_eval(params, rm_config, tok, pairs, buckets, batch_size, system_prompt):
+def _device_batch(mesh, arrays: dict) -> dict:
+    """Global host batch -> this host's rows -> one batch-sharded global array per key."""
+    rows = sharding.host_slice(len(next(iter(arrays.values()))))
+    return {k: sharding.global_batch(mesh, v[rows]) for k, v in arrays.items()}
+
+
+def _reward_eval(margins_fn, params, mesh, tok, pairs, buckets, batch_size, system_prompt):
     """Held-out loss/accuracy/margin over all pairs, in fixed-size batches (the last one padded by repeats)."""
     totals, n = {"loss": 0.0, "accuracy": 0.0, "margin": 0.0}, len(pairs)
     for start in range(0, n, batch_size):
         chunk = pairs[start:start + batch_size]
         padded = chunk + [chunk[-1]] * (batch_size - len(chunk))
-        batch = data.preference_batch(tok, padded, buckets, system_prompt)
-        chosen, rejected = reward.pair_scores(rm_config, params, batch)
-        margin = np.asarray(chosen - rejected)[: len(chunk)]
+        batch = _device_batch(mesh, data.preference_batch(tok, padded, buckets, system_prompt))
+        margin = sharding.to_host(margins_fn(params, batch))[: len(chunk)]
         totals["loss"] += float(np.sum(np.logaddexp(0.0, -margin)))
         totals["accuracy"] += float(np.sum(margin > 0))
         totals["margin"] += float(np.sum(margin))
@@ -194,9 +209,12 @@ def _reward_eval(params, rm_config, tok, pairs, buckets, batch_size, system_prom
 def run_reward(config, workdir: Path, show_progress: bool = True) -> dict:
     """Trains the reward model; returns the last eval metrics."""
     ckpt = prepare_workdir(config, workdir)
+    mesh = sharding.make_mesh(**config.mesh)
+    sharding.batch_size_check(mesh, config.data.batch_size)
     base_config, base_params, tok = load_base(config.model, config.seed)
     rm_config, rm_params = reward.init_from_base(base_config, base_params, jax.random.key(config.seed + 1))
-    save_run_model(workdir, rm_config, tok)
+    if sharding.is_main_process():
+        save_run_model(workdir, rm_config, tok)
     oc = optim.OptimConfig(lr=config.optim.lr, warmup_steps=config.optim.warmup_steps,
                            weight_decay=config.optim.weight_decay, max_grad_norm=config.optim.max_grad_norm)
     d = config.data
@@ -204,23 +222,26 @@ def run_reward(config, workdir: Path, show_progress: bool = True) -> dict:
     train_pairs, eval_pairs = data.train_eval_split(pairs, d.eval_fraction, config.seed)
     system = d.system_prompt or None
     it = data.BatchIterator(len(train_pairs), d.batch_size, config.seed)
-    state = optim.create_state(rm_params, oc)
+    state = _placed_state(mesh, rm_params, oc)
+    progs = programs.reward_programs(mesh, config=rm_config, optim_config=oc, state=state)
     start = 0
     if ckpt.latest_step() is not None:
         restored, meta = ckpt.restore(target={"reward": state})
         state, start = restored["reward"], meta["step"]
         it.restore(meta["data"])
-    writer = metrics.MetricsWriter(workdir, resume_step=start)
-    bar = metrics.progress(config.steps, start, show_progress, desc="reward")
+    main = sharding.is_main_process()
+    writer = metrics.MetricsWriter(workdir, resume_step=start, enabled=main)
+    bar = metrics.progress(config.steps, start, show_progress and main, desc="reward")
     last_eval = {}
     for step in range(start + 1, config.steps + 1):
         batch = data.preference_batch(tok, [train_pairs[i] for i in it.next()], d.seq_buckets, system)
-        state, m = reward.train_step(state, batch, config=rm_config, optim_config=oc)
+        state, m = progs.train(state, _device_batch(mesh, batch))
         row = {"loss": float(m["loss"]), "accuracy": float(m["accuracy"]), "grad_norm": float(m["grad_norm"]),
                "skipped_updates": int(m["skipped"]), "compilations": compilations.total(),
                "data/skipped_rows": skipped}
         if step % config.eval_every == 0 or step == config.steps:
-            last_eval = _reward_eval(state.params, rm_config, tok, eval_pairs, d.seq_buckets, d.batch_size, system)
+            last_eval = _reward_eval(progs.margins, state.params, mesh, tok, eval_pairs, d.seq_buckets,
+                                     d.batch_size, system)
             row.update(last_eval)
         writer.write(step, row)
         bar.update(1)
@@ -248,29 +269,35 @@ def _inline_reward_model(config, workdir: Path, show_progress: bool) -> Path:
     rc.seed, rc.steps = config.seed, config.reward_model.train_steps
     rc.model.update(base=config.model.base, param_dtype="float32", compute_dtype=config.model.compute_dtype)
     rc.data.update(source=config.data.source, data_dir=config.data.data_dir, split=config.data.split)
+    rc.mesh.update(config.mesh)
     rm_workdir = workdir / "reward_run"
     run_reward(rc, rm_workdir, show_progress)
     export(rm_workdir, out)
     return out
 
 
-def _rm_sequences(prompt_tokens, responses, response_mask, buckets, pad_id):
-    """Reward-model inputs: the dialogue without the system prompt, plus the response."""
-    ids, mask = data.left_pad(prompt_tokens, buckets, pad_id, truncate=True)
-    return ppo.join(jnp.asarray(ids), jnp.asarray(mask), responses, response_mask)
+def _prompt_batch(mesh, token_lists, buckets, pad_id, truncate):
+    """Left-padded prompts as batch-sharded arrays; the bucket is chosen from the global batch so all hosts agree."""
+    ids, mask = data.left_pad(token_lists, buckets, pad_id, truncate=truncate)
+    b = _device_batch(mesh, {"ids": ids, "mask": mask})
+    return b["ids"], b["mask"]
 
 
 def run_coarse(config, workdir: Path, show_progress: bool = True) -> list[dict]:
     """PPO with Continuous Maximization; returns the metrics rows of this process's steps."""
     ckpt = prepare_workdir(config, workdir)
+    mesh = sharding.make_mesh(**config.mesh)
+    sharding.batch_size_check(mesh, config.data.batch_size)
+    main = sharding.is_main_process()
     if config.model.base == "tiny" and config.model.get("pretrain_steps", 0) > 0:
         config.unlock()
         config.model.base = str(tiny_base(config, workdir))
         config.lock()
     actor_config, base_params, tok = load_base(config.model, config.seed)
-    save_run_model(workdir, actor_config, tok)
+    if main:
+        save_run_model(workdir, actor_config, tok)
     ref_config = actor_config.replace(param_dtype=config.model.reference_dtype)
-    reference = _as_dtype(base_params, config.model.reference_dtype)
+    reference = _placed(mesh, _as_dtype(base_params, config.model.reference_dtype))
 
     rm_path = config.reward_model.path
     if not rm_path:
@@ -279,7 +306,9 @@ def run_coarse(config, workdir: Path, show_progress: bool = True) -> list[dict]:
         rm_path = _inline_reward_model(config, workdir, show_progress)
     if not Path(rm_path).is_dir():
         raise TrainError(f"reward_model.path={str(rm_path)!r}: model folder not found")
+    rm_shapes = model.param_shapes(hf.read_config(rm_path, param_dtype=config.reward_model.dtype))
     rm_config, rm_params = hf.load_pretrained(rm_path, dtype=config.reward_model.dtype,
+                                              shardings=sharding.param_shardings(mesh, rm_shapes),
                                               compute_dtype=config.model.compute_dtype)
     if rm_config.has_lm_head:
         raise TrainError(f"reward_model.path={str(rm_path)!r} is a causal LM, not MistralForSequenceClassification")
@@ -304,8 +333,14 @@ def run_coarse(config, workdir: Path, show_progress: bool = True) -> list[dict]:
     rm_prompts = [data.tokenize_prompt(tok, q, None) for q in prompts]
     suppress = tokenizer.stop_token_ids(tok) if config.rollout.suppress_stop_tokens else ()
 
-    actor_state = optim.create_state(base_params, pc.actor)
-    critic_state = optim.create_state(critic_init, pc.critic)
+    actor_state = _placed_state(mesh, base_params, pc.actor)
+    critic_state = _placed_state(mesh, critic_init, pc.critic)
+    sampling = rollout.SamplingConfig(config.rollout.temperature, config.rollout.top_k, config.rollout.top_p,
+                                      tuple(sorted(suppress)))
+    progs = programs.coarse_programs(
+        mesh, actor_config=actor_config, ref_config=ref_config, critic_config=critic_config, rm_config=rm_config,
+        pc=pc, sampling=sampling, eos_token_ids=(tok.eos_token_id,), pad_id=tok.pad_token_id,
+        actor_state=actor_state, critic_state=critic_state, reference=reference, rm_params=rm_params)
     it = data.BatchIterator(len(prompts), d.batch_size, config.seed)
     cm_state, start = cm.init_state(), 0
     if ckpt.latest_step() is not None:
@@ -313,42 +348,35 @@ def run_coarse(config, workdir: Path, show_progress: bool = True) -> list[dict]:
         actor_state, critic_state = restored["actor"], restored["critic"]
         start, cm_state = meta["step"], meta["cm"]
         it.restore(meta["data"])
-    writer = metrics.MetricsWriter(workdir, resume_step=start)
-    bar = metrics.progress(config.steps, start, show_progress, desc="coarse")
+    writer = metrics.MetricsWriter(workdir, resume_step=start, enabled=main)
+    bar = metrics.progress(config.steps, start, show_progress and main, desc="coarse")
     key, rows = jax.random.key(config.seed), []
     for step in range(start + 1, config.steps + 1):
         # Per-step keys from the step number: a resumed run draws exactly what an unbroken one would.
         rollout_key, update_key = jax.random.split(jax.random.fold_in(key, step))
         idx = it.next()
-        prompt_ids, prompt_mask = data.left_pad([actor_prompts[i] for i in idx], d.prompt_buckets,
-                                                tok.pad_token_id, truncate=d.truncate_prompts)
+        prompt_ids, prompt_mask = _prompt_batch(mesh, [actor_prompts[i] for i in idx], d.prompt_buckets,
+                                                tok.pad_token_id, d.truncate_prompts)
+        rm_ids, rm_mask = _prompt_batch(mesh, [rm_prompts[i] for i in idx], d.prompt_buckets, tok.pad_token_id, True)
         length = cm.length_limit(cmc, cm_state)
 
         t0 = time.perf_counter()
-        r_config, r_params = rollout.rollout_params(actor_config, actor_state.params)
-        out = rollout.generate(r_config, r_params, prompt_ids, prompt_mask, rollout_key, max_new_tokens=length,
-                               temperature=config.rollout.temperature, top_k=config.rollout.top_k,
-                               top_p=config.rollout.top_p, suppress_token_ids=suppress,
-                               eos_token_ids=(tok.eos_token_id,), pad_id=tok.pad_token_id)
+        r_params = progs.to_rollout(actor_state.params)  # train -> rollout layout, once per iteration
+        out = progs.generate(length)(r_params, prompt_ids, prompt_mask, rollout_key)
         jax.block_until_ready(out.tokens)
         del r_params
         t1 = time.perf_counter()
-        seq, seq_mask = ppo.join(jnp.asarray(prompt_ids), jnp.asarray(prompt_mask), out.tokens, out.mask)
-        rm_seq, rm_mask = _rm_sequences([rm_prompts[i] for i in idx], out.tokens, out.mask, d.prompt_buckets,
-                                        tok.pad_token_id)
-        score = ppo.reward_scores(rm_params, rm_seq, rm_mask, config=rm_config)
-        exp = ppo.make_experience(actor_state.params, reference, critic_state.params, seq, seq_mask, out.mask,
-                                  score, actor_config=actor_config, ref_config=ref_config,
-                                  critic_config=critic_config, ppo=pc)
-        actor_state, critic_state, m = ppo.ppo_update(actor_state, critic_state, exp, update_key,
-                                                      actor_config=actor_config, critic_config=critic_config,
-                                                      ppo=pc)
+        seq, seq_mask = ppo.join(prompt_ids, prompt_mask, out.tokens, out.mask)
+        # The reward model reads the dialogue without the system prompt, as it was trained.
+        score = progs.score(rm_params, *ppo.join(rm_ids, rm_mask, out.tokens, out.mask))
+        exp = progs.experience(actor_state.params, reference, critic_state.params, seq, seq_mask, out.mask, score)
+        actor_state, critic_state, m = progs.update(actor_state, critic_state, exp, update_key)
         m = jax.device_get(m)
         t2 = time.perf_counter()
 
-        score_np, mask_np = np.asarray(score), np.asarray(out.mask)
-        kl = float(np.sum((np.asarray(exp.old_logprobs) - np.asarray(exp.ref_logprobs)) * mask_np)
-                   / max(mask_np.sum(), 1))
+        score_np, mask_np = sharding.to_host(score), sharding.to_host(out.mask)
+        kl_tokens = sharding.to_host(exp.old_logprobs) - sharding.to_host(exp.ref_logprobs)
+        kl = float(np.sum(kl_tokens * mask_np) / max(mask_np.sum(), 1))
         cm_state = cm.update(cmc, cm_state, float(score_np.mean()), float(m["loss/value"]))
         row = {
             "reward/mean": float(score_np.mean()), "reward/std": float(score_np.std()), "kl": kl,
@@ -401,6 +429,7 @@ def export(workdir: str | os.PathLike, out: str | os.PathLike, step: int | None 
 
 
 def main(argv=None) -> int:
+    sharding.initialize_distributed()  # a no-op for a single process
     config, workdir = parse_args(sys.argv[1:] if argv is None else argv)
     if config.job == "reward":
         run_reward(config, workdir)

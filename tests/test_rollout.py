@@ -113,7 +113,7 @@ def test_same_rng_same_sample(tiny, prompts):
 
 def test_new_batches_of_a_bucket_do_not_recompile(tiny):
     _, config, params = tiny
-    compiled = lambda: compilations.by_name().get("jit(_generate)", 0)
+    compiled = lambda: compilations.by_name().get("jit(sample)", 0)
 
     def batch(seed):
         ids, mask, _ = left_padded_batch(128, length=16, pads=(seed % 5, 2, 9), seed=seed)

@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # A short demo: 3 buckets, CM allowed to move every 2 steps.
 SHORT = ["--config.steps=8", "--config.checkpoint_every=2", "--config.model.pretrain_steps=30",
          "--config.reward_model.train_steps=20", "--config.cm.buckets=(8, 12, 16)", "--config.cm.window=2",
-         "--config.cm.min_steps=2", "--config.cm.threshold=0.01", "--config.data.prompt_buckets=(128,)"]
+         "--config.cm.min_steps=2", "--config.cm.threshold=0.01", "--config.data.prompt_buckets=(128,)",
+         "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"]  # sharded over 8 fake devices
 TIMING_KEYS = ("time/", "compilations")
 
 

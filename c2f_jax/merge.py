@@ -1,0 +1,534 @@
+"""Knowledge Residue Merger: theta_fine = gamma * theta_coarse + (1 - gamma) * theta_sft, tensor by tensor.
+
+Two entry points:
+- `merge_params(coarse, sft, gamma)`: two param pytrees (on one device or sharded on a mesh) -> the merged tree.
+- `plan_merge(...)` then `write_merge(plan, out)`: HF folders on disk -> an HF folder (or one per gamma for a
+  sweep). Everything is validated before anything is written; tensors then stream through in fixed-size chunks,
+  so host memory stays at a few chunks whatever the model size, and a sweep reads each input chunk once and
+  writes it, merged, to every output folder in lockstep.
+
+The arithmetic, identical in both paths: in float32, `f32(gamma) * coarse + f32(1 - gamma) * sft` (two
+products, then one sum, each rounded to float32; `1 - gamma` is taken in float64 first), then rounded to
+nearest into the output dtype. gamma 0 and 1 take the SFT / coarse tensor itself (cast only when the output
+dtype differs), so they are exact even for NaN, inf and -0.0, which `0 * x + y` would not be.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import itertools
+import json
+import math
+import os
+import re
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from c2f_jax import hf
+from c2f_jax.model import CAUSAL_LM
+from c2f_jax.safetensors_io import CODES, SafetensorsError
+
+PROVENANCE_NAME = "merge_provenance.json"
+# Read and merged this many bytes of float32 at a time: big enough that per-chunk overhead vanishes,
+# small enough that a few chunks are a tiny fraction of any model worth merging.
+CHUNK_BYTES = 8 << 20
+DTYPES = {name: np.dtype(jnp.dtype(name)) for name in ("float32", "bfloat16", "float16")}
+# Files of the SFT folder copied besides the tokenizer (hf.TOKENIZER_FILES).
+_EXTRA_FILES = ("generation_config.json", "chat_template.jinja")
+# The files that define token ids; tokenizer_config.json is left out on purpose: an Instruct model's chat
+# template makes it differ from the base model's while every token id means the same.
+_VOCAB_FILES = ("tokenizer.model", "tokenizer.json")
+# Buffers old checkpoints carry and transformers recomputes; never merged, never written.
+_SKIPPED = re.compile(r".*rotary_emb\.inv_freq$")
+_SHARD_FILE = re.compile(r"model-\d+-of-\d+\.safetensors$")
+# Architecture fields that may differ without changing any tensor shape; a difference is a warning.
+_CONFIG_FIELDS = ("rope_theta", "sliding_window", "rms_norm_eps", "max_position_embeddings", "bos_token_id",
+                  "eos_token_id", "pad_token_id")
+
+
+class MergeError(ValueError):
+    """Inputs that cannot be merged, or an output that cannot be written; the message is one line naming the culprit."""
+
+
+def check_gamma(gamma: float) -> float:
+    """gamma as a float in [0, 1], or a MergeError."""
+    try:
+        g = float(gamma)
+    except (TypeError, ValueError):
+        raise MergeError(f"gamma={gamma!r} is not a number") from None
+    if not 0.0 <= g <= 1.0:  # also rejects NaN
+        raise MergeError(f"gamma={gamma!r} is outside [0, 1]")
+    return g
+
+
+# ----------------------------------------------------------------------------- the arithmetic
+
+
+def _cast(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    if x.dtype == dtype:
+        return x
+    return x.astype(np.float32, copy=False).astype(dtype)
+
+
+class Scratch:
+    """Work buffers that `lerp` reuses for chunks of up to `size` elements.
+
+    A fresh multi-MB array per chunk costs a page fault per 4 KiB, which is more than the arithmetic.
+    """
+
+    def __init__(self, size: int):
+        # Two float32 products, and the result in the output dtype (8 bytes, should that be float64).
+        self.buffers = [np.empty(size * 4, np.uint8), np.empty(size * 4, np.uint8), np.empty(size * 8, np.uint8)]
+
+    def take(self, i: int, shape: tuple[int, ...], dtype) -> np.ndarray:
+        dtype = np.dtype(dtype)
+        return self.buffers[i][: math.prod(shape) * dtype.itemsize].view(dtype).reshape(shape)
+
+
+def lerp(coarse: np.ndarray, sft: np.ndarray, gamma: float, dtype, scratch: Scratch | None = None) -> np.ndarray:
+    """float32 `gamma * coarse + (1 - gamma) * sft`, rounded to `dtype`.
+
+    coarse, sft: NumPy arrays of one shape, any float dtypes (bfloat16 via ml_dtypes). Returns an array of
+    that shape in `dtype`: a view into `scratch` when given (valid until its next use), else a new array.
+    gamma 0 / 1 return `sft` / `coarse` themselves when they already have `dtype`.
+    """
+    dtype = np.dtype(dtype)
+    if gamma == 1.0:
+        return _cast(coarse, dtype)
+    if gamma == 0.0:
+        return _cast(sft, dtype)
+    take = scratch.take if scratch is not None else lambda i, shape, dt: np.empty(shape, dt)
+    x = np.multiply(coarse, np.float32(gamma), out=take(0, coarse.shape, np.float32), dtype=np.float32)
+    y = np.multiply(sft, np.float32(1.0 - gamma), out=take(1, sft.shape, np.float32), dtype=np.float32)
+    np.add(x, y, out=x)
+    if dtype == np.float32:
+        return x
+    out = take(2, x.shape, dtype)
+    np.copyto(out, x, casting="unsafe")  # round to nearest even, as astype does
+    return out
+
+
+def _lerp_jax(a: jax.Array, b: jax.Array, gamma: float, dtype) -> jax.Array:
+    # Op by op, not under jit, on purpose: a fused kernel may contract the multiply-add into an FMA,
+    # which rounds once instead of twice and would disagree with the streaming (NumPy) merge.
+    if gamma == 1.0:
+        return a if a.dtype == dtype else a.astype(jnp.float32).astype(dtype)
+    if gamma == 0.0:
+        return b if b.dtype == dtype else b.astype(jnp.float32).astype(dtype)
+    x = jnp.float32(gamma) * a.astype(jnp.float32)
+    y = jnp.float32(1.0 - gamma) * b.astype(jnp.float32)
+    return (x + y).astype(dtype)
+
+
+def merge_params(coarse, sft, gamma: float, dtype: str | None = None):
+    """The merged pytree `gamma * coarse + (1 - gamma) * sft`, leaf by leaf with `jax.tree.map`.
+
+    coarse, sft: pytrees of the same structure and leaf shapes (jax or NumPy float arrays, sharded or not;
+    each output leaf keeps its input's sharding). dtype None gives each leaf the SFT leaf's dtype.
+    Raises MergeError naming the first path whose structure, shape or dtype kind disagrees.
+    """
+    gamma = check_gamma(gamma)
+    a_leaves = dict(jax.tree_util.tree_flatten_with_path(coarse)[0])
+    b_leaves = dict(jax.tree_util.tree_flatten_with_path(sft)[0])
+    only_a = [p for p in a_leaves if p not in b_leaves]
+    only_b = [p for p in b_leaves if p not in a_leaves]
+    if only_a:
+        raise MergeError(f"param {jax.tree_util.keystr(only_a[0])} is in the coarse tree but not in the SFT tree")
+    if only_b:
+        raise MergeError(f"param {jax.tree_util.keystr(only_b[0])} is in the SFT tree but not in the coarse tree")
+    if jax.tree.structure(coarse) != jax.tree.structure(sft):
+        raise MergeError(f"param trees differ in structure: {jax.tree.structure(coarse)} vs {jax.tree.structure(sft)}")
+    for path, a in a_leaves.items():
+        b = b_leaves[path]
+        if tuple(a.shape) != tuple(b.shape):
+            raise MergeError(f"param {jax.tree_util.keystr(path)}: coarse shape {tuple(a.shape)}, "
+                             f"SFT shape {tuple(b.shape)}")
+        if not (jnp.issubdtype(a.dtype, jnp.floating) and jnp.issubdtype(b.dtype, jnp.floating)):
+            raise MergeError(f"param {jax.tree_util.keystr(path)}: not floating point ({a.dtype}, {b.dtype})")
+    return jax.tree.map(lambda a, b: _lerp_jax(jnp.asarray(a), jnp.asarray(b), gamma, jnp.dtype(dtype or b.dtype)),
+                        coarse, sft)
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def resolve_input(path: str | os.PathLike) -> Path:
+    """The HF model folder a --coarse/--sft argument names.
+
+    Today only HF folders (config.json + model.safetensors or a sharded index). Training workdirs (Orbax
+    checkpoints) will resolve here to their actor at the latest or a given step once checkpoints exist;
+    until then they are a clear error that points at the export tool.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise MergeError(f"{p}: not found")
+    if not p.is_dir():
+        raise MergeError(f"{p}: not a folder (expected an HF model folder with config.json and safetensors)")
+    if not (p / "config.json").exists():
+        raise MergeError(f"{p}: not an HF model folder (no config.json); a training workdir cannot be merged "
+                         f"directly yet: export its actor with tools/export_hf.py and pass that folder")
+    return p
+
+
+def _open_checkpoint(folder: Path) -> hf.CheckpointReader:
+    try:
+        config = hf.read_config(folder)
+        if config.architecture != CAUSAL_LM:
+            raise MergeError(f"{folder}: is a {config.architecture}; the merger takes {CAUSAL_LM} folders")
+        reader = hf.CheckpointReader(folder)
+        hf.check_tensors(reader, hf.tensor_specs(config))
+    except SafetensorsError as e:
+        raise MergeError(str(e)) from None
+    except hf.HFError as e:
+        raise MergeError(str(e)) from None
+    if (folder / hf.INDEX_NAME).exists():
+        # A shard on disk that the index does not name would be silently ignored: a stale or partial download.
+        listed = {f.path.name for f in reader.files.values()}
+        for shard in sorted(folder.glob("*.safetensors")):
+            if _SHARD_FILE.match(shard.name) and shard.name not in listed:
+                raise MergeError(f"{shard}: shard not named in {hf.INDEX_NAME} (stale or partial checkpoint?)")
+    return reader
+
+
+def _vocab_fingerprints(folder: Path) -> dict[str, str]:
+    """{file name: sha256} of the token-id-defining files present in `folder`.
+
+    tokenizer.model is hashed as bytes; tokenizer.json as parsed JSON with sorted keys and without its
+    padding/truncation settings, so formatting and runtime options do not count as a different tokenizer.
+    """
+    prints = {}
+    if (folder / "tokenizer.model").exists():
+        prints["tokenizer.model"] = hashlib.sha256((folder / "tokenizer.model").read_bytes()).hexdigest()
+    if (folder / "tokenizer.json").exists():
+        try:
+            d = json.loads((folder / "tokenizer.json").read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise MergeError(f"{folder / 'tokenizer.json'}: not valid JSON") from None
+        for key in ("padding", "truncation"):
+            d.pop(key, None)
+        prints["tokenizer.json"] = hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
+    return prints
+
+
+def compare_tokenizers(coarse: Path, sft: Path, allow_mismatch: bool = False) -> list[str]:
+    """Warnings, or a MergeError when the two folders' tokenizers are not the same.
+
+    Compared: tokenizer.model and tokenizer.json, whichever both folders have. Tokenizer files on one side
+    only count as a mismatch (nothing confirms the ids agree); on neither side, a warning (the output then has
+    none). With allow_mismatch every mismatch becomes a warning and the output takes the SFT's tokenizer.
+    """
+    a, b = _vocab_fingerprints(coarse), _vocab_fingerprints(sft)
+    if not a and not b:
+        return [f"neither input has tokenizer files ({', '.join(_VOCAB_FILES)}); the output will have none"]
+    problem = None
+    if not a or not b:
+        problem = f"{coarse if not a else sft} has no tokenizer files but {sft if not a else coarse} has"
+    elif not a.keys() & b.keys():
+        problem = f"tokenizers cannot be compared: {coarse} has {sorted(a)}, {sft} has {sorted(b)}"
+    else:
+        for name in sorted(a.keys() & b.keys()):
+            if a[name] != b[name]:
+                problem = (f"tokenizers differ: {coarse / name} and {sft / name} "
+                           f"(content sha256 {a[name][:12]} vs {b[name][:12]})")
+                break
+    if problem is None:
+        return []
+    if not allow_mismatch:
+        raise MergeError(f"{problem}; pass --allow-tokenizer-mismatch to merge anyway")
+    return [f"{problem} (allowed; the output takes the SFT's tokenizer)"]
+
+
+def compare_configs(coarse: Path, sft: Path) -> list[str]:
+    """One warning per architecture field (rope_theta, sliding_window, ...) whose values differ."""
+    a, b = hf.read_config(coarse), hf.read_config(sft)
+    return [f"configs differ: {f} is {getattr(a, f)!r} in {coarse} and {getattr(b, f)!r} in {sft}; "
+            f"the output keeps the SFT's config.json" for f in _CONFIG_FIELDS if getattr(a, f) != getattr(b, f)]
+
+
+# ----------------------------------------------------------------------------- the plan
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorPlan:
+    """One tensor to merge: its name and shape, both stored dtypes, and the output dtype."""
+
+    name: str
+    shape: tuple[int, ...]
+    coarse_dtype: np.dtype
+    sft_dtype: np.dtype
+    out_dtype: np.dtype
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def out_nbytes(self) -> int:
+        return self.size * self.out_dtype.itemsize
+
+
+@dataclasses.dataclass
+class MergePlan:
+    """Everything validated about a merge, before anything is written."""
+
+    coarse: Path
+    sft: Path
+    gammas: tuple[float, ...]
+    tensors: list[TensorPlan]
+    dtype: str | None  # the --dtype asked for; None keeps each SFT tensor's own dtype
+    warnings: list[str]
+    coarse_reader: hf.CheckpointReader
+    sft_reader: hf.CheckpointReader
+
+    @property
+    def sweep(self) -> bool:
+        return len(self.gammas) > 1
+
+
+def _natural_key(name: str) -> list:
+    # model.layers.2 before model.layers.10; pieces alternate str/int, so comparisons stay well typed.
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
+def gamma_folder(gamma: float) -> str:
+    """The sub-folder of a sweep's --out that holds the merge at this gamma ('gamma_0.7')."""
+    return f"gamma_{gamma:g}"
+
+
+def plan_merge(coarse, sft, gammas, dtype: str | None = None, allow_tokenizer_mismatch: bool = False) -> MergePlan:
+    """Validates two HF MistralForCausalLM folders for merging and lists the tensors to write.
+
+    gammas: one float or a sequence (a sweep). dtype: 'float32', 'bfloat16', 'float16' or None (each output
+    tensor in the SFT tensor's stored dtype). Raises MergeError for anything that stops the merge; returns
+    the plan with warnings (configs that differ, an allowed tokenizer mismatch) for the caller to show.
+    """
+    gammas = tuple(check_gamma(g) for g in (gammas if isinstance(gammas, (list, tuple)) else [gammas]))
+    if not gammas:
+        raise MergeError("no gamma given")
+    names = [gamma_folder(g) for g in gammas]
+    if len(set(names)) != len(names):
+        raise MergeError(f"gammas {list(gammas)} repeat a value")
+    if dtype is not None and dtype not in DTYPES:
+        raise MergeError(f"dtype={dtype!r}; expected one of {sorted(DTYPES)}")
+    coarse, sft = resolve_input(coarse), resolve_input(sft)
+    ra, rb = _open_checkpoint(coarse), _open_checkpoint(sft)
+    a_names = {n for n in ra.names() if not _SKIPPED.match(n)}
+    b_names = {n for n in rb.names() if not _SKIPPED.match(n)}
+    only_a, only_b = sorted(a_names - b_names, key=_natural_key), sorted(b_names - a_names, key=_natural_key)
+    if only_a:
+        raise MergeError(f"tensor {only_a[0]} is in {coarse} ({ra.where(only_a[0]).name}) but not in {sft}")
+    if only_b:
+        raise MergeError(f"tensor {only_b[0]} is in {sft} ({rb.where(only_b[0]).name}) but not in {coarse}")
+    tensors = []
+    for n in sorted(a_names, key=_natural_key):
+        if ra.shape(n) != rb.shape(n):
+            raise MergeError(f"tensor {n} has shape {ra.shape(n)} in {coarse} but {rb.shape(n)} in {sft}")
+        for folder, reader in ((coarse, ra), (sft, rb)):
+            if not jnp.issubdtype(reader.dtype(n), jnp.floating):
+                raise MergeError(f"tensor {n} in {folder} is {reader.dtype(n)}, not floating point")
+        out = DTYPES[dtype] if dtype else rb.dtype(n)
+        tensors.append(TensorPlan(n, ra.shape(n), ra.dtype(n), rb.dtype(n), out))
+    warnings = compare_tokenizers(coarse, sft, allow_tokenizer_mismatch) + compare_configs(coarse, sft)
+    return MergePlan(coarse, sft, gammas, tensors, dtype, warnings, ra, rb)
+
+
+# ----------------------------------------------------------------------------- streaming reads and writes
+
+
+class _Stream:
+    """One input's tensor chunks, in merge order, read and hashed one chunk ahead on a worker thread.
+
+    Reads go through pread into two alternating buffers rather than through the memmaps: the pages a memmap
+    has touched count towards RSS until it is unmapped, which for the embedding alone is a noticeable slice
+    of a model. Hashing on the worker keeps sha256, the costliest step, off the main thread.
+    """
+
+    def __init__(self, reader: hf.CheckpointReader, dtypes: dict[str, np.dtype], chunk: int):
+        self.reader, self.dtypes = reader, dtypes
+        itemsize = max((d.itemsize for d in dtypes.values()), default=1)
+        self.buffers = [np.empty(chunk * itemsize, np.uint8) for _ in range(2)]
+        self.sha = hashlib.sha256()
+        self.fds: dict[Path, int] = {}
+        self.places: dict[str, tuple[Path, int]] = {}
+        self.pool = ThreadPoolExecutor(1)
+
+    def close(self) -> None:
+        self.pool.shutdown(cancel_futures=True)
+        for fd in self.fds.values():
+            os.close(fd)
+
+    def chunks(self, jobs: list[tuple[TensorPlan, int, int]]):
+        """Yields the stored-dtype array of each (tensor, start, count) job; each is valid until the next."""
+        pending = self.pool.submit(self._load, 0, *jobs[0]) if jobs else None
+        for i in range(len(jobs)):
+            chunk = pending.result()
+            if i + 1 < len(jobs):  # the consumer is done with the other buffer: fill it meanwhile
+                pending = self.pool.submit(self._load, (i + 1) % 2, *jobs[i + 1])
+            yield chunk
+
+    def _load(self, slot: int, t: TensorPlan, start: int, count: int) -> np.ndarray:
+        dtype = self.dtypes[t.name]
+        if start == 0:
+            self.sha.update(f"{t.name}|{CODES[dtype]}|{list(t.shape)}\n".encode())
+        if t.name not in self.places:
+            m = self.reader.get(t.name)  # a memmap, used only for its file name and data offset; no page is touched
+            self.places[t.name] = (Path(m.filename), m.offset)
+        path, offset = self.places[t.name]
+        if path not in self.fds:
+            self.fds[path] = os.open(path, os.O_RDONLY)
+        raw = self.buffers[slot][: count * dtype.itemsize]
+        view, done, offset = memoryview(raw), 0, offset + start * dtype.itemsize
+        try:
+            while done < raw.nbytes:
+                n = os.preadv(self.fds[path], [view[done:]], offset + done)
+                if n == 0:
+                    raise MergeError(f"{path}: truncated while reading tensor {t.name}")
+                done += n
+        except OSError as e:
+            raise MergeError(f"{path}: cannot read tensor {t.name}: {e}") from None
+        self.sha.update(raw)
+        return raw.view(dtype)
+
+
+def _plan_shards(tensors: list[TensorPlan], max_bytes: int) -> list[list[TensorPlan]]:
+    shards, current, size = [], [], 0
+    for t in tensors:
+        if current and size + t.out_nbytes > max_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append(t)
+        size += t.out_nbytes
+    return shards + [current] if current else shards
+
+
+def _header(tensors: list[TensorPlan]) -> bytes:
+    # The same layout as safetensors_io.write_file: metadata first, offsets in order, padded to 8 bytes.
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for t in tensors:
+        header[t.name] = {"dtype": CODES[t.out_dtype], "shape": list(t.shape),
+                          "data_offsets": [offset, offset + t.out_nbytes]}
+        offset += t.out_nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    return len(blob).to_bytes(8, "little") + blob
+
+
+def _check_out(plan: MergePlan, out: Path, overwrite: bool) -> None:
+    if out.exists() and not overwrite:
+        raise MergeError(f"{out}: already exists (pass --overwrite to replace it)")
+    if not out.parent.is_dir():
+        raise MergeError(f"{out.parent}: parent folder does not exist")
+    for src in (plan.coarse, plan.sft):
+        if src.resolve() == out.resolve() or out.resolve() in src.resolve().parents:
+            raise MergeError(f"{out}: is or contains the input {src}; choose another --out")
+
+
+def _copy_sft_files(plan: MergePlan, folder: Path) -> None:
+    if plan.dtype is None:
+        shutil.copy2(plan.sft / "config.json", folder / "config.json")
+    else:
+        config = json.loads((plan.sft / "config.json").read_text())
+        for key in ("dtype", "torch_dtype"):  # transformers v5 / v4 names; keep whichever the SFT used
+            if key in config:
+                config[key] = plan.dtype
+        config.setdefault("dtype", plan.dtype)
+        (folder / "config.json").write_text(json.dumps(config, indent=2))
+    hf.copy_tokenizer(plan.sft, folder)
+    for name in _EXTRA_FILES:
+        if (plan.sft / name).exists():
+            shutil.copy2(plan.sft / name, folder / name)
+
+
+def write_merge(plan: MergePlan, out, max_shard_size: int | str = "5GB", overwrite: bool = False,
+                chunk_bytes: int = CHUNK_BYTES) -> list[dict]:
+    """Writes the merge: `out` is the model folder, or for a sweep holds one `gamma_<g>` folder per gamma.
+
+    Each folder: safetensors shards of at most max_shard_size (+ index when more than one), the SFT's
+    config.json (dtype updated when plan.dtype is set), tokenizer and generation files, and
+    merge_provenance.json. Inputs are read chunk by chunk, once for all gammas; everything is written under
+    a temporary name and renamed into place at the end. Returns the provenance dict of each folder.
+    """
+    out = Path(out)
+    _check_out(plan, out, overwrite)
+    try:
+        max_bytes = hf.parse_size(max_shard_size)
+    except hf.HFError as e:
+        raise MergeError(str(e)) from None
+    shards = _plan_shards(plan.tensors, max_bytes)
+    shard_names = ([hf.SINGLE_NAME] if len(shards) == 1 else
+                   [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))])
+    chunk = max(chunk_bytes // 4, 1)  # elements, sized for the float32 work buffers
+    # (tensor, first element, element count) of every chunk, shard by shard.
+    jobs = [[(t, start, min(chunk, t.size - start)) for t in shard for start in range(0, t.size, chunk)]
+            for shard in shards]
+    flat = [job for shard_jobs in jobs for job in shard_jobs]
+    scratch = Scratch(chunk)
+    sa = _Stream(plan.coarse_reader, {t.name: t.coarse_dtype for t in plan.tensors}, chunk)
+    sb = _Stream(plan.sft_reader, {t.name: t.sft_dtype for t in plan.tensors}, chunk)
+    with hf.atomic_dir(out, overwrite) as tmp, contextlib.closing(sa), contextlib.closing(sb):
+        folders = [tmp / gamma_folder(g) for g in plan.gammas] if plan.sweep else [tmp]
+        for folder in folders:
+            folder.mkdir(exist_ok=True)
+        chunks = zip(flat, sa.chunks(flat), sb.chunks(flat))  # each input chunk read once for every gamma
+        for shard, fname, shard_jobs in zip(shards, shard_names, jobs):
+            header = _header(shard)
+            size = len(header) + sum(t.out_nbytes for t in shard)
+            with contextlib.ExitStack() as stack:
+                files = [stack.enter_context(open(folder / fname, "wb", buffering=0)) for folder in folders]
+                for f in files:
+                    _write_all(f, np.frombuffer(header, np.uint8))
+                for (t, _, _), a, b in itertools.islice(chunks, len(shard_jobs)):
+                    for gamma, f in zip(plan.gammas, files):
+                        _write_all(f, lerp(a, b, gamma, t.out_dtype, scratch))
+                for f in files:
+                    if f.tell() != size:
+                        raise MergeError(f"{f.name}: wrote {f.tell()} bytes, planned {size} (a bug)")
+                    os.fsync(f.fileno())
+        digests = {"coarse": sa.sha.hexdigest(), "sft": sb.sha.hexdigest()}
+        provenance = [_finish_folder(plan, folder, gamma, shards, shard_names, digests)
+                      for folder, gamma in zip(folders, plan.gammas)]
+    return provenance
+
+
+def _write_all(f, x: np.ndarray) -> None:
+    view, done = memoryview(x.reshape(-1).view(np.uint8)), 0
+    while done < len(view):  # a raw file may write less than asked
+        done += f.write(view[done:])
+
+
+def _finish_folder(plan: MergePlan, folder: Path, gamma: float, shards, shard_names, digests) -> dict:
+    if len(shards) > 1:
+        weight_map = {t.name: fname for shard, fname in zip(shards, shard_names) for t in shard}
+        total = sum(t.out_nbytes for t in plan.tensors)
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (folder / hf.INDEX_NAME).write_text(json.dumps(index, indent=2))
+    _copy_sft_files(plan, folder)
+    provenance = {
+        "method": "linear (c2f_jax.merge): float32 gamma * coarse + (1 - gamma) * sft, rounded to the output dtype",
+        "gamma": gamma,
+        "coarse": {"path": str(plan.coarse.resolve()), "sha256": digests["coarse"]},
+        "sft": {"path": str(plan.sft.resolve()), "sha256": digests["sft"]},
+        "sha256_covers": "each merged tensor's 'name|dtype|shape' line and bytes, in natural name order "
+                         "(so the sharding does not matter)",
+        "tensors": len(plan.tensors),
+        "dtype": plan.dtype or "as stored in the SFT model",
+        "warnings": plan.warnings,
+    }
+    (folder / PROVENANCE_NAME).write_text(json.dumps(provenance, indent=2))
+    return provenance
+
+
+def merge_checkpoints(coarse, sft, gammas, out, dtype: str | None = None, max_shard_size: int | str = "5GB",
+                      overwrite: bool = False, allow_tokenizer_mismatch: bool = False) -> list[str]:
+    """plan_merge + write_merge in one call; returns the plan's warnings."""
+    plan = plan_merge(coarse, sft, gammas, dtype, allow_tokenizer_mismatch)
+    write_merge(plan, out, max_shard_size, overwrite)
+    return plan.warnings

@@ -1,0 +1,87 @@
+"""The compiled programs of a run on a mesh, each with explicit in/out shardings and donation.
+
+Built once per run from the live (already placed) params, so every program
+agrees with where its inputs are and leaves its outputs where the next one
+wants them. A program compiles once per input shape (prompt bucket x response
+bucket), never per batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+from jax.sharding import Mesh
+
+from c2f_jax import optim, ppo, reward, rollout, sharding
+from c2f_jax.model import MistralConfig, Params
+
+
+def _jit(fn, in_shardings, out_shardings, donate=(), **static):
+    return jax.jit(functools.partial(fn, **static), in_shardings=in_shardings, out_shardings=out_shardings,
+                   donate_argnums=donate)
+
+
+@dataclasses.dataclass
+class CoarsePrograms:
+    """to_rollout (train -> rollout layout), generate(length) -> the sampling program for that
+    response bucket, score, experience, update."""
+
+    to_rollout: object
+    generate: object
+    score: object
+    experience: object
+    update: object
+
+
+def coarse_programs(mesh: Mesh, *, actor_config: MistralConfig, ref_config: MistralConfig,
+                    critic_config: MistralConfig, rm_config: MistralConfig, pc: ppo.PPOConfig,
+                    sampling: rollout.SamplingConfig, eos_token_ids: tuple, pad_id: int,
+                    actor_state: optim.TrainState, critic_state: optim.TrainState, reference: Params,
+                    rm_params: Params) -> CoarsePrograms:
+    batch2, batch1, repl = sharding.batch_sharding(mesh, 2), sharding.batch_sharding(mesh, 1), sharding.replicated(mesh)
+    actor_sh = sharding.like_params(mesh, actor_state, actor_state.params)
+    critic_sh = sharding.like_params(mesh, critic_state, critic_state.params)
+    ref_sh = sharding.param_shardings(mesh, reference)
+    rm_sh = sharding.param_shardings(mesh, rm_params)
+    rollout_shapes = jax.eval_shape(lambda p: rollout.rollout_params(actor_config, p)[1], actor_state.params)
+    rollout_sh = sharding.param_shardings(mesh, rollout_shapes, "rollout")
+
+    to_rollout = jax.jit(lambda p: rollout.rollout_params(actor_config, p)[1], in_shardings=(actor_sh.params,),
+                         out_shardings=rollout_sh)
+
+    @functools.lru_cache(maxsize=None)
+    def generate(length: int):
+        return _jit(rollout.sample, (rollout_sh, batch2, batch2, repl), rollout.Rollout(batch2, batch2),
+                    config=rollout.rollout_config(actor_config), max_new_tokens=length, sampling=sampling,
+                    eos_token_ids=eos_token_ids, pad_id=pad_id)
+
+    exp_sh = ppo.Experience(*([batch2] * 9), batch1)
+    return CoarsePrograms(
+        to_rollout=to_rollout,
+        generate=generate,
+        score=_jit(ppo.score_sequences, (rm_sh, batch2, batch2), batch1, config=rm_config),
+        experience=_jit(ppo.experience, (actor_sh.params, ref_sh, critic_sh.params, batch2, batch2, batch2, batch1),
+                        exp_sh, actor_config=actor_config, ref_config=ref_config, critic_config=critic_config, ppo=pc),
+        update=_jit(ppo.update, (actor_sh, critic_sh, exp_sh, repl), (actor_sh, critic_sh, repl), donate=(0, 1),
+                    actor_config=actor_config, critic_config=critic_config, ppo=pc),
+    )
+
+
+@dataclasses.dataclass
+class RewardPrograms:
+    train: object
+    margins: object
+
+
+def reward_programs(mesh: Mesh, *, config: MistralConfig, optim_config: optim.OptimConfig,
+                    state: optim.TrainState) -> RewardPrograms:
+    batch = {k: sharding.batch_sharding(mesh, 2) for k in ("chosen_ids", "chosen_mask", "rejected_ids",
+                                                            "rejected_mask")}
+    state_sh, repl = sharding.like_params(mesh, state, state.params), sharding.replicated(mesh)
+    return RewardPrograms(
+        train=_jit(reward.train, (state_sh, batch), (state_sh, repl), donate=(0,), config=config,
+                   optim_config=optim_config),
+        margins=_jit(reward.margins, (state_sh.params, batch), sharding.batch_sharding(mesh, 1), config=config),
+    )

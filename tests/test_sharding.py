@@ -1,0 +1,106 @@
+"""Sharded programs on fake CPU devices (conftest sets 8) match one device, really shard, and do not recompile."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from c2f_jax import checkpoint, compilations, model, optim, ppo, programs, reward, rollout, sharding
+
+MESHES = [(1, 1, 1), (8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 2, 4)]
+B, P, R = 8, 8, 6
+
+
+def one_iteration(mesh_shape):
+    """One PPO iteration through the run's compiled programs; returns (tokens, experience, new actor params, mesh, ...)."""
+    mesh = sharding.make_mesh(*mesh_shape)
+    config = model.TINY.replace(vocab_size=256)
+    base = model.init_params(config, jax.random.key(0))
+    critic_config, critic = reward.init_from_base(config, base, jax.random.key(1))
+    pc = ppo.PPOConfig(minibatches=2, actor=optim.OptimConfig(lr=1e-3), critic=optim.OptimConfig(lr=1e-3))
+
+    def placed_state(params, oc):
+        state = optim.create_state(sharding.place(params, sharding.param_shardings(mesh, params)), oc)
+        return sharding.place(state, sharding.like_params(mesh, state, state.params))
+
+    actor_state, critic_state = placed_state(base, pc.actor), placed_state(critic, pc.critic)
+    reference = sharding.place(base, sharding.param_shardings(mesh, base))
+    rm_params = sharding.place(critic, sharding.param_shardings(mesh, critic))
+    progs = programs.coarse_programs(
+        mesh, actor_config=config, ref_config=config, critic_config=critic_config, rm_config=critic_config, pc=pc,
+        sampling=rollout.SamplingConfig(temperature=0.0, suppress_token_ids=(2,)), eos_token_ids=(2,), pad_id=0,
+        actor_state=actor_state, critic_state=critic_state, reference=reference, rm_params=rm_params)
+    ids = sharding.global_batch(mesh, np.random.default_rng(0).integers(3, 256, (B, P)).astype(np.int32))
+    mask = sharding.global_batch(mesh, np.ones((B, P), np.int32))
+
+    def step(actor_state, critic_state):
+        out = progs.generate(R)(progs.to_rollout(actor_state.params), ids, mask, jax.random.key(0))
+        seq, seq_mask = ppo.join(ids, mask, out.tokens, out.mask)
+        score = progs.score(rm_params, seq, seq_mask)
+        exp = progs.experience(actor_state.params, reference, critic_state.params, seq, seq_mask, out.mask, score)
+        actor_state, critic_state, m = progs.update(actor_state, critic_state, exp, jax.random.key(1))
+        return out, exp, actor_state, critic_state
+
+    out, exp, actor_state, critic_state = step(actor_state, critic_state)
+    host = lambda tree: jax.tree.map(np.asarray, tree)  # the next step donates these buffers
+    snapshot = (host(out), host(exp), host(actor_state.params))
+    shards = {"q": sharding.shard_shapes(actor_state.params["layers"]["attn"]["q"]),
+              "tokens": sharding.shard_shapes(out.tokens),
+              "mu_follows_param": actor_state.opt_state[1][0].mu["layers"]["mlp"]["up"].sharding
+              == actor_state.params["layers"]["mlp"]["up"].sharding}
+    before = compilations.total()
+    jax.block_until_ready(step(actor_state, critic_state))  # a second iteration of the same shapes
+    return (*snapshot, mesh, compilations.total() - before, shards)
+
+
+@pytest.fixture(scope="module")
+def single():
+    return one_iteration((1, 1, 1))
+
+
+@pytest.mark.parametrize("shape", MESHES[1:], ids=lambda s: "x".join(map(str, s)))
+def test_sharded_iteration_matches_one_device(single, shape):
+    out1, exp1, actor1, _, _, _ = single
+    out, exp, actor, mesh, recompiled, shards = one_iteration(shape)
+    np.testing.assert_array_equal(out.tokens, out1.tokens)
+    np.testing.assert_allclose(exp.old_logprobs, exp1.old_logprobs, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(exp.advantages, exp1.advantages, rtol=1e-4, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(actor), jax.tree.leaves(actor1)):  # updated params, relative (Frobenius)
+        assert np.linalg.norm(a - b) <= 1e-5 * np.linalg.norm(b)
+    assert recompiled == 0
+    # Really sharded: the train layout splits the model dimension over fsdp and heads over tensor.
+    assert shards["q"] == {(2, 64 // mesh.shape["fsdp"], 4 // mesh.shape["tensor"], 16)}  # q: [L, D, N, H]
+    assert shards["mu_follows_param"]  # optimizer moments sit where their params do
+    assert shards["tokens"] == {(B // (mesh.shape["data"] * mesh.shape["fsdp"]), R)}
+
+
+def test_rollout_layout_drops_fsdp():
+    mesh = sharding.make_mesh(1, 2, 4)
+    config = model.TINY.replace(vocab_size=256)
+    _, per_layer = rollout.rollout_params(config, model.init_params(config, jax.random.key(0)))
+    sh = sharding.param_shardings(mesh, per_layer, "rollout")
+    assert sh["layers_0"]["mlp"]["up"].spec == jax.sharding.PartitionSpec(None, "tensor")
+    assert sh["layers_0"]["attn"]["k"].spec == jax.sharding.PartitionSpec(None, None, None)  # 2 kv heads: not 4 ways
+    assert sh["embed"].spec == jax.sharding.PartitionSpec("tensor", None)
+
+
+def test_restore_onto_a_different_mesh(tmp_path):
+    config = model.TINY.replace(vocab_size=256)
+    params = model.init_params(config, jax.random.key(0))
+    ckpt = checkpoint.Checkpointer(tmp_path, async_save=False)
+    ckpt.save(1, {"actor": params}, {"step": 1})
+    ckpt.wait()
+    mesh = sharding.make_mesh(2, 2, 2)
+    target = sharding.place(params, sharding.param_shardings(mesh, params))
+    restored, meta = ckpt.restore(target={"actor": target})
+    ckpt.close()
+    gate = restored["actor"]["layers"]["mlp"]["gate"]
+    assert gate.sharding == target["layers"]["mlp"]["gate"].sharding and meta == {"step": 1}
+    np.testing.assert_array_equal(np.asarray(gate), np.asarray(params["layers"]["mlp"]["gate"]))
+
+
+def test_mesh_must_fit_devices_and_batch():
+    with pytest.raises(sharding.ShardingError, match="16 devices, but 8 are available"):
+        sharding.make_mesh(2, 8, 1)
+    with pytest.raises(sharding.ShardingError, match="batch size 6 does not split"):
+        sharding.batch_size_check(sharding.make_mesh(4, 1, 1), 6)
