@@ -28,6 +28,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from c2f_jax.sharding import BATCH, shard_as
+
 Params = dict[str, Any]
 
 CAUSAL_LM = "MistralForCausalLM"
@@ -277,22 +279,23 @@ class Attention(nn.Module):
         wv = self.param("v", _init(c), (D, K, H), pdt).astype(cdt)
         wo = self.param("o", _init(c), (N, H, D), pdt).astype(cdt)
 
-        q = apply_rope(jnp.einsum("BTD,DNH->BTNH", x, wq), sin, cos)
-        k = apply_rope(jnp.einsum("BTD,DKH->BTKH", x, wk), sin, cos)
-        v = jnp.einsum("BTD,DKH->BTKH", x, wv)
+        q = shard_as(apply_rope(jnp.einsum("BTD,DNH->BTNH", x, wq), sin, cos), BATCH, None, "tensor", None)
+        k = shard_as(apply_rope(jnp.einsum("BTD,DKH->BTKH", x, wk), sin, cos), BATCH, None, "tensor", None)
+        v = shard_as(jnp.einsum("BTD,DKH->BTKH", x, wv), BATCH, None, "tensor", None)
         if kv is not None:
             # The cache rides in the layer scan's carry, so XLA updates it in place
             # instead of restacking a copy of every layer each step.
             at = (layer, 0, write_index, 0, 0)
             kv = {
-                "k": jax.lax.dynamic_update_slice(kv["k"], k[None].astype(kv["k"].dtype), at),
-                "v": jax.lax.dynamic_update_slice(kv["v"], v[None].astype(kv["v"].dtype), at),
+                name: shard_as(jax.lax.dynamic_update_slice(kv[name], new[None].astype(kv[name].dtype), at),
+                               None, BATCH, None, "tensor", None)
+                for name, new in (("k", k), ("v", v))
             }
             k, v = kv["k"][layer], kv["v"][layer]  # [B, S, K, H]
         B, T = x.shape[:2]
         q = q.reshape(B, T, K, N // K, H)  # [B, T, K, G, H]
         scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k.astype(cdt), preferred_element_type=jnp.float32)
-        scores = scores * H**-0.5 + bias[:, None, None, :, :]
+        scores = shard_as(scores * H**-0.5 + bias[:, None, None, :, :], BATCH, "tensor", None, None, None)
         probs = jax.nn.softmax(scores, axis=-1).astype(cdt)
         out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v.astype(cdt)).reshape(B, T, N, H)
         return jnp.einsum("BTNH,NHD->BTD", out, wo), kv
@@ -320,8 +323,8 @@ class DecoderLayer(nn.Module):
         attn_out, kv = Attention(self.config, name="attn")(
             RMSNorm(self.config, name="attn_norm")(x), sin, cos, bias, kv, write_index, layer
         )
-        x = x + attn_out
-        x = x + MLP(self.config, name="mlp")(RMSNorm(self.config, name="mlp_norm")(x))
+        x = shard_as(x + attn_out, BATCH, None, None)
+        x = shard_as(x + MLP(self.config, name="mlp")(RMSNorm(self.config, name="mlp_norm")(x)), BATCH, None, None)
         return (x, kv), None
 
 
@@ -339,7 +342,7 @@ class Mistral(nn.Module):
         c = self.config
         pdt, cdt = jnp.dtype(c.param_dtype), jnp.dtype(c.compute_dtype)
         embed = self.param("embed", _init(c), (c.vocab_size, c.hidden_size), pdt)
-        x = jnp.take(embed, input_ids, axis=0).astype(cdt)  # [B, T, D]
+        x = shard_as(jnp.take(embed, input_ids, axis=0).astype(cdt), BATCH, None, None)  # [B, T, D]
         sin, cos = rope_sin_cos(positions, c.head_dim, c.rope_theta)
 
         layer = DecoderLayer
@@ -383,7 +386,8 @@ def head_output(config: MistralConfig, params: Params, hidden: jax.Array) -> jax
         w = params["embed"].T
     else:
         w = params["lm_head"]
-    return jnp.einsum("...D,DV->...V", hidden, w.astype(c.compute_dtype), preferred_element_type=jnp.float32)
+    out = jnp.einsum("...D,DV->...V", hidden, w.astype(c.compute_dtype), preferred_element_type=jnp.float32)
+    return shard_as(out, BATCH, *([None] * (out.ndim - 2)), "tensor")
 
 
 # ----------------------------------------------------------------------------- public functions

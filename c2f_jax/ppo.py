@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from c2f_jax import model, optim
 from c2f_jax.model import MistralConfig, Params
+from c2f_jax.sharding import BATCH, shard_as
 
 KL_ESTIMATORS = ("k1", "k3")
 
@@ -238,7 +239,8 @@ def update(actor_state: optim.TrainState, critic_state: optim.TrainState, exp: E
 
     def epoch(states, key):
         order = jax.random.permutation(key, B)
-        mbs = jax.tree.map(lambda x: x[order].reshape(ppo.minibatches, size, *x.shape[1:]), exp)
+        mbs = jax.tree.map(lambda x: shard_as(x[order].reshape(ppo.minibatches, size, *x.shape[1:]), None, BATCH),
+                           exp)
         return jax.lax.scan(step, states, mbs)
 
     (actor_state, critic_state), metrics = jax.lax.scan(epoch, (actor_state, critic_state),

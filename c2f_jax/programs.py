@@ -18,9 +18,14 @@ from c2f_jax import optim, ppo, reward, rollout, sharding
 from c2f_jax.model import MistralConfig, Params
 
 
-def _jit(fn, in_shardings, out_shardings, donate=(), **static):
-    return jax.jit(functools.partial(fn, **static), in_shardings=in_shardings, out_shardings=out_shardings,
-                   donate_argnums=donate)
+def _jit(mesh, fn, in_shardings, out_shardings, donate=(), **static):
+    fn = functools.partial(fn, **static)
+
+    def traced_under_mesh(*args):  # so shard_as hints inside the model resolve against this mesh
+        with sharding.tracing_on(mesh):
+            return fn(*args)
+
+    return jax.jit(traced_under_mesh, in_shardings=in_shardings, out_shardings=out_shardings, donate_argnums=donate)
 
 
 @dataclasses.dataclass
@@ -48,12 +53,17 @@ def coarse_programs(mesh: Mesh, *, actor_config: MistralConfig, ref_config: Mist
     rollout_shapes = jax.eval_shape(lambda p: rollout.rollout_params(actor_config, p)[1], actor_state.params)
     rollout_sh = sharding.param_shardings(mesh, rollout_shapes, "rollout")
 
-    to_rollout = jax.jit(lambda p: rollout.rollout_params(actor_config, p)[1], in_shardings=(actor_sh.params,),
-                         out_shardings=rollout_sh)
+    def cast_then_gather(params):
+        # Cast in the (sharded) train layout first, so the gather to the rollout layout moves compute-dtype bytes.
+        cast = jax.tree.map(lambda a, s: jax.lax.with_sharding_constraint(a.astype(actor_config.compute_dtype), s),
+                            params, actor_sh.params)
+        return rollout.rollout_params(actor_config, cast)[1]
+
+    to_rollout = _jit(mesh, cast_then_gather, (actor_sh.params,), rollout_sh)
 
     @functools.lru_cache(maxsize=None)
     def generate(length: int):
-        return _jit(rollout.sample, (rollout_sh, batch2, batch2, repl), rollout.Rollout(batch2, batch2),
+        return _jit(mesh, rollout.sample, (rollout_sh, batch2, batch2, repl), rollout.Rollout(batch2, batch2),
                     config=rollout.rollout_config(actor_config), max_new_tokens=length, sampling=sampling,
                     eos_token_ids=eos_token_ids, pad_id=pad_id)
 
@@ -61,10 +71,10 @@ def coarse_programs(mesh: Mesh, *, actor_config: MistralConfig, ref_config: Mist
     return CoarsePrograms(
         to_rollout=to_rollout,
         generate=generate,
-        score=_jit(ppo.score_sequences, (rm_sh, batch2, batch2), batch1, config=rm_config),
-        experience=_jit(ppo.experience, (actor_sh.params, ref_sh, critic_sh.params, batch2, batch2, batch2, batch1),
+        score=_jit(mesh, ppo.score_sequences, (rm_sh, batch2, batch2), batch1, config=rm_config),
+        experience=_jit(mesh, ppo.experience, (actor_sh.params, ref_sh, critic_sh.params, batch2, batch2, batch2, batch1),
                         exp_sh, actor_config=actor_config, ref_config=ref_config, critic_config=critic_config, ppo=pc),
-        update=_jit(ppo.update, (actor_sh, critic_sh, exp_sh, repl), (actor_sh, critic_sh, repl), donate=(0, 1),
+        update=_jit(mesh, ppo.update, (actor_sh, critic_sh, exp_sh, repl), (actor_sh, critic_sh, repl), donate=(0, 1),
                     actor_config=actor_config, critic_config=critic_config, ppo=pc),
     )
 
@@ -81,7 +91,7 @@ def reward_programs(mesh: Mesh, *, config: MistralConfig, optim_config: optim.Op
                                                             "rejected_mask")}
     state_sh, repl = sharding.like_params(mesh, state, state.params), sharding.replicated(mesh)
     return RewardPrograms(
-        train=_jit(reward.train, (state_sh, batch), (state_sh, repl), donate=(0,), config=config,
+        train=_jit(mesh, reward.train, (state_sh, batch), (state_sh, repl), donate=(0,), config=config,
                    optim_config=optim_config),
-        margins=_jit(reward.margins, (state_sh.params, batch), sharding.batch_sharding(mesh, 1), config=config),
+        margins=_jit(mesh, reward.margins, (state_sh.params, batch), sharding.batch_sharding(mesh, 1), config=config),
     )

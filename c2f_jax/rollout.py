@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from c2f_jax import model
 from c2f_jax.model import MistralConfig, Params
+from c2f_jax.sharding import BATCH, shard_as
 
 
 class RolloutError(ValueError):
@@ -56,7 +57,8 @@ def init_kv(config: MistralConfig, batch: int, length: int):
     else a list of L {'k','v': [1, B, S, K, H]} (one buffer per layer, updated in place)."""
     c = config
     L = c.num_hidden_layers if c.scan_layers else 1
-    zeros = lambda: jnp.zeros((L, batch, length, c.num_key_value_heads, c.head_dim), c.compute_dtype)
+    zeros = lambda: shard_as(jnp.zeros((L, batch, length, c.num_key_value_heads, c.head_dim), c.compute_dtype),
+                             None, BATCH, None, "tensor", None)
     if c.scan_layers:
         return {"k": zeros(), "v": zeros()}
     return [{"k": zeros(), "v": zeros()} for _ in range(c.num_hidden_layers)]

@@ -18,13 +18,15 @@ with 2 kv heads on tensor=4, say) rather than failing.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from c2f_jax.model import Params
+Params = dict
 
 AXES = ("data", "fsdp", "tensor")
 BATCH = ("data", "fsdp")
@@ -51,6 +53,51 @@ RULES = {
 
 class ShardingError(ValueError):
     """A mesh that does not fit the devices or the batch."""
+
+
+_TRACE_MESH: contextvars.ContextVar = contextvars.ContextVar("c2f_trace_mesh", default=None)
+
+
+def hints_enabled(mesh: Mesh) -> bool:
+    """Activation layout hints are on for accelerator meshes, off for CPU ones unless C2F_SHARDING_HINTS=1.
+
+    XLA's CPU runtime can deadlock (collective rendezvous timeouts) running some of
+    the hinted programs on fake devices; the hints change layouts, never values, so
+    CPU tests run without them and tools/plan_memory.py, which only compiles,
+    turns them on to plan what the GPUs will run.
+    """
+    if os.environ.get("C2F_SHARDING_HINTS") is not None:
+        return os.environ["C2F_SHARDING_HINTS"] == "1"
+    return mesh.devices.flat[0].platform != "cpu"
+
+
+@contextlib.contextmanager
+def tracing_on(mesh: Mesh):
+    """Within this context, shard_as hints resolve against `mesh` (used while a program is traced)."""
+    token = _TRACE_MESH.set(mesh if hints_enabled(mesh) else None)
+    try:
+        yield
+    finally:
+        _TRACE_MESH.reset(token)
+
+
+def shard_as(x: jax.Array, *axes) -> jax.Array:
+    """Constrains an activation's layout inside a program traced under `tracing_on(mesh)`.
+
+    axes name mesh axes per dimension (a tuple for several, None for replicated);
+    a dimension that does not divide stays replicated. Without a mesh (plain
+    single-device calls) it is the identity. Without these hints GSPMD may resolve
+    the batch-vs-weight conflict of FSDP by replicating the batch.
+    """
+    mesh = _TRACE_MESH.get()
+    if mesh is None:
+        return x
+    spec = []
+    for size, ax in zip(x.shape, axes):
+        names = ax if isinstance(ax, tuple) else (ax,) if ax else ()
+        n = int(np.prod([mesh.shape[a] for a in names])) if names else 1
+        spec.append(ax if names and n > 1 and size % n == 0 else None)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(*spec)))
 
 
 def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:

@@ -235,7 +235,7 @@ def run_reward(config, workdir: Path, show_progress: bool = True) -> dict:
     last_eval = {}
     for step in range(start + 1, config.steps + 1):
         batch = data.preference_batch(tok, [train_pairs[i] for i in it.next()], d.seq_buckets, system)
-        state, m = progs.train(state, _device_batch(mesh, batch))
+        state, m = settle(progs.train(state, _device_batch(mesh, batch)))
         row = {"loss": float(m["loss"]), "accuracy": float(m["accuracy"]), "grad_norm": float(m["grad_norm"]),
                "skipped_updates": int(m["skipped"]), "compilations": compilations.total(),
                "data/skipped_rows": skipped}
@@ -274,6 +274,11 @@ def _inline_reward_model(config, workdir: Path, show_progress: bool) -> Path:
     run_reward(rc, rm_workdir, show_progress)
     export(rm_workdir, out)
     return out
+
+
+def settle(x):
+    """Waits for a program's results."""
+    return jax.block_until_ready(x)
 
 
 def _prompt_batch(mesh, token_lists, buckets, pad_id, truncate):
@@ -361,16 +366,19 @@ def run_coarse(config, workdir: Path, show_progress: bool = True) -> list[dict]:
         length = cm.length_limit(cmc, cm_state)
 
         t0 = time.perf_counter()
-        r_params = progs.to_rollout(actor_state.params)  # train -> rollout layout, once per iteration
-        out = progs.generate(length)(r_params, prompt_ids, prompt_mask, rollout_key)
-        jax.block_until_ready(out.tokens)
+        # Each program completes before the next is dispatched: XLA's CPU client can deadlock when two
+        # programs with collectives are in flight at once (on GPUs this costs nothing measurable: each
+        # program runs for seconds).
+        r_params = settle(progs.to_rollout(actor_state.params))  # train -> rollout layout, once per iteration
+        out = settle(progs.generate(length)(r_params, prompt_ids, prompt_mask, rollout_key))
         del r_params
         t1 = time.perf_counter()
-        seq, seq_mask = ppo.join(prompt_ids, prompt_mask, out.tokens, out.mask)
+        seq, seq_mask = settle(ppo.join(prompt_ids, prompt_mask, out.tokens, out.mask))
         # The reward model reads the dialogue without the system prompt, as it was trained.
-        score = progs.score(rm_params, *ppo.join(rm_ids, rm_mask, out.tokens, out.mask))
-        exp = progs.experience(actor_state.params, reference, critic_state.params, seq, seq_mask, out.mask, score)
-        actor_state, critic_state, m = progs.update(actor_state, critic_state, exp, update_key)
+        score = settle(progs.score(rm_params, *ppo.join(rm_ids, rm_mask, out.tokens, out.mask)))
+        exp = settle(progs.experience(actor_state.params, reference, critic_state.params, seq, seq_mask, out.mask,
+                                      score))
+        actor_state, critic_state, m = settle(progs.update(actor_state, critic_state, exp, update_key))
         m = jax.device_get(m)
         t2 = time.perf_counter()
 

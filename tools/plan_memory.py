@@ -35,6 +35,7 @@ def main(argv=None) -> int:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                f" --xla_force_host_platform_device_count={args.devices}").strip()
     os.environ["JAX_PLATFORMS"] = "cpu"
+    os.environ.setdefault("C2F_SHARDING_HINTS", "1")  # plan the programs the GPUs run (hints on)
     import jax
     import jax.numpy as jnp
     import numpy as np
