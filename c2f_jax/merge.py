@@ -48,6 +48,8 @@ _VOCAB_FILES = ("tokenizer.model", "tokenizer.json")
 # Buffers old checkpoints carry and transformers recomputes; never merged, never written.
 _SKIPPED = re.compile(r".*rotary_emb\.inv_freq$")
 _SHARD_FILE = re.compile(r"model-\d+-of-\d+\.safetensors$")
+# What marks a training workdir (train.RUN_CONFIG; not imported, to keep the training stack out of the merger).
+_RUN_CONFIG = "run_config.json"
 # Architecture fields that may differ without changing any tensor shape; a difference is a warning.
 _CONFIG_FIELDS = ("rope_theta", "sliding_window", "rms_norm_eps", "max_position_embeddings", "bos_token_id",
                   "eos_token_id", "pad_token_id")
@@ -162,18 +164,21 @@ def merge_params(coarse, sft, gamma: float, dtype: str | None = None):
 def resolve_input(path: str | os.PathLike) -> Path:
     """The HF model folder a --coarse/--sft argument names.
 
-    Today only HF folders (config.json + model.safetensors or a sharded index). Training workdirs (Orbax
-    checkpoints) will resolve here to their actor at the latest or a given step once checkpoints exist;
-    until then they are a clear error that points at the export tool.
+    Today only HF folders (config.json + model.safetensors or a sharded index). A training workdir is a
+    clear error giving the export command: restoring its Orbax checkpoint would hold a whole model in
+    memory, which the streaming merge never does; this is the one place to teach it workdirs later.
     """
     p = Path(path)
     if not p.exists():
         raise MergeError(f"{p}: not found")
     if not p.is_dir():
         raise MergeError(f"{p}: not a folder (expected an HF model folder with config.json and safetensors)")
+    if (p / _RUN_CONFIG).exists():
+        raise MergeError(f"{p}: is a training workdir; export its actor first (python tools/export_hf.py "
+                         f"--checkpoint {p} --out DIR [--step N]) and pass DIR")
     if not (p / "config.json").exists():
-        raise MergeError(f"{p}: not an HF model folder (no config.json); a training workdir cannot be merged "
-                         f"directly yet: export its actor with tools/export_hf.py and pass that folder")
+        raise MergeError(f"{p}: not an HF model folder (no config.json); for a training workdir, export its "
+                         f"actor with tools/export_hf.py and pass that folder")
     return p
 
 

@@ -1,0 +1,69 @@
+"""Knowledge Residue Merger: theta_fine = gamma * theta_coarse + (1 - gamma) * theta_sft, streamed tensor by tensor.
+
+  python tools/merge.py --coarse runs/coarse-hf --sft mistral-7b-instruct --gamma 0.7 --out c2f-0.7
+  python tools/merge.py --coarse A --sft B --gamma 0.1,0.3,0.5,0.7,0.9 --out sweep   # sweep/gamma_0.1, ...
+
+Inputs are HF MistralForCausalLM folders (one model.safetensors or shards with an index). Every tensor is
+computed in float32 and cast to --dtype (default: the SFT tensor's stored dtype). The output folder gets
+safetensors shards + index, the SFT's config.json, tokenizer and generation files, and merge_provenance.json.
+Everything is checked before anything is written; the output appears only when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+
+from c2f_jax import cli, merge
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--coarse", required=True, help="the exported Coarse Actor (HF folder)")
+    p.add_argument("--sft", required=True,
+                   help="the SFT / Instruct model (HF folder); config and tokenizer come from it")
+    p.add_argument("--gamma", required=True, help="weight of the coarse model in [0, 1], or a comma-separated sweep")
+    p.add_argument("--out", required=True, help="output folder (for a sweep: holds one gamma_<g> folder per gamma)")
+    p.add_argument("--dtype", choices=sorted(merge.DTYPES), default=None,
+                   help="output dtype (default: each tensor as stored in the SFT model)")
+    p.add_argument("--max-shard-size", default="5GB", help="largest output shard, e.g. 5GB or 500MiB (default 5GB)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--allow-tokenizer-mismatch", action="store_true",
+                   help="merge even when the tokenizers differ (a warning; the output takes the SFT's tokenizer)")
+    return p.parse_args(argv)
+
+
+def parse_gammas(text: str) -> list[float]:
+    """'0.7' -> [0.7]; '0.1,0.3' -> [0.1, 0.3]; each checked to lie in [0, 1]."""
+    parts = [t.strip() for t in text.split(",") if t.strip()]
+    if not parts:
+        raise cli.UsageError(f"--gamma={text!r} names no value")
+    return [merge.check_gamma(t) for t in parts]
+
+
+def _terminate(signum, frame):
+    # SIGTERM unwinds like an exception, so the temporary output folder is removed on the way out.
+    sys.exit(128 + signum)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    start = time.perf_counter()
+    plan = merge.plan_merge(args.coarse, args.sft, parse_gammas(args.gamma), args.dtype, args.allow_tokenizer_mismatch)
+    for w in plan.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    merge.write_merge(plan, args.out, args.max_shard_size, args.overwrite)
+    dtypes = sorted({str(t.out_dtype) for t in plan.tensors})
+    where = [f"{args.out}/{merge.gamma_folder(g)}" for g in plan.gammas] if plan.sweep else [args.out]
+    gb = sum(t.out_nbytes for t in plan.tensors) / 1e9
+    for g, folder in zip(plan.gammas, where):
+        print(f"gamma {g:g}: {len(plan.tensors)} tensors, {gb:.2f} GB {'/'.join(dtypes)} -> {folder}")
+    print(f"done in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _terminate)
+    cli.run(main)
