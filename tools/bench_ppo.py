@@ -1,0 +1,166 @@
+"""One Coarse Actor PPO iteration: ours against a plain PyTorch loop of the same iteration, side by side.
+
+  python tools/bench_ppo.py                   # (4 layers, d=256) and (8 layers, d=512), batch 16, prompt 64, 128 new
+
+Both sides start from the same random weights (actor = reference, critic = reward
+model with a scalar head), sample exactly `--new-tokens` tokens with EOS
+suppressed, score them (old and reference logprobs, values, reward), compute
+GAE advantages and run one PPO epoch with AdamW for actor and critic. The
+PyTorch side is what TRL's PPOTrainer ran before TRL dropped PPO: transformers'
+`generate`, then forward passes, then a Python-loop GAE and the updates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from c2f_jax import hf, model, optim, ppo, reward, rollout
+
+
+def bench_config(layers: int, d: int) -> model.MistralConfig:
+    heads = max(d // 64, 1)
+    return model.MistralConfig(vocab_size=32000, hidden_size=d, intermediate_size=int(3.5 * d),
+                               num_hidden_layers=layers, num_attention_heads=heads,
+                               num_key_value_heads=max(heads // 4, 1), head_dim=64, max_position_embeddings=8192)
+
+
+def ours(config, actor, critic_config, critic, ids, mask, new_tokens, iterations):
+    pc = ppo.PPOConfig(actor=optim.OptimConfig(lr=5e-6), critic=optim.OptimConfig(lr=5e-7))
+    actor_state, critic_state = optim.create_state(actor, pc.actor), optim.create_state(critic, pc.critic)
+    ids, mask = jnp.asarray(ids), jnp.asarray(mask)
+    times = []
+    for it in range(iterations + 1):  # the first iteration compiles
+        t0 = time.perf_counter()
+        r_config, r_params = rollout.rollout_params(config, actor_state.params)
+        out = rollout.generate(r_config, r_params, ids, mask, jax.random.key(it), max_new_tokens=new_tokens,
+                               suppress_token_ids=(2,))
+        jax.block_until_ready(out.tokens)
+        t1 = time.perf_counter()
+        seq, seq_mask = ppo.join(ids, mask, out.tokens, out.mask)
+        score = ppo.reward_scores(critic, seq, seq_mask, config=critic_config)
+        exp = jax.block_until_ready(ppo.make_experience(
+            actor_state.params, actor, critic_state.params, seq, seq_mask, out.mask, score, actor_config=config,
+            ref_config=config, critic_config=critic_config, ppo=pc))
+        t2 = time.perf_counter()
+        actor_state, critic_state, _ = jax.block_until_ready(ppo.ppo_update(
+            actor_state, critic_state, exp, jax.random.key(it), actor_config=config, critic_config=critic_config,
+            ppo=pc))
+        t3 = time.perf_counter()
+        if it:
+            times.append((t1 - t0, t2 - t1, t3 - t2))
+    return np.min(np.array(times), axis=0)
+
+
+def torch_loop(actor_dir, critic_dir, ids, mask, new_tokens, iterations):
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    actor = transformers.MistralForCausalLM.from_pretrained(actor_dir, dtype=torch.float32)
+    reference = transformers.MistralForCausalLM.from_pretrained(actor_dir, dtype=torch.float32).eval()
+    critic = transformers.MistralForSequenceClassification.from_pretrained(critic_dir, dtype=torch.float32)
+    reward_model = transformers.MistralForSequenceClassification.from_pretrained(critic_dir, dtype=torch.float32).eval()
+    actor_opt = torch.optim.AdamW(actor.parameters(), lr=5e-6, betas=(0.9, 0.95), weight_decay=0.0)
+    critic_opt = torch.optim.AdamW(critic.parameters(), lr=5e-7, betas=(0.9, 0.95), weight_decay=0.0)
+    ids, mask = torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.long)
+    P, R = ids.shape[1], new_tokens
+
+    def logprobs(m, seq, seq_mask, pos):
+        logits = m(input_ids=seq, attention_mask=seq_mask, position_ids=pos).logits[:, P - 1:-1]
+        return torch.log_softmax(logits.float(), -1).gather(-1, seq[:, P:, None])[..., 0]
+
+    def values(m, seq, seq_mask, pos):
+        hidden = m.model(input_ids=seq, attention_mask=seq_mask, position_ids=pos).last_hidden_state
+        return m.score(hidden)[:, P - 1:-1, 0]
+
+    times = []
+    for it in range(iterations + 1):
+        t0 = time.perf_counter()
+        actor.eval()
+        with torch.no_grad():
+            seq = actor.generate(input_ids=ids, attention_mask=mask, do_sample=True, top_k=0, max_new_tokens=R,
+                                 min_new_tokens=R, suppress_tokens=[2], pad_token_id=0)
+        t1 = time.perf_counter()
+        seq_mask = torch.cat([mask, torch.ones_like(seq[:, P:])], 1)
+        pos = (seq_mask.cumsum(-1) - 1).clamp(min=0)
+        with torch.no_grad():
+            old = logprobs(actor, seq, seq_mask, pos)
+            ref = logprobs(reference, seq, seq_mask, pos)
+            old_values = values(critic, seq, seq_mask, pos)
+            score = reward_model(input_ids=seq, attention_mask=seq_mask, position_ids=pos).logits[:, 0]
+            rewards = -0.05 * (old - ref)
+            rewards[:, -1] += score.clamp(-5, 5)
+            adv, running = torch.zeros_like(rewards), torch.zeros(seq.shape[0])
+            for t in reversed(range(R)):
+                next_value = old_values[:, t + 1] if t + 1 < R else 0.0
+                running = rewards[:, t] + 0.95 * next_value - old_values[:, t] + 0.95 * 0.95 * running
+                adv[:, t] = running
+            returns = adv + old_values
+            adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+        t2 = time.perf_counter()
+        actor.train()
+        critic.train()
+        new = logprobs(actor, seq, seq_mask, pos)
+        ratio = torch.exp(new - old)
+        loss = torch.max(-adv * ratio, -adv * ratio.clamp(0.8, 1.2)).mean()
+        actor_opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(actor.parameters(), 1.0)
+        actor_opt.step()
+        v = values(critic, seq, seq_mask, pos)
+        v_clipped = old_values + (v - old_values).clamp(-0.2, 0.2)
+        v_loss = 0.5 * torch.max((v - returns) ** 2, (v_clipped - returns) ** 2).mean()
+        critic_opt.zero_grad()
+        v_loss.backward()
+        torch.nn.utils.clip_grad_norm_(critic.parameters(), 1.0)
+        critic_opt.step()
+        t3 = time.perf_counter()
+        if it:
+            times.append((t1 - t0, t2 - t1, t3 - t2))
+    return np.min(np.array(times), axis=0)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", default="4x256,8x512", help="comma-separated LAYERSxWIDTH")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--prompt", type=int, default=64)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--iterations", type=int, default=2, help="timed iterations per side (best is reported)")
+    args = p.parse_args(argv)
+    import torch
+
+    print(f"device: {jax.devices()[0].device_kind} ({platform.machine()}), torch threads {torch.get_num_threads()}, "
+          f"batch {args.batch}, prompt {args.prompt}, {args.new_tokens} new tokens (EOS suppressed), vocab 32000, "
+          f"1 PPO epoch; seconds per iteration, best of {args.iterations}\n")
+    print("| size | side | rollout s | scoring s | update s | total s | tokens/s | ours vs torch |")
+    print("|---|---|---|---|---|---|---|---|")
+    for size in args.sizes.split(","):
+        layers, d = (int(x) for x in size.split("x"))
+        config = bench_config(layers, d)
+        actor = model.init_params(config, jax.random.key(0))
+        critic_config, critic = reward.init_from_base(config, actor, jax.random.key(1))
+        rng = np.random.RandomState(0)
+        ids = rng.randint(3, 32000, (args.batch, args.prompt)).astype(np.int32)
+        mask = np.ones_like(ids)
+        with tempfile.TemporaryDirectory() as tmp:
+            hf.save_pretrained(f"{tmp}/actor", config, actor)
+            hf.save_pretrained(f"{tmp}/critic", critic_config.replace(pad_token_id=0), critic)
+            theirs = torch_loop(f"{tmp}/actor", f"{tmp}/critic", ids, mask, args.new_tokens, args.iterations)
+        mine = ours(config, actor, critic_config, critic, ids, mask, args.new_tokens, args.iterations)
+        generated = args.batch * args.new_tokens
+        for side, t in (("ours", mine), ("torch", theirs)):
+            ratio = f"{theirs.sum() / mine.sum():.2f}x" if side == "ours" else ""
+            print(f"| {layers} layers, d={d} | {side} | {t[0]:.2f} | {t[1]:.2f} | {t[2]:.2f} | {t.sum():.2f} | "
+                  f"{generated / t.sum():,.0f} | {ratio} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
