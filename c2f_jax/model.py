@@ -377,16 +377,20 @@ class Mistral(nn.Module):
         return head_output(c, head_params, x), kv
 
 
-def head_output(config: MistralConfig, params: Params, hidden: jax.Array) -> jax.Array:
-    """LM logits [..., V] (or scalar-head scores [..., num_labels]), float32, from final hidden states [..., D]."""
-    c = config
-    if not c.has_lm_head:
+def head_weight(config: MistralConfig, params: Params) -> jax.Array:
+    """The output projection [D, V] (or [D, num_labels]) in compute dtype."""
+    if not config.has_lm_head:
         w = params["score"]
-    elif c.tie_word_embeddings:
+    elif config.tie_word_embeddings:
         w = params["embed"].T
     else:
         w = params["lm_head"]
-    out = jnp.einsum("...D,DV->...V", hidden, w.astype(c.compute_dtype), preferred_element_type=jnp.float32)
+    return w.astype(config.compute_dtype)
+
+
+def head_output(config: MistralConfig, params: Params, hidden: jax.Array) -> jax.Array:
+    """LM logits [..., V] (or scalar-head scores [..., num_labels]), float32, from final hidden states [..., D]."""
+    out = jnp.einsum("...D,DV->...V", hidden, head_weight(config, params), preferred_element_type=jnp.float32)
     return shard_as(out, BATCH, *([None] * (out.ndim - 2)), "tensor")
 
 
@@ -450,6 +454,12 @@ def forward(config: MistralConfig, params: Params, input_ids, attention_mask=Non
     """
     mask, pos = _mask_and_positions(input_ids, attention_mask)
     return apply(config, params, input_ids, pos, pos, mask)[0]
+
+
+def hidden_states(config: MistralConfig, params: Params, input_ids, attention_mask=None) -> jax.Array:
+    """Final-norm hidden states [B, T, D] in compute dtype (apply `head_output` to the positions you need)."""
+    mask, pos = _mask_and_positions(input_ids, attention_mask)
+    return apply(config, params, input_ids, pos, pos, mask, head=False)[0]
 
 
 def forward_values(config: MistralConfig, params: Params, input_ids, attention_mask=None) -> jax.Array:
