@@ -114,7 +114,8 @@ def prepare_workdir(config, workdir: Path) -> checkpoint.Checkpointer:
                 continue
             raise TrainError(f"{workdir} holds checkpoints of an incompatible config: {key} was "
                              f"{saved.get(key)!r}, now {new.get(key)!r} (use another --workdir)")
-    _write_json(saved_path, config_dict(config))
+    if sharding.is_main_process():
+        _write_json(saved_path, config_dict(config))
     return ckpt
 
 
