@@ -21,14 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bench_rollout import bench_config  # the same model shapes as the rollout benchmark (tools/ is on sys.path)
 from c2f_jax import hf, model, optim, ppo, reward, rollout
-
-
-def bench_config(layers: int, d: int) -> model.MistralConfig:
-    heads = max(d // 64, 1)
-    return model.MistralConfig(vocab_size=32000, hidden_size=d, intermediate_size=int(3.5 * d),
-                               num_hidden_layers=layers, num_attention_heads=heads,
-                               num_key_value_heads=max(heads // 4, 1), head_dim=64, max_position_embeddings=8192)
 
 
 def ours(config, actor, critic_config, critic, ids, mask, new_tokens, iterations):
