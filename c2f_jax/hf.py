@@ -15,10 +15,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import jax
+import ml_dtypes
 import numpy as np
 
-from c2f_jax.model import ConfigError, MistralConfig, Params
+# JAX is imported only where arrays are placed or fetched, so file-level work (the merger) starts fast.
+from c2f_jax.config import ConfigError, MistralConfig, Params
 from c2f_jax.safetensors_io import SafetensorsError, SafetensorsFile, write_file
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -194,8 +195,10 @@ def load_pretrained(path: str | os.PathLike, dtype: str = "float32", shardings: 
     by_param: dict[tuple[str, ...], list[TensorSpec]] = {}
     for s in specs:
         by_param.setdefault(s.path, []).append(s)
+    import jax
+
     params: dict = {}
-    target = np.dtype(jax.numpy.dtype(dtype))
+    target = np_dtype(dtype)
     for ppath, group in by_param.items():
         buf = np.empty(_param_shape(group[0], config), target)
         for s in group:
@@ -214,6 +217,11 @@ def load_pretrained(path: str | os.PathLike, dtype: str = "float32", shardings: 
 
 
 # ----------------------------------------------------------------------------- writing
+
+
+def np_dtype(name) -> np.dtype:
+    """A NumPy dtype from a name or dtype, bfloat16 included."""
+    return np.dtype(ml_dtypes.bfloat16) if str(name) == "bfloat16" else np.dtype(name)
 
 
 def parse_size(size: int | str) -> int:
@@ -288,6 +296,8 @@ def save_pretrained(path: str | os.PathLike, config: MistralConfig, params: Para
     dtype None keeps each param's own dtype. The folder is built under a temporary
     name and renamed into place, so a killed save leaves nothing half-written.
     """
+    import jax
+
     path = Path(path)
     specs = tensor_specs(config)
     host_cache: dict = {}  # one stacked param on the host at a time
@@ -308,7 +318,7 @@ def save_pretrained(path: str | os.PathLike, config: MistralConfig, params: Para
             raise HFError(f"params have no {'/'.join(s.path)} (needed for {s.hf_name})") from None
         if tuple(leaf.shape) != _param_shape(s, config):
             raise HFError(f"param {'/'.join(s.path)} has shape {tuple(leaf.shape)}, config implies {_param_shape(s, config)}")
-        out_dtype = np.dtype(jax.numpy.dtype(dtype or leaf.dtype))
+        out_dtype = np_dtype(dtype or leaf.dtype)
 
         def produce(s=s, out_dtype=out_dtype):
             a = host(s.path)
@@ -316,7 +326,7 @@ def save_pretrained(path: str | os.PathLike, config: MistralConfig, params: Para
 
         entries.append((s.hf_name, s.hf_shape, out_dtype, produce))
     shards = _plan_shards(entries, parse_size(max_shard_size))
-    config_dtype = str(np.dtype(jax.numpy.dtype(dtype))) if dtype else config.param_dtype
+    config_dtype = str(np_dtype(dtype)) if dtype else config.param_dtype
     with atomic_dir(path, overwrite) as tmp:
         weight_map, total = {}, 0
         for k, shard in enumerate(shards):

@@ -27,19 +27,23 @@ import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
+# No JAX at import time: the CLI starts without it (merge_params imports it when called).
 from c2f_jax import hf
-from c2f_jax.model import CAUSAL_LM
-from c2f_jax.safetensors_io import CODES, SafetensorsError
+from c2f_jax.config import CAUSAL_LM
+from c2f_jax.safetensors_io import CODES, DTYPES as FILE_DTYPES, SafetensorsError
 
 PROVENANCE_NAME = "merge_provenance.json"
 # Read and merged this many bytes of float32 at a time: big enough that per-chunk overhead vanishes,
 # small enough that a few chunks are a tiny fraction of any model worth merging.
 CHUNK_BYTES = 8 << 20
-DTYPES = {name: np.dtype(jnp.dtype(name)) for name in ("float32", "bfloat16", "float16")}
+DTYPES = {name: hf.np_dtype(name) for name in ("float32", "bfloat16", "float16")}
+_FLOATS = {FILE_DTYPES[c] for c in ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")}
+
+
+def _is_float(dtype) -> bool:
+    return np.dtype(dtype) in _FLOATS
 # Files of the SFT folder copied besides the tokenizer (hf.TOKENIZER_FILES).
 _EXTRA_FILES = ("generation_config.json", "chat_template.jinja")
 # The files that define token ids; tokenizer_config.json is left out on purpose: an Instruct model's chat
@@ -117,7 +121,9 @@ def lerp(coarse: np.ndarray, sft: np.ndarray, gamma: float, dtype, scratch: Scra
     return out
 
 
-def _lerp_jax(a: jax.Array, b: jax.Array, gamma: float, dtype) -> jax.Array:
+def _lerp_jax(a, b, gamma: float, dtype):
+    import jax.numpy as jnp
+
     # Op by op, not under jit, on purpose: a fused kernel may contract the multiply-add into an FMA,
     # which rounds once instead of twice and would disagree with the streaming (NumPy) merge.
     if gamma == 1.0:
@@ -136,6 +142,9 @@ def merge_params(coarse, sft, gamma: float, dtype: str | None = None):
     each output leaf keeps its input's sharding). dtype None gives each leaf the SFT leaf's dtype.
     Raises MergeError naming the first path whose structure, shape or dtype kind disagrees.
     """
+    import jax
+    import jax.numpy as jnp
+
     gamma = check_gamma(gamma)
     a_leaves = dict(jax.tree_util.tree_flatten_with_path(coarse)[0])
     b_leaves = dict(jax.tree_util.tree_flatten_with_path(sft)[0])
@@ -152,9 +161,9 @@ def merge_params(coarse, sft, gamma: float, dtype: str | None = None):
         if tuple(a.shape) != tuple(b.shape):
             raise MergeError(f"param {jax.tree_util.keystr(path)}: coarse shape {tuple(a.shape)}, "
                              f"SFT shape {tuple(b.shape)}")
-        if not (jnp.issubdtype(a.dtype, jnp.floating) and jnp.issubdtype(b.dtype, jnp.floating)):
+        if not (_is_float(a.dtype) and _is_float(b.dtype)):
             raise MergeError(f"param {jax.tree_util.keystr(path)}: not floating point ({a.dtype}, {b.dtype})")
-    return jax.tree.map(lambda a, b: _lerp_jax(jnp.asarray(a), jnp.asarray(b), gamma, jnp.dtype(dtype or b.dtype)),
+    return jax.tree.map(lambda a, b: _lerp_jax(jnp.asarray(a), jnp.asarray(b), gamma, hf.np_dtype(dtype or b.dtype)),
                         coarse, sft)
 
 
@@ -336,7 +345,7 @@ def plan_merge(coarse, sft, gammas, dtype: str | None = None, allow_tokenizer_mi
         if ra.shape(n) != rb.shape(n):
             raise MergeError(f"tensor {n} has shape {ra.shape(n)} in {coarse} but {rb.shape(n)} in {sft}")
         for folder, reader in ((coarse, ra), (sft, rb)):
-            if not jnp.issubdtype(reader.dtype(n), jnp.floating):
+            if not _is_float(reader.dtype(n)):
                 raise MergeError(f"tensor {n} in {folder} is {reader.dtype(n)}, not floating point")
         out = DTYPES[dtype] if dtype else rb.dtype(n)
         tensors.append(TensorPlan(n, ra.shape(n), ra.dtype(n), rb.dtype(n), out))
