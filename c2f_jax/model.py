@@ -20,7 +20,6 @@ Param tree (leading L on everything under `layers`, which are scanned):
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import flax.linen as nn
 import jax

@@ -1,7 +1,6 @@
 """Sharded programs on fake CPU devices (conftest sets 8) match one device, really shard, and do not recompile."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

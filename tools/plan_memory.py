@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     import jax.numpy as jnp
     import numpy as np
 
-    from c2f_jax import cli, hf, model, optim, ppo, programs, reward, rollout, sharding, train
+    from c2f_jax import cli, hf, model, optim, ppo, programs, rollout, sharding, train
 
     config, _ = train.parse_args(rest)
     if config.job != "coarse":
