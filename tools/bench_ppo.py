@@ -52,18 +52,21 @@ def ours(config, actor, critic_config, critic, ids, mask, new_tokens, iterations
     return np.min(np.array(times), axis=0)
 
 
-def torch_loop(actor_dir, critic_dir, ids, mask, new_tokens, iterations):
+def torch_loop(actor_dir, critic_dir, ids, mask, new_tokens, iterations, device="cpu"):
     import torch
     import transformers
 
     torch.manual_seed(0)
-    actor = transformers.MistralForCausalLM.from_pretrained(actor_dir, dtype=torch.float32)
-    reference = transformers.MistralForCausalLM.from_pretrained(actor_dir, dtype=torch.float32).eval()
-    critic = transformers.MistralForSequenceClassification.from_pretrained(critic_dir, dtype=torch.float32)
-    reward_model = transformers.MistralForSequenceClassification.from_pretrained(critic_dir, dtype=torch.float32).eval()
+    load = lambda cls, path: cls.from_pretrained(path, dtype=torch.float32).to(device)
+    actor = load(transformers.MistralForCausalLM, actor_dir)
+    reference = load(transformers.MistralForCausalLM, actor_dir).eval()
+    critic = load(transformers.MistralForSequenceClassification, critic_dir)
+    reward_model = load(transformers.MistralForSequenceClassification, critic_dir).eval()
     actor_opt = torch.optim.AdamW(actor.parameters(), lr=5e-6, betas=(0.9, 0.95), weight_decay=0.0)
     critic_opt = torch.optim.AdamW(critic.parameters(), lr=5e-7, betas=(0.9, 0.95), weight_decay=0.0)
-    ids, mask = torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.long)
+    ids = torch.tensor(ids, dtype=torch.long, device=device)
+    mask = torch.tensor(mask, dtype=torch.long, device=device)
+    sync = torch.cuda.synchronize if device != "cpu" else (lambda: None)
     P, R = ids.shape[1], new_tokens
 
     def logprobs(m, seq, seq_mask, pos):
@@ -81,6 +84,7 @@ def torch_loop(actor_dir, critic_dir, ids, mask, new_tokens, iterations):
         with torch.no_grad():
             seq = actor.generate(input_ids=ids, attention_mask=mask, do_sample=True, top_k=0, max_new_tokens=R,
                                  min_new_tokens=R, suppress_tokens=[2], pad_token_id=0)
+        sync()
         t1 = time.perf_counter()
         seq_mask = torch.cat([mask, torch.ones_like(seq[:, P:])], 1)
         pos = (seq_mask.cumsum(-1) - 1).clamp(min=0)
@@ -98,6 +102,7 @@ def torch_loop(actor_dir, critic_dir, ids, mask, new_tokens, iterations):
                 adv[:, t] = running
             returns = adv + old_values
             adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+        sync()
         t2 = time.perf_counter()
         actor.train()
         critic.train()
@@ -115,10 +120,28 @@ def torch_loop(actor_dir, critic_dir, ids, mask, new_tokens, iterations):
         v_loss.backward()
         torch.nn.utils.clip_grad_norm_(critic.parameters(), 1.0)
         critic_opt.step()
+        sync()
         t3 = time.perf_counter()
         if it:
             times.append((t1 - t0, t2 - t1, t3 - t2))
+    del actor, reference, critic, reward_model, actor_opt, critic_opt
+    if device != "cpu":
+        torch.cuda.empty_cache()  # hand the memory back before our side allocates
     return np.min(np.array(times), axis=0)
+
+
+def update_flops(config, batch: int, length: int) -> float:
+    """Matmul FLOPs of one PPO epoch over the batch: forward + backward (3x forward) of actor and critic.
+
+    The actor's LM head runs over response positions only on both sides; attention
+    scores count as 2 * 2 * B * T^2 * N * H per layer (causal half not subtracted).
+    """
+    c = config
+    per_token = 2 * c.num_hidden_layers * (c.hidden_size * c.head_dim * (2 * c.num_attention_heads
+                                           + 2 * c.num_key_value_heads) + 3 * c.hidden_size * c.intermediate_size)
+    attention = 4 * c.num_hidden_layers * batch * length ** 2 * c.num_attention_heads * c.head_dim
+    body = per_token * batch * length + attention
+    return 3 * (2 * body)  # actor and critic bodies; the heads are small next to them at these sizes
 
 
 def main(argv=None) -> None:
@@ -128,14 +151,20 @@ def main(argv=None) -> None:
     p.add_argument("--prompt", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--iterations", type=int, default=2, help="timed iterations per side (best is reported)")
+    p.add_argument("--torch-device", default="cpu", help="cpu or cuda; on cuda both sides may use TF32 for float32 "
+                   "matmuls (XLA's default precision on GPU, switched on for torch to match)")
+    p.add_argument("--peak-tflops", type=float, default=0.0, help="the device's peak for the MFU column (0: none)")
     args = p.parse_args(argv)
     import torch
 
+    if args.torch_device != "cpu":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     print(f"device: {jax.devices()[0].device_kind} ({platform.machine()}), torch threads {torch.get_num_threads()}, "
           f"batch {args.batch}, prompt {args.prompt}, {args.new_tokens} new tokens (EOS suppressed), vocab 32000, "
           f"1 PPO epoch; seconds per iteration, best of {args.iterations}\n")
-    print("| size | side | rollout s | scoring s | update s | total s | tokens/s | ours vs torch |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| size | side | rollout s | scoring s | update s | total s | tokens/s | ours vs torch | update MFU |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for size in args.sizes.split(","):
         layers, d = (int(x) for x in size.split("x"))
         config = bench_config(layers, d)
@@ -147,13 +176,16 @@ def main(argv=None) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             hf.save_pretrained(f"{tmp}/actor", config, actor)
             hf.save_pretrained(f"{tmp}/critic", critic_config.replace(pad_token_id=0), critic)
-            theirs = torch_loop(f"{tmp}/actor", f"{tmp}/critic", ids, mask, args.new_tokens, args.iterations)
+            theirs = torch_loop(f"{tmp}/actor", f"{tmp}/critic", ids, mask, args.new_tokens, args.iterations,
+                                args.torch_device)
         mine = ours(config, actor, critic_config, critic, ids, mask, args.new_tokens, args.iterations)
         generated = args.batch * args.new_tokens
+        flops = update_flops(config, args.batch, args.prompt + args.new_tokens)
         for side, t in (("ours", mine), ("torch", theirs)):
             ratio = f"{theirs.sum() / mine.sum():.2f}x" if side == "ours" else ""
+            mfu = f"{flops / t[2] / (args.peak_tflops * 1e12):.1%}" if args.peak_tflops else ""
             print(f"| {layers} layers, d={d} | {side} | {t[0]:.2f} | {t[1]:.2f} | {t[2]:.2f} | {t.sum():.2f} | "
-                  f"{generated / t.sum():,.0f} | {ratio} |", flush=True)
+                  f"{generated / t.sum():,.0f} | {ratio} | {mfu} |", flush=True)
 
 
 if __name__ == "__main__":

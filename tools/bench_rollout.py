@@ -1,11 +1,16 @@
 """Rollout throughput: our compiled `generate` against transformers' `generate`, side by side.
 
   python tools/bench_rollout.py                      # the CPU sizes: (4 layers, d=256) and (8 layers, d=512)
-  python tools/bench_rollout.py --sizes 16x2048 --batch 64 --new-tokens 512 --no-hf   # a ~1B model on a GPU
+  python tools/bench_rollout.py --sizes 16x2048 --batch 64 --new-tokens 512 --dtype bfloat16 --hf-device cuda
+                                                     # a ~1B model on one GPU, with the memory-bandwidth bound
 
 Same random weights and shapes on both sides (vocab 32000, sampling at temperature 1,
 every response forced to the full length). Prints a Markdown table; the ratio is
-ours / transformers in generated tokens per second.
+ours / transformers in generated tokens per second. On a GPU it also measures the
+card's copy bandwidth and prints the fraction of the memory-bandwidth bound: every
+decode step must read each weight once (not the embedding table, of which it
+gathers B rows) and the filled part of the KV cache, on average prompt + new / 2
+positions.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import tempfile
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from c2f_jax import hf, model, rollout
@@ -38,6 +44,29 @@ def time_it(fn, repeats: int) -> float:
     return best
 
 
+def copy_bandwidth() -> float:
+    """Bytes read + written per second by a 1 GiB device-to-device copy (median of 10)."""
+    x = jax.random.normal(jax.random.key(0), (1 << 28,), jnp.float32)
+    copy = jax.jit(lambda a: a * 1.0)  # not a no-op: XLA must read and write every element
+    jax.block_until_ready(copy(x))
+    times = []
+    for _ in range(10):
+        start = time.perf_counter()
+        jax.block_until_ready(copy(x))
+        times.append(time.perf_counter() - start)
+    return 2 * x.nbytes / float(np.median(times))
+
+
+def bytes_per_step(config: model.MistralConfig, params, batch: int, prompt: int, new: int) -> float:
+    """Fewest bytes one decode step reads: weights bar the embedding table, plus the average filled KV cache."""
+    weights = sum(x.nbytes for x in jax.tree.leaves(params))
+    if not config.tie_word_embeddings:
+        weights -= params["embed"].nbytes
+    itemsize = jnp.dtype(config.compute_dtype).itemsize
+    kv = 2 * config.num_hidden_layers * batch * (prompt + new / 2) * config.num_key_value_heads * config.head_dim
+    return weights + kv * itemsize
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", default="4x256,8x512", help="comma-separated LAYERSxWIDTH")
@@ -47,12 +76,17 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dtype", default="float32", help="our compute and param dtype")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers side")
+    p.add_argument("--hf-device", default="cpu", help="torch device of the transformers side (cpu or cuda)")
     args = p.parse_args(argv)
 
     print(f"device: {jax.devices()[0].device_kind} ({platform.processor() or platform.machine()}), "
           f"batch {args.batch}, prompt {args.prompt}, {args.new_tokens} new tokens, vocab 32000\n")
-    print("| size | params | ours tok/s | transformers tok/s | ratio |")
-    print("|---|---|---|---|---|")
+    on_gpu = jax.devices()[0].platform == "gpu"
+    bandwidth = copy_bandwidth() if on_gpu else float("nan")
+    if on_gpu:
+        print(f"measured copy bandwidth: {bandwidth / 1e12:.2f} TB/s (read + write)\n")
+    print("| size | params | ours tok/s | transformers tok/s | ratio | bandwidth bound tok/s | ours / bound |")
+    print("|---|---|---|---|---|---|---|")
     for size in args.sizes.split(","):
         layers, d = (int(x) for x in size.split("x"))
         config = bench_config(layers, d).replace(param_dtype=args.dtype, compute_dtype=args.dtype)
@@ -78,17 +112,23 @@ def main(argv=None) -> None:
 
             with tempfile.TemporaryDirectory() as tmp:
                 hf.save_pretrained(f"{tmp}/m", config, params)
-                hm = transformers.MistralForCausalLM.from_pretrained(f"{tmp}/m", dtype=torch.float32).eval()
-            t_ids, t_mask = torch.tensor(ids, dtype=torch.long), torch.tensor(mask)
+                hm = transformers.MistralForCausalLM.from_pretrained(f"{tmp}/m", dtype=getattr(torch, args.dtype))
+                hm = hm.to(args.hf_device).eval()
+            t_ids = torch.tensor(ids, dtype=torch.long, device=args.hf_device)
+            t_mask = torch.tensor(mask, device=args.hf_device)
 
             def theirs():
                 with torch.no_grad():
                     hm.generate(input_ids=t_ids, attention_mask=t_mask, do_sample=True, top_k=0, top_p=1.0,
                                 max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, pad_token_id=0)
+                if args.hf_device != "cpu":
+                    torch.cuda.synchronize()
 
             theirs_tps = new / time_it(theirs, args.repeats)
+            del hm
+        bound = args.batch * bandwidth / bytes_per_step(r_config, r_params, args.batch, args.prompt, args.new_tokens)
         print(f"| {layers} layers, d={d} | {n_params / 1e6:.1f}M | {ours_tps:,.0f} | {theirs_tps:,.0f} | "
-              f"{ours_tps / theirs_tps:.2f}x |", flush=True)
+              f"{ours_tps / theirs_tps:.2f}x | {bound:,.0f} | {ours_tps / bound:.0%} |", flush=True)
 
 
 if __name__ == "__main__":
