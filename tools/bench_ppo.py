@@ -95,7 +95,7 @@ def torch_loop(actor_dir, critic_dir, ids, mask, new_tokens, iterations, device=
             score = reward_model(input_ids=seq, attention_mask=seq_mask, position_ids=pos).logits[:, 0]
             rewards = -0.05 * (old - ref)
             rewards[:, -1] += score.clamp(-5, 5)
-            adv, running = torch.zeros_like(rewards), torch.zeros(seq.shape[0])
+            adv, running = torch.zeros_like(rewards), torch.zeros(seq.shape[0], device=device)
             for t in reversed(range(R)):
                 next_value = old_values[:, t + 1] if t + 1 < R else 0.0
                 running = rewards[:, t] + 0.95 * next_value - old_values[:, t] + 0.95 * 0.95 * running
