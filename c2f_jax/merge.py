@@ -171,24 +171,50 @@ def merge_params(coarse, sft, gamma: float, dtype: str | None = None):
 
 
 def resolve_input(path: str | os.PathLike) -> Path:
-    """The HF model folder a --coarse/--sft argument names.
-
-    Today only HF folders (config.json + model.safetensors or a sharded index). A training workdir is a
-    clear error giving the export command: restoring its Orbax checkpoint would hold a whole model in
-    memory, which the streaming merge never does; this is the one place to teach it workdirs later.
-    """
+    """The HF model folder a --coarse/--sft argument names (a training workdir goes through `hf_folder` first)."""
     p = Path(path)
     if not p.exists():
         raise MergeError(f"{p}: not found")
     if not p.is_dir():
         raise MergeError(f"{p}: not a folder (expected an HF model folder with config.json and safetensors)")
-    if (p / _RUN_CONFIG).exists():
-        raise MergeError(f"{p}: is a training workdir; export its actor first (python tools/export_hf.py "
-                         f"--checkpoint {p} --out DIR [--step N]) and pass DIR")
+    if is_workdir(p):
+        raise MergeError(f"{p}: is a training workdir; only --coarse takes one (export it with "
+                         f"python tools/export_hf.py --checkpoint {p} --out DIR to pass it here)")
     if not (p / "config.json").exists():
-        raise MergeError(f"{p}: not an HF model folder (no config.json); for a training workdir, export its "
-                         f"actor with tools/export_hf.py and pass that folder")
+        raise MergeError(f"{p}: not an HF model folder (no config.json); a training workdir has {_RUN_CONFIG}")
     return p
+
+
+def is_workdir(path: str | os.PathLike) -> bool:
+    return (Path(path) / _RUN_CONFIG).exists()
+
+
+@contextlib.contextmanager
+def hf_folder(path: str | os.PathLike, scratch: str | os.PathLike, step: int | None = None):
+    """Yields an HF folder for `path`: itself, or for a training workdir its actor (latest or `step`)
+    exported into a temporary folder under `scratch`, removed on exit.
+
+    The export restores the whole actor from its Orbax checkpoint (one model in host memory, once);
+    the merge then streams from the exported folder as from any other.
+    """
+    p = Path(path)
+    if not is_workdir(p):
+        if step is not None:
+            raise MergeError(f"{p}: a checkpoint step applies to training workdirs only")
+        yield resolve_input(p)
+        return
+    job = json.loads((p / _RUN_CONFIG).read_text()).get("job")
+    if job != "coarse":
+        raise MergeError(f"{p}: is a {job!r} training workdir; the merger takes a coarse run's actor")
+    from c2f_jax import train  # JAX and Orbax, only for workdir inputs
+
+    Path(scratch).mkdir(parents=True, exist_ok=True)
+    tmp = Path(scratch) / f".c2f-export-{p.name}-{os.getpid()}"
+    try:
+        train.export(p, tmp, step=step, overwrite=True)
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _open_checkpoint(folder: Path) -> hf.CheckpointReader:

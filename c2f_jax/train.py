@@ -416,10 +416,9 @@ def run_coarse(config, workdir: Path, show_progress: bool = True) -> list[dict]:
 # ----------------------------------------------------------------------------- export
 
 
-def export(workdir: str | os.PathLike, out: str | os.PathLike, step: int | None = None, dtype: str | None = None,
-           overwrite: bool = False) -> Path:
-    """Writes the trained model of a workdir as an HF folder: the actor of a coarse run
-    (MistralForCausalLM) or the reward model of a reward run (MistralForSequenceClassification)."""
+def load_workdir_model(workdir: str | os.PathLike, step: int | None = None):
+    """(MistralConfig, params, tokenizer folder) of a workdir's trained model at `step` (default latest):
+    the actor of a coarse run, the reward model of a reward run. Params as saved, on the host."""
     workdir = Path(workdir)
     for name in (RUN_CONFIG, MODEL_CONFIG):
         if not (workdir / name).exists():
@@ -431,9 +430,15 @@ def export(workdir: str | os.PathLike, out: str | os.PathLike, step: int | None 
         state, meta = ckpt.restore(step)
     finally:
         ckpt.close()
-    params = state["actor" if job == "coarse" else "reward"]["params"]
-    hf.save_pretrained(out, config, params, dtype=dtype, tokenizer_source=workdir / TOKENIZER_DIR,
-                       overwrite=overwrite)
+    return config, state["actor" if job == "coarse" else "reward"]["params"], workdir / TOKENIZER_DIR
+
+
+def export(workdir: str | os.PathLike, out: str | os.PathLike, step: int | None = None, dtype: str | None = None,
+           overwrite: bool = False) -> Path:
+    """Writes the trained model of a workdir as an HF folder: the actor of a coarse run
+    (MistralForCausalLM) or the reward model of a reward run (MistralForSequenceClassification)."""
+    config, params, tokenizer_dir = load_workdir_model(workdir, step)
+    hf.save_pretrained(out, config, params, dtype=dtype, tokenizer_source=tokenizer_dir, overwrite=overwrite)
     return Path(out)
 
 

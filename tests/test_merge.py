@@ -304,8 +304,9 @@ def _classifier(d):
     (_unlisted_shard, r"model-00009-of-00009\.safetensors: shard not named in model\.safetensors\.index\.json"),
     (_other_tokenizer, r"tokenizers differ: .*tokenizer\.json .*--allow-tokenizer-mismatch"),
     (_no_tokenizer, r"has no tokenizer files but .* has; pass --allow-tokenizer-mismatch"),
-    (_no_config, r"not an HF model folder \(no config\.json\).*tools/export_hf\.py"),
-    (_workdir, r"is a training workdir; export its actor first \(python tools/export_hf\.py --checkpoint \S+bad "),
+    (_no_config, r"not an HF model folder \(no config\.json\); a training workdir has run_config\.json"),
+    (_workdir, r"is a training workdir; only --coarse takes one \(export it with python tools/export_hf\.py "
+               r"--checkpoint \S+bad "),
     (_classifier, r"is a MistralForSequenceClassification; the merger takes MistralForCausalLM"),
 ], ids=["truncated", "corrupt", "shard-missing", "shard-not-in-index", "tokenizer", "no-tokenizer", "no-config",
         "workdir", "classifier"])
@@ -393,3 +394,28 @@ def test_cli_error_is_one_line_and_exit_2(fp32, tmp_path):
     assert r.returncode == 2, r.stderr
     assert len(r.stderr.splitlines()) == 1 and r.stderr.startswith("error: ") and "truncated" in r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_coarse_workdir_merges_like_its_exported_actor(root, fp32, merged, tmp_path):
+    """A Coarse Actor training workdir as --coarse: its checkpointed actor, exported to a scratch folder
+    that is gone afterwards, merges to the same bits as the HF folder it came from."""
+    from c2f_jax import checkpoint
+
+    config, params = hf.load_pretrained(fp32[0])
+    wd = tmp_path / "run"
+    (wd / "tokenizer").mkdir(parents=True)
+    (wd / "run_config.json").write_text(json.dumps({"job": "coarse"}))
+    (wd / "model_config.json").write_text(json.dumps(config.to_hf()))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(fp32[0] / name, wd / "tokenizer" / name)
+    ckpt = checkpoint.Checkpointer(wd, async_save=False)
+    ckpt.save(3, {"actor": {"params": params}}, {"step": 3})
+    ckpt.close()
+    with pytest.raises(ValueError, match=r"no checkpoint for step 5"):
+        run("--coarse", wd, "--coarse-step", "5", "--sft", fp32[1], "--gamma", "0.7", "--out", tmp_path / "bad")
+    run("--coarse", wd, "--coarse-step", "3", "--sft", fp32[1], "--gamma", "0.7", "--out", tmp_path / "out")
+    ours, reference = tensors(tmp_path / "out"), tensors(root / "merged")
+    assert ours.keys() == reference.keys()
+    for name in ours:
+        np.testing.assert_array_equal(bits(ours[name]), bits(reference[name]), err_msg=name)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "run"]  # the scratch export is gone

@@ -3,7 +3,8 @@
   python tools/merge.py --coarse runs/coarse-hf --sft mistral-7b-instruct --gamma 0.7 --out c2f-0.7
   python tools/merge.py --coarse A --sft B --gamma 0.1,0.3,0.5,0.7,0.9 --out sweep   # sweep/gamma_0.1, ...
 
-Inputs are HF MistralForCausalLM folders (one model.safetensors or shards with an index). Every tensor is
+Inputs are HF MistralForCausalLM folders (one model.safetensors or shards with an index); --coarse may also be
+a Coarse Actor training workdir (its latest actor, or --coarse-step N), exported to a temporary folder first. Every tensor is
 computed in float32 and cast to --dtype (default: the SFT tensor's stored dtype). The output folder gets
 safetensors shards + index, the SFT's config.json, tokenizer and generation files, and merge_provenance.json.
 Everything is checked before anything is written; the output appears only when complete.
@@ -15,13 +16,15 @@ import argparse
 import signal
 import sys
 import time
+from pathlib import Path
 
 from c2f_jax import cli, merge
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--coarse", required=True, help="the exported Coarse Actor (HF folder)")
+    p.add_argument("--coarse", required=True, help="the Coarse Actor: HF folder or coarse training workdir")
+    p.add_argument("--coarse-step", type=int, default=None, help="checkpoint step of a workdir --coarse (default latest)")
     p.add_argument("--sft", required=True,
                    help="the SFT / Instruct model (HF folder); config and tokenizer come from it")
     p.add_argument("--gamma", required=True, help="weight of the coarse model in [0, 1], or a comma-separated sweep")
@@ -51,10 +54,15 @@ def _terminate(signum, frame):
 def main(argv=None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
-    plan = merge.plan_merge(args.coarse, args.sft, parse_gammas(args.gamma), args.dtype, args.allow_tokenizer_mismatch)
-    for w in plan.warnings:
-        print(f"warning: {w}", file=sys.stderr)
-    merge.write_merge(plan, args.out, args.max_shard_size, args.overwrite)
+    gammas = parse_gammas(args.gamma)
+    merge.resolve_input(args.sft)  # a bad SFT folder or an existing --out fails before a workdir export runs
+    if Path(args.out).exists() and not args.overwrite:
+        raise merge.MergeError(f"{args.out}: already exists (pass --overwrite to replace it)")
+    with merge.hf_folder(args.coarse, Path(args.out).absolute().parent, args.coarse_step) as coarse:
+        plan = merge.plan_merge(coarse, args.sft, gammas, args.dtype, args.allow_tokenizer_mismatch)
+        for w in plan.warnings:
+            print(f"warning: {w}", file=sys.stderr)
+        merge.write_merge(plan, args.out, args.max_shard_size, args.overwrite)
     dtypes = sorted({str(t.out_dtype) for t in plan.tensors})
     where = [f"{args.out}/{merge.gamma_folder(g)}" for g in plan.gammas] if plan.sweep else [args.out]
     gb = sum(t.out_nbytes for t in plan.tensors) / 1e9
