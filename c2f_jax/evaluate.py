@@ -1,0 +1,290 @@
+"""What a policy does: sample responses with the rollout engine and measure them.
+
+Per model: mean reward-model score of its responses, mean length, EOS rate,
+repetition (share of repeated 4-grams within a response), distinct-1/2 across
+responses, perplexity of held-out chosen answers, and optionally multiple-choice
+accuracy (c2f_jax.multiple_choice). The paper's picture: the Coarse Actor writes
+long, analytic but repetitive text; merging it with the Instruct model keeps the
+length and removes the repetition. tools/evaluate.py and tools/sweep.py print these.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from c2f_jax import data, hf, model, ppo, rollout, tokenizer
+from c2f_jax.model import MistralConfig, Params
+
+PROMPT_BUCKETS = (64, 128, 256, 512, 1024)
+SEQUENCE_BUCKETS = (128, 256, 512, 1024, 2048)
+# The held-out split of a preference file, as the training configs cut it.
+EVAL_FRACTION, EVAL_SEED = 0.1, 0
+
+
+class EvalError(ValueError):
+    """A model, prompts file or setting the evaluation cannot use."""
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+@dataclasses.dataclass
+class Loaded:
+    """A model ready to run: config (compute dtype set), params on the default device, its tokenizer."""
+
+    config: MistralConfig
+    params: Params
+    tokenizer: object
+    path: str
+
+
+def load_model(path: str | os.PathLike, dtype: str = "float32", step: int | None = None) -> Loaded:
+    """An HF folder, or a training workdir (its actor, or its reward model for a reward run, at `step`)."""
+    p = Path(path)
+    if not p.is_dir():
+        raise EvalError(f"{p}: model folder not found")
+    if (p / "run_config.json").exists():
+        from c2f_jax import train  # the workdir layout lives there
+
+        config, params, tok_dir = train.load_workdir_model(p, step)
+        config = config.replace(compute_dtype=dtype)
+        params = jax.tree.map(lambda a: jnp.asarray(a, config.param_dtype), params)
+        return Loaded(config, params, tokenizer.load_tokenizer(tok_dir), str(p))
+    if step is not None:
+        raise EvalError(f"{p}: --step applies to training workdirs, this is an HF folder")
+    config, params = hf.load_pretrained(p, compute_dtype=dtype)
+    return Loaded(config, params, tokenizer.load_tokenizer(p), str(p))
+
+
+def read_prompts(path: str | os.PathLike) -> list[str]:
+    """Prompts from a .txt file (one per line) or .jsonl (a 'prompt' field per line)."""
+    path = Path(path)
+    if not path.exists():
+        raise EvalError(f"{path}: prompts file not found")
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    if path.suffix != ".jsonl":
+        prompts = lines
+    else:
+        prompts = []
+        for n, line in enumerate(lines, 1):
+            try:
+                prompts.append(str(json.loads(line)["prompt"]))
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise EvalError(f"{path}:{n}: expected a JSON object with a 'prompt' field") from None
+    if not prompts:
+        raise EvalError(f"{path}: no prompts")
+    return prompts
+
+
+def held_out_pairs(source: str = "bundled", limit: int | None = None) -> list[data.Pair]:
+    """The held-out side of a preference file's deterministic split (the pairs training did not see)."""
+    pairs, _ = data.load_pairs(source)
+    _, held_out = data.train_eval_split(pairs, EVAL_FRACTION, EVAL_SEED)
+    return held_out[:limit] if limit else held_out
+
+
+# ----------------------------------------------------------------------------- text metrics
+
+
+def ngrams(tokens: Sequence, n: int) -> list[tuple]:
+    return [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+
+
+def repetition(tokens: Sequence, n: int = 4) -> float:
+    """Share of a response's n-grams that repeat an earlier n-gram of the same response (0 when it has none)."""
+    grams = ngrams(tokens, n)
+    return (len(grams) - len(set(grams))) / len(grams) if grams else 0.0
+
+
+def distinct(responses: Sequence[Sequence], n: int) -> float:
+    """Distinct-n over a set of responses: unique n-grams / all n-grams, pooled (0 when there are none)."""
+    grams = [g for r in responses for g in ngrams(r, n)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def text_metrics(responses: Sequence[Sequence[int]], ended: Sequence[bool]) -> dict:
+    """Length, EOS rate, repetition and distinct-n of token-id responses (EOS not counted in them)."""
+    if not responses:
+        raise EvalError("no responses to measure")
+    return {
+        "length": float(np.mean([len(r) for r in responses])),
+        "eos_rate": float(np.mean([bool(e) for e in ended])),
+        "repetition": float(np.mean([repetition(r, 4) for r in responses])),
+        "distinct_1": distinct(responses, 1),
+        "distinct_2": distinct(responses, 2),
+    }
+
+
+# ----------------------------------------------------------------------------- model passes
+
+
+def _batches(items: Sequence, batch_size: int):
+    """Fixed-size chunks; the last is filled with copies of its last item so every batch has one shape."""
+    for start in range(0, len(items), batch_size):
+        chunk = list(items[start:start + batch_size])
+        yield chunk, chunk + [chunk[-1]] * (batch_size - len(chunk))
+
+
+def sample_responses(m: Loaded, prompts: Sequence[str], *, max_new_tokens: int, temperature: float = 0.0,
+                     top_k: int = 0, top_p: float = 1.0, suppress_eos: bool = False, system_prompt: str | None = None,
+                     batch_size: int = 8, buckets: Sequence[int] = PROMPT_BUCKETS, truncate: bool = True,
+                     seed: int = 0) -> list[dict]:
+    """Responses to HH-formatted prompts, batched and bucketed: one compilation per prompt bucket.
+
+    Returns per prompt {"prompt", "response" (text), "tokens" (ids without EOS), "ended_with_eos"}.
+    """
+    config, params = rollout.rollout_params(m.config, m.params)
+    tok = m.tokenizer
+    suppress = tokenizer.stop_token_ids(tok) if suppress_eos else ()
+    token_lists = [tok(tokenizer.format_prompt(p, system_prompt)).input_ids for p in prompts]
+    rng, out = jax.random.key(seed), []
+    for chunk, padded in _batches(list(zip(prompts, token_lists)), batch_size):
+        ids, mask = data.left_pad([t for _, t in padded], buckets, tok.pad_token_id, truncate=truncate)
+        rng, key = jax.random.split(rng)
+        gen = rollout.generate(config, params, ids, mask, key, max_new_tokens=max_new_tokens,
+                               temperature=temperature, top_k=top_k, top_p=top_p, suppress_token_ids=suppress,
+                               eos_token_ids=(tok.eos_token_id,), pad_id=tok.pad_token_id)
+        tokens, gen_mask = np.asarray(gen.tokens), np.asarray(gen.mask)
+        for row, (prompt, _) in enumerate(chunk):
+            kept = tokens[row][gen_mask[row] > 0].tolist()
+            ended = bool(kept) and kept[-1] == tok.eos_token_id
+            kept = kept[:-1] if ended else kept
+            out.append({"prompt": prompt, "response": tok.decode(kept, skip_special_tokens=True), "tokens": kept,
+                        "ended_with_eos": ended})
+    return out
+
+
+def reward_scores(rm: Loaded, prompts: Sequence[str], responses: Sequence[str], *, batch_size: int = 8,
+                  buckets: Sequence[int] = SEQUENCE_BUCKETS) -> np.ndarray:
+    """Reward-model score of each (prompt, response) text, float64 [N], formatted as the reward model
+    was trained (HH dialogue, answer after 'Assistant:'; the start of over-long prompts is cut)."""
+    if rm.config.has_lm_head or rm.config.num_labels != 1:
+        raise EvalError(f"{rm.path}: is a {rm.config.architecture}; the reward model must be a "
+                        f"{model.SEQ_CLS} with one label")
+    tok = rm.tokenizer
+    seqs = [data.tokenize_prompt(tok, tokenizer.format_prompt(p)) + data.tokenize_answer(tok, r)
+            for p, r in zip(prompts, responses)]
+    scores = []
+    for chunk, padded in _batches(seqs, batch_size):
+        ids, mask = data.left_pad(padded, buckets, tok.pad_token_id, truncate=True)
+        scores.extend(np.asarray(ppo.reward_scores(rm.params, ids, mask, config=rm.config))[:len(chunk)].tolist())
+    return np.asarray(scores, np.float64)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def target_logprobs(params: Params, ids, mask, targets, *, config: MistralConfig) -> jax.Array:
+    """Sum of log p(token t | tokens < t) over positions where targets [B, T] is 1: float32 [B].
+
+    ids, mask int32 [B, T] left-padded; targets marks the tokens to score (never the first column).
+    """
+    logits = model.forward(config, params, ids, mask)[:, :-1]  # position t-1 predicts token t
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    picked = jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
+    return jnp.sum(picked * targets[:, 1:], axis=-1)
+
+
+def perplexity(m: Loaded, pairs: Sequence[data.Pair], *, batch_size: int = 8,
+               buckets: Sequence[int] = SEQUENCE_BUCKETS) -> float:
+    """exp(mean negative log-likelihood per token) of the chosen answers given their prompts."""
+    tok = m.tokenizer
+    rows = []
+    for p in pairs:
+        prompt, answer = data.tokenize_prompt(tok, p.prompt), data.tokenize_answer(tok, p.chosen)
+        if not answer:
+            continue
+        rows.append((prompt, answer))
+    if not rows:
+        raise EvalError("no preference pair with a non-empty chosen answer")
+    total, count = 0.0, 0
+    for chunk, padded in _batches(rows, batch_size):
+        seqs = [prompt + answer for prompt, answer in padded]
+        ids, mask = data.left_pad(seqs, buckets, tok.pad_token_id, truncate=True)
+        targets = np.zeros_like(mask)
+        for row, (_, answer) in enumerate(padded):
+            targets[row, -len(answer):] = 1  # truncation only ever cuts the prompt's start
+        targets[:, 0] = 0
+        logp = np.asarray(target_logprobs(m.params, ids, mask, targets, config=m.config))
+        total += float(np.sum(logp[:len(chunk)]))
+        count += int(np.sum(targets[:len(chunk)]))
+    return float(np.exp(-total / count))
+
+
+# ----------------------------------------------------------------------------- one model, many models
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSettings:
+    """How every model is evaluated (the same for all, so their numbers compare)."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    suppress_eos: bool = False
+    system_prompt: str | None = None
+    batch_size: int = 8
+    seed: int = 0
+    mc_shots: int = 0
+    mc_style: str = "arc"
+
+
+def evaluate_model(m: Loaded, prompts: Sequence[str], settings: EvalSettings, reward_model: Loaded | None = None,
+                   preference_pairs: Sequence[data.Pair] = (), mc_items: Sequence = ()) -> dict:
+    """{"metrics": {name: float}, "generations": [...]} for one policy."""
+    if not m.config.has_lm_head:
+        raise EvalError(f"{m.path}: is a {m.config.architecture}; a policy must be a {model.CAUSAL_LM}")
+    s = settings
+    gens = sample_responses(m, prompts, max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
+                            top_p=s.top_p, suppress_eos=s.suppress_eos, system_prompt=s.system_prompt,
+                            batch_size=s.batch_size, seed=s.seed)
+    metrics = {}
+    if reward_model is not None:
+        metrics["reward"] = float(np.mean(reward_scores(reward_model, [g["prompt"] for g in gens],
+                                                        [g["response"] for g in gens], batch_size=s.batch_size)))
+    metrics.update(text_metrics([g["tokens"] for g in gens], [g["ended_with_eos"] for g in gens]))
+    if preference_pairs:
+        metrics["perplexity"] = perplexity(m, preference_pairs, batch_size=s.batch_size)
+    if mc_items:
+        from c2f_jax import multiple_choice
+
+        mc = multiple_choice.score(m.config, m.params, m.tokenizer, mc_items, shots=s.mc_shots, style=s.mc_style,
+                                   batch_size=s.batch_size)
+        metrics.update({"mc_acc": mc["acc"], "mc_acc_norm": mc["acc_norm"]})
+    return {"metrics": metrics, "generations": [{k: g[k] for k in ("prompt", "response", "ended_with_eos")}
+                                                for g in gens]}
+
+
+METRIC_NAMES = {
+    "reward": "reward", "length": "length (tokens)", "eos_rate": "EOS rate", "repetition": "repetition (4-gram)",
+    "distinct_1": "distinct-1", "distinct_2": "distinct-2", "perplexity": "perplexity (chosen)",
+    "mc_acc": "MC acc", "mc_acc_norm": "MC acc (norm)",
+}
+
+
+def markdown_table(rows: dict[str, dict], first: str = "model") -> str:
+    """rows: label -> metrics. One Markdown table, metric columns in METRIC_NAMES order."""
+    keys = [k for k in METRIC_NAMES if any(k in m for m in rows.values())]
+    lines = [f"| {first} | " + " | ".join(METRIC_NAMES[k] for k in keys) + " |",
+             "|---|" + "---|" * len(keys)]
+    for label, m in rows.items():
+        cells = [f"{m[k]:.3f}" if k in m else "" for k in keys]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+    """Written to a temporary file and renamed into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    tmp.replace(path)

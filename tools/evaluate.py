@@ -1,0 +1,99 @@
+"""Evaluate policies side by side: reward, length, EOS rate, repetition, distinct-n, perplexity, multiple choice.
+
+  python tools/evaluate.py --model runs/demo --model runs/sft_model --reward-model runs/demo/reward_model \
+      --prompts prompts.txt --max-new-tokens 64 --json eval.json
+  python tools/evaluate.py --model DIR --mc bundled --mc-shots 2          # + multiple-choice accuracy
+
+A --model is an HF folder or a training workdir (its latest actor, or --step N).
+Prompts: a .txt file (one per line) or .jsonl ('prompt' field); default the held-out
+prompts of the bundled sample. Perplexity is of the chosen answers of --preferences
+(default the bundled sample's held-out pairs; 'none' to skip). Greedy decoding by
+default, EOS allowed, so the numbers are deterministic and show whether a model stops.
+Prints a Markdown table; --json writes the numbers per model (and --generations the texts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a checkout without installing
+
+from c2f_jax import cli, evaluate, tokenizer  # noqa: E402
+
+
+def add_eval_args(p: argparse.ArgumentParser) -> None:
+    """The options evaluate.py and sweep.py share."""
+    p.add_argument("--reward-model", help="HF folder or reward-run workdir of a reward model (scores responses)")
+    p.add_argument("--prompts", help=".txt or .jsonl prompts (default: the bundled sample's held-out prompts)")
+    p.add_argument("--limit", type=int, default=32, help="at most this many default prompts/pairs (default 32)")
+    p.add_argument("--preferences", default="bundled",
+                   help="preference file whose held-out chosen answers give perplexity ('none' to skip)")
+    p.add_argument("--mc", help="multiple-choice items: 'bundled', a .jsonl/.json/.parquet file or a datasets name")
+    p.add_argument("--mc-shots", type=int, default=0, help="solved examples before each question (default 0)")
+    p.add_argument("--mc-style", default="arc", choices=("arc", "mmlu", "hellaswag"))
+    p.add_argument("--max-new-tokens", type=int, default=64, help="response length bucket (default 64)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--suppress-eos", action="store_true", help="never sample EOS (the Coarse Actor's training mode)")
+    p.add_argument("--system-prompt", default=None, help="text before each dialogue; 'coarse' = the paper's")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--dtype", default="float32", help="compute dtype")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def settings_from(args) -> evaluate.EvalSettings:
+    if args.batch_size < 1 or args.max_new_tokens < 1:
+        raise cli.UsageError(f"--batch-size={args.batch_size} and --max-new-tokens={args.max_new_tokens} "
+                             f"must be >= 1")
+    system = tokenizer.COARSE_SYSTEM_PROMPT if args.system_prompt == "coarse" else args.system_prompt
+    return evaluate.EvalSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                                 top_p=args.top_p, suppress_eos=args.suppress_eos, system_prompt=system,
+                                 batch_size=args.batch_size, seed=args.seed, mc_shots=args.mc_shots,
+                                 mc_style=args.mc_style)
+
+
+def inputs_from(args):
+    """(prompts, preference pairs, multiple-choice items, reward model or None), checked before any model runs."""
+    prompts = (evaluate.read_prompts(args.prompts) if args.prompts
+               else [p.prompt for p in evaluate.held_out_pairs("bundled", args.limit)])
+    pairs = [] if args.preferences == "none" else evaluate.held_out_pairs(args.preferences, args.limit)
+    items = []
+    if args.mc:
+        from c2f_jax import multiple_choice
+
+        items = multiple_choice.load_items(args.mc)
+    rm = evaluate.load_model(args.reward_model, args.dtype) if args.reward_model else None
+    return prompts, pairs, items, rm
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", action="append", required=True, help="HF folder or training workdir (repeatable)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step of workdir models (default latest)")
+    add_eval_args(p)
+    p.add_argument("--json", help="write {model: metrics} here")
+    p.add_argument("--generations", help="write {model: [{prompt, response, ended_with_eos}]} here")
+    args = p.parse_args(argv)
+    settings = settings_from(args)
+    for path in args.model:
+        if not Path(path).is_dir():
+            raise cli.UsageError(f"--model {path}: model folder not found")
+    prompts, pairs, items, rm = inputs_from(args)
+    results = {}
+    for path in args.model:
+        m = evaluate.load_model(path, args.dtype, args.step if (Path(path) / "run_config.json").exists() else None)
+        results[path] = evaluate.evaluate_model(m, prompts, settings, rm, pairs, items)
+        print(f"evaluated {path}", file=sys.stderr)
+    print(evaluate.markdown_table({k: v["metrics"] for k, v in results.items()}))
+    if args.json:
+        evaluate.write_json(args.json, {k: v["metrics"] for k, v in results.items()})
+    if args.generations:
+        evaluate.write_json(args.generations, {k: v["generations"] for k, v in results.items()})
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,56 @@
+"""Supervised fine-tuning on the chosen answers of a preference file: the demo's stand-in for an Instruct model.
+
+  python tools/sft.py --base runs/demo/base_model --out runs/demo/sft_model --steps 100
+
+The paper merges its Coarse Actor with Mistral-7B-Instruct; the tiny demo has no
+such model, so this teaches the demo's base model to answer in the HH format and to
+stop: each example is 'Human: ... Assistant: <chosen answer></s>', from the training side
+of the split that tools/evaluate.py holds out (so its perplexity stays honest). The output is an
+HF folder (config, safetensors, tokenizer), written to a temporary folder and renamed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a checkout without installing
+
+from c2f_jax import cli, data, evaluate, hf, sft, tokenizer  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--base", required=True, help="HF MistralForCausalLM folder to start from")
+    p.add_argument("--out", required=True, help="output HF folder")
+    p.add_argument("--data", default="bundled", help="preference data: 'bundled', a local file or a hub name")
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--max-length", type=int, default=256, help="longer examples keep their end")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+    args = p.parse_args(argv)
+    if Path(args.out).exists() and not args.overwrite:
+        raise cli.UsageError(f"--out {args.out} exists (pass --overwrite to replace it)")
+    if args.steps < 1:
+        raise cli.UsageError(f"--steps={args.steps} must be >= 1")
+    config, params = hf.load_pretrained(args.base)
+    if not config.has_lm_head:
+        raise cli.UsageError(f"--base {args.base}: is a {config.architecture}; SFT needs MistralForCausalLM")
+    tok = tokenizer.load_tokenizer(args.base)
+    pairs, _ = data.load_pairs(args.data)
+    pairs, _ = data.train_eval_split(pairs, evaluate.EVAL_FRACTION, evaluate.EVAL_SEED)
+    texts = [data.tokenize_prompt(tok, pair.prompt) + data.tokenize_answer(tok, pair.chosen) + [tok.eos_token_id]
+             for pair in pairs]
+    buckets = sorted({min(b, args.max_length) for b in (64, 128, 256, 512, 1024, 2048)})
+    params, loss = sft.fine_tune(config, params, texts, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                                 buckets=buckets, pad_id=tok.pad_token_id, seed=args.seed)
+    hf.save_pretrained(args.out, config, params, tokenizer_source=tok, overwrite=args.overwrite)
+    print(f"{args.steps} steps on {len(texts)} examples, last loss {loss:.3f} -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run(main)
