@@ -11,7 +11,6 @@ length and removes the repetition. tools/evaluate.py and tools/sweep.py print th
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 from pathlib import Path
@@ -21,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from c2f_jax import data, hf, model, ppo, rollout, tokenizer
+from c2f_jax import data, hf, model, multiple_choice, ppo, rollout, tokenizer
 from c2f_jax.model import MistralConfig, Params
 
 PROMPT_BUCKETS = (64, 128, 256, 512, 1024)
@@ -180,18 +179,6 @@ def reward_scores(rm: Loaded, prompts: Sequence[str], responses: Sequence[str], 
     return np.asarray(scores, np.float64)
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
-def target_logprobs(params: Params, ids, mask, targets, *, config: MistralConfig) -> jax.Array:
-    """Sum of log p(token t | tokens < t) over positions where targets [B, T] is 1: float32 [B].
-
-    ids, mask int32 [B, T] left-padded; targets marks the tokens to score (never the first column).
-    """
-    logits = model.forward(config, params, ids, mask)[:, :-1]  # position t-1 predicts token t
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    picked = jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
-    return jnp.sum(picked * targets[:, 1:], axis=-1)
-
-
 def perplexity(m: Loaded, pairs: Sequence[data.Pair], *, batch_size: int = 8,
                buckets: Sequence[int] = SEQUENCE_BUCKETS) -> float:
     """exp(mean negative log-likelihood per token) of the chosen answers given their prompts."""
@@ -212,7 +199,7 @@ def perplexity(m: Loaded, pairs: Sequence[data.Pair], *, batch_size: int = 8,
         for row, (_, answer) in enumerate(padded):
             targets[row, -len(answer):] = 1  # truncation only ever cuts the prompt's start
         targets[:, 0] = 0
-        logp = np.asarray(target_logprobs(m.params, ids, mask, targets, config=m.config))
+        logp = np.asarray(multiple_choice.continuation_logprob(m.params, ids, mask, targets, config=m.config))
         total += float(np.sum(logp[:len(chunk)]))
         count += int(np.sum(targets[:len(chunk)]))
     return float(np.exp(-total / count))
@@ -254,8 +241,6 @@ def evaluate_model(m: Loaded, prompts: Sequence[str], settings: EvalSettings, re
     if preference_pairs:
         metrics["perplexity"] = perplexity(m, preference_pairs, batch_size=s.batch_size)
     if mc_items:
-        from c2f_jax import multiple_choice
-
         mc = multiple_choice.score(m.config, m.params, m.tokenizer, mc_items, shots=s.mc_shots, style=s.mc_style,
                                    batch_size=s.batch_size)
         metrics.update({"mc_acc": mc["acc"], "mc_acc_norm": mc["acc_norm"]})

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from c2f_jax import data, evaluate, hf, model, reward, tokenizer
+from c2f_jax import data, evaluate, hf, model, multiple_choice, reward, tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -70,7 +70,7 @@ def tiny(tmp_path_factory):
     return root, evaluate.load_model(root / "policy"), evaluate.load_model(root / "rm")
 
 
-def test_target_logprobs_equal_a_direct_log_softmax(tiny):
+def test_continuation_logprobs_equal_a_direct_log_softmax(tiny):
     """Left padding, bucketing and the target mask change nothing: each row equals its own unpadded pass."""
     _, policy, _ = tiny
     tok = policy.tokenizer
@@ -80,7 +80,7 @@ def test_target_logprobs_equal_a_direct_log_softmax(tiny):
     targets = np.zeros_like(mask)
     for r, (_, answer) in enumerate(rows):
         targets[r, -len(answer):] = 1
-    got = np.asarray(evaluate.target_logprobs(policy.params, ids, mask, targets, config=policy.config))
+    got = np.asarray(multiple_choice.continuation_logprob(policy.params, ids, mask, targets, config=policy.config))
     for r, (prompt, answer) in enumerate(rows):
         seq = jnp.asarray([prompt + answer], jnp.int32)
         logp = jax.nn.log_softmax(model.forward(policy.config, policy.params, seq)[0, :-1], axis=-1)

@@ -17,9 +17,8 @@ import sys
 from pathlib import Path
 
 import jax
-import numpy as np
 
-from c2f_jax import cli, data, hf, model, rollout, tokenizer
+from c2f_jax import cli, evaluate, hf, model, tokenizer
 
 
 def parse_args(argv=None):
@@ -81,31 +80,12 @@ def main(argv=None) -> int:
     system = tokenizer.COARSE_SYSTEM_PROMPT if args.system_prompt == "coarse" else args.system_prompt
     prompts = read_prompts(args)
     config, params, tok = load_model(args)
-    config, params = rollout.rollout_params(config, params)
-    suppress = tokenizer.stop_token_ids(tok) if args.suppress_eos else ()
-    texts = [tokenizer.format_prompt(p, system) for p in prompts]
-    token_lists = [tok(t).input_ids for t in texts]
-    rng = jax.random.key(args.seed)
-    records = []
-    for start in range(0, len(token_lists), args.batch_size):
-        chunk = token_lists[start:start + args.batch_size]
-        # Fill the last batch with copies: one batch shape, one compilation.
-        padded = chunk + [chunk[-1]] * (args.batch_size - len(chunk))
-        ids, mask = data.left_pad(padded, buckets, tok.pad_token_id, truncate=args.truncate)
-        rng, key = jax.random.split(rng)
-        out = rollout.generate(config, params, ids, mask, key, max_new_tokens=args.max_new_tokens,
-                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                               suppress_token_ids=suppress, eos_token_ids=(tok.eos_token_id,),
-                               pad_id=tok.pad_token_id)
-        tokens, gen_mask = np.asarray(out.tokens), np.asarray(out.mask)
-        for row in range(len(chunk)):
-            kept = tokens[row][gen_mask[row] > 0].tolist()
-            records.append({
-                "prompt": prompts[start + row],
-                "response": tok.decode(kept, skip_special_tokens=True),
-                "num_tokens": len(kept),
-                "ended_with_eos": bool(kept and kept[-1] == tok.eos_token_id),
-            })
+    gens = evaluate.sample_responses(
+        evaluate.Loaded(config, params, tok, args.model or "tiny"), prompts, max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, suppress_eos=args.suppress_eos,
+        system_prompt=system, batch_size=args.batch_size, buckets=buckets, truncate=args.truncate, seed=args.seed)
+    records = [{"prompt": g["prompt"], "response": g["response"], "num_tokens": len(g["tokens"]) + g["ended_with_eos"],
+                "ended_with_eos": g["ended_with_eos"]} for g in gens]
     if args.out:
         tmp = f"{args.out}.tmp-{os.getpid()}"
         with open(tmp, "w") as f:
