@@ -153,6 +153,8 @@ def main(argv=None) -> None:
     p.add_argument("--iterations", type=int, default=2, help="timed iterations per side (best is reported)")
     p.add_argument("--torch-device", default="cpu", help="cpu or cuda; on cuda both sides may use TF32 for float32 "
                    "matmuls (XLA's default precision on GPU, switched on for torch to match)")
+    p.add_argument("--remat", default="none", help="our activation checkpointing: none, dots or full "
+                   "(full: a 1B model's update fits one 80 GB card beside the torch side)")
     p.add_argument("--peak-tflops", type=float, default=0.0, help="the device's peak for the MFU column (0: none)")
     args = p.parse_args(argv)
     import torch
@@ -167,7 +169,7 @@ def main(argv=None) -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for size in args.sizes.split(","):
         layers, d = (int(x) for x in size.split("x"))
-        config = bench_config(layers, d)
+        config = bench_config(layers, d).replace(remat=args.remat)
         actor = model.init_params(config, jax.random.key(0))
         critic_config, critic = reward.init_from_base(config, actor, jax.random.key(1))
         rng = np.random.RandomState(0)
