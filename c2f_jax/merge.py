@@ -98,25 +98,29 @@ class Scratch:
         return self.buffers[i][: math.prod(shape) * dtype.itemsize].view(dtype).reshape(shape)
 
 
-def lerp(coarse: np.ndarray, sft: np.ndarray, gamma: float, dtype, scratch: Scratch | None = None) -> np.ndarray:
+def lerp(coarse: np.ndarray, sft: np.ndarray, gamma: float, dtype, scratch: Scratch | None = None,
+         out: np.ndarray | None = None) -> np.ndarray:
     """float32 `gamma * coarse + (1 - gamma) * sft`, rounded to `dtype`.
 
     coarse, sft: NumPy arrays of one shape, any float dtypes (bfloat16 via ml_dtypes). Returns an array of
-    that shape in `dtype`: a view into `scratch` when given (valid until its next use), else a new array.
-    gamma 0 / 1 return `sft` / `coarse` themselves when they already have `dtype`.
+    that shape in `dtype`: `out` when given (that shape and dtype), else a view into `scratch` (valid until
+    its next use) or a new array. Without `out`, gamma 0 / 1 return `sft` / `coarse` themselves when they
+    already have `dtype`.
     """
     dtype = np.dtype(dtype)
-    if gamma == 1.0:
-        return _cast(coarse, dtype)
-    if gamma == 0.0:
-        return _cast(sft, dtype)
+    if gamma in (0.0, 1.0):
+        src = coarse if gamma == 1.0 else sft
+        if out is None:
+            return _cast(src, dtype)
+        np.copyto(out, src if src.dtype == dtype else src.astype(np.float32, copy=False), casting="unsafe")
+        return out
     take = scratch.take if scratch is not None else lambda i, shape, dt: np.empty(shape, dt)
     x = np.multiply(coarse, np.float32(gamma), out=take(0, coarse.shape, np.float32), dtype=np.float32)
     y = np.multiply(sft, np.float32(1.0 - gamma), out=take(1, sft.shape, np.float32), dtype=np.float32)
-    np.add(x, y, out=x)
     if dtype == np.float32:
-        return x
-    out = take(2, x.shape, dtype)
+        return np.add(x, y, out=x if out is None else out)
+    np.add(x, y, out=x)
+    out = take(2, x.shape, dtype) if out is None else out
     np.copyto(out, x, casting="unsafe")  # round to nearest even, as astype does
     return out
 
@@ -513,7 +517,9 @@ def write_merge(plan: MergePlan, out, max_shard_size: int | str = "5GB", overwri
     scratch = Scratch(chunk)
     sa = _Stream(plan.coarse_reader, {t.name: t.coarse_dtype for t in plan.tensors}, chunk)
     sb = _Stream(plan.sft_reader, {t.name: t.sft_dtype for t in plan.tensors}, chunk)
-    with hf.atomic_dir(out, overwrite) as tmp, contextlib.closing(sa), contextlib.closing(sb):
+    writer = _Writer(chunk * max(t.out_dtype.itemsize for t in plan.tensors))
+    with hf.atomic_dir(out, overwrite) as tmp, contextlib.closing(sa), contextlib.closing(sb), \
+            contextlib.closing(writer):
         folders = [tmp / gamma_folder(g) for g in plan.gammas] if plan.sweep else [tmp]
         for folder in folders:
             folder.mkdir(exist_ok=True)
@@ -521,21 +527,85 @@ def write_merge(plan: MergePlan, out, max_shard_size: int | str = "5GB", overwri
         for shard, fname, shard_jobs in zip(shards, shard_names, jobs):
             header = _header(shard)
             size = len(header) + sum(t.out_nbytes for t in shard)
-            with contextlib.ExitStack() as stack:
-                files = [stack.enter_context(open(folder / fname, "wb", buffering=0)) for folder in folders]
-                for f in files:
-                    _write_all(f, np.frombuffer(header, np.uint8))
-                for (t, _, _), a, b in itertools.islice(chunks, len(shard_jobs)):
-                    for gamma, f in zip(plan.gammas, files):
-                        _write_all(f, lerp(a, b, gamma, t.out_dtype, scratch))
-                for f in files:
-                    if f.tell() != size:
-                        raise MergeError(f"{f.name}: wrote {f.tell()} bytes, planned {size} (a bug)")
-                    os.fsync(f.fileno())
+            files = [writer.open(folder / fname) for folder in folders]
+            for f in files:
+                writer.write(f, np.frombuffer(header, np.uint8))
+            for (t, _, _), a, b in itertools.islice(chunks, len(shard_jobs)):
+                for gamma, f in zip(plan.gammas, files):
+                    writer.write(f, lerp(a, b, gamma, t.out_dtype, scratch, out=writer.buffer(a.shape, t.out_dtype)))
+            for f in files:
+                writer.finish(f, size)
+        writer.drain()
         digests = {"coarse": sa.sha.hexdigest(), "sft": sb.sha.hexdigest()}
         provenance = [_finish_folder(plan, folder, gamma, shards, shard_names, digests)
                       for folder, gamma in zip(folders, plan.gammas)]
     return provenance
+
+
+class _Writer:
+    """Writes behind the arithmetic on one thread, in order: the merge computes chunk i+1 while chunk i is
+    written, and a finished shard is fsync'd and closed there too.
+
+    Results go into a small ring of output buffers; taking a buffer waits for the write that last used it.
+    """
+
+    RING = 3
+
+    def __init__(self, nbytes: int):
+        self.pool = ThreadPoolExecutor(1)
+        self.ring = [np.empty(nbytes, np.uint8) for _ in range(self.RING)]
+        self.busy = [None] * self.RING  # the write future that last used each buffer
+        self.next = 0
+        self.futures: list = []
+        self.files: list = []
+
+    def open(self, path: Path):
+        self.files.append(open(path, "wb", buffering=0))
+        return self.files[-1]
+
+    def buffer(self, shape: tuple[int, ...], dtype) -> np.ndarray:
+        """The next ring buffer as an array of `shape` and `dtype`, once its last write is done."""
+        k, self.next = self.next, (self.next + 1) % self.RING
+        if self.busy[k] is not None:
+            self.busy[k].result()
+            self.busy[k] = None
+        dtype = np.dtype(dtype)
+        return self.ring[k][: math.prod(shape) * dtype.itemsize].view(dtype).reshape(shape)
+
+    def write(self, f, x: np.ndarray) -> None:
+        """Queues x for f; x must stay untouched until written (a ring buffer, or memory nobody reuses)."""
+        future = self.pool.submit(_write_all, f, x)
+        for k, r in enumerate(self.ring):
+            if np.shares_memory(x, r):
+                self.busy[k] = future
+        self._track(future)
+
+    def finish(self, f, size: int) -> None:
+        self._track(self.pool.submit(self._finish, f, size))
+
+    @staticmethod
+    def _finish(f, size: int) -> None:
+        try:
+            if f.tell() != size:
+                raise MergeError(f"{f.name}: wrote {f.tell()} bytes, planned {size} (a bug)")
+            os.fsync(f.fileno())
+        finally:
+            f.close()
+
+    def _track(self, future) -> None:
+        self.futures.append(future)
+        # Surface a failed write early (disk full) instead of after the whole model.
+        while self.futures and self.futures[0].done():
+            self.futures.pop(0).result()
+
+    def drain(self) -> None:
+        while self.futures:
+            self.futures.pop(0).result()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        for f in self.files:  # after an error: files whose shard never finished
+            f.close()
 
 
 def _write_all(f, x: np.ndarray) -> None:

@@ -374,7 +374,7 @@ def test_a_failed_merge_leaves_nothing_behind(fp32, tmp_path, monkeypatch, error
     # SystemExit is what tools/merge.py's SIGTERM handler raises.
     calls = []
 
-    def failing(a, b, gamma, dtype, scratch=None):
+    def failing(a, b, gamma, dtype, scratch=None, out=None):
         calls.append(1)
         if len(calls) > 5:
             raise error
@@ -384,6 +384,22 @@ def test_a_failed_merge_leaves_nothing_behind(fp32, tmp_path, monkeypatch, error
     with pytest.raises(type(error)):
         run("--coarse", fp32[0], "--sft", fp32[1], "--gamma", "0.5", "--out", tmp_path / "out")
     assert len(calls) == 6 and list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_write_on_the_writer_thread_fails_the_merge_and_leaves_nothing(fp32, tmp_path, monkeypatch):
+    """Writes run behind the arithmetic on a thread; a disk-full there still ends the merge with that error."""
+    real, calls = merge._write_all, []
+
+    def failing(f, x):
+        calls.append(1)
+        if len(calls) > 7:
+            raise OSError(28, "No space left on device")
+        return real(f, x)
+
+    monkeypatch.setattr(merge, "_write_all", failing)
+    with pytest.raises(OSError, match="No space left"):
+        run("--coarse", fp32[0], "--sft", fp32[1], "--gamma", "0.3,0.6", "--out", tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_cli_error_is_one_line_and_exit_2(fp32, tmp_path):
