@@ -24,6 +24,7 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 # The config lives in a JAX-free module; model.MistralConfig etc. stay the public names.
 from c2f_jax.config import (ARCHITECTURES, CAUSAL_LM, MISTRAL_7B_INSTRUCT_V02, MISTRAL_7B_V01, PRESETS,  # noqa: F401
@@ -73,6 +74,43 @@ def attention_bias(q_pos, key_pos, key_mask, sliding_window: int | None) -> jax.
 # ----------------------------------------------------------------------------- modules
 
 
+# The name the remat policy "dots" saves `dense` outputs under (its matmuls are inside a custom_vjp,
+# where dots_with_no_batch_dims_saveable cannot see them).
+DENSE_NAME = "dense"
+
+
+def dense(x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
+    """x [..., I] @ w [I, O] -> [..., O], as jnp.einsum with preferred_element_type=out_dtype.
+
+    Only the weight gradient is spelled differently: JAX transposes the forward einsum
+    into dot(dy, x) over tokens followed by a transpose, which XLA:CPU lowers to a
+    layout copy of dy written in transposed order (fused into dy's producer, so a
+    strided write as large as the activations) feeding its fallback dot. Contracting
+    x and dy over their leading token axis directly needs no copy at all.
+    """
+    return checkpoint_name(_dense(x, w, out_dtype), DENSE_NAME)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _dense(x, w, out_dtype):
+    return jnp.einsum("...i,io->...o", x, w, preferred_element_type=out_dtype)
+
+
+def _dense_fwd(x, w, out_dtype):
+    return _dense(x, w, out_dtype), (x, w)
+
+
+def _dense_bwd(out_dtype, res, dy):
+    x, w = res
+    dx = jnp.einsum("...o,io->...i", dy, w).astype(x.dtype)
+    tokens_x, tokens_dy = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+    dw = jnp.einsum("ti,to->io", tokens_x, tokens_dy).astype(w.dtype)
+    return dx, dw
+
+
+_dense.defvjp(_dense_fwd, _dense_bwd)
+
+
 def _init(config: MistralConfig):
     return nn.initializers.normal(stddev=0.02)
 
@@ -107,9 +145,10 @@ class Attention(nn.Module):
         wv = self.param("v", _init(c), (D, K, H), pdt).astype(cdt)
         wo = self.param("o", _init(c), (N, H, D), pdt).astype(cdt)
 
-        q = shard_as(apply_rope(jnp.einsum("BTD,DNH->BTNH", x, wq), sin, cos), BATCH, None, "tensor", None)
-        k = shard_as(apply_rope(jnp.einsum("BTD,DKH->BTKH", x, wk), sin, cos), BATCH, None, "tensor", None)
-        v = shard_as(jnp.einsum("BTD,DKH->BTKH", x, wv), BATCH, None, "tensor", None)
+        project = lambda w: dense(x, w.reshape(D, -1)).reshape(*x.shape[:-1], *w.shape[1:])  # BTD,D(NH)->BTNH
+        q = shard_as(apply_rope(project(wq), sin, cos), BATCH, None, "tensor", None)
+        k = shard_as(apply_rope(project(wk), sin, cos), BATCH, None, "tensor", None)
+        v = shard_as(project(wv), BATCH, None, "tensor", None)
         if kv is not None:
             # The cache rides in the layer scan's carry, so XLA updates it in place
             # instead of restacking a copy of every layer each step.
@@ -125,8 +164,8 @@ class Attention(nn.Module):
         scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k.astype(cdt), preferred_element_type=jnp.float32)
         scores = shard_as(scores * H**-0.5 + bias[:, None, None, :, :], BATCH, "tensor", None, None, None)
         probs = jax.nn.softmax(scores, axis=-1).astype(cdt)
-        out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v.astype(cdt)).reshape(B, T, N, H)
-        return jnp.einsum("BTNH,NHD->BTD", out, wo), kv
+        out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v.astype(cdt)).reshape(B, T, N * H)
+        return dense(out, wo.reshape(N * H, D)), kv
 
 
 class MLP(nn.Module):
@@ -137,9 +176,9 @@ class MLP(nn.Module):
         c = self.config
         pdt, cdt = jnp.dtype(c.param_dtype), jnp.dtype(c.compute_dtype)
         D, F = c.hidden_size, c.intermediate_size
-        gate = jnp.einsum("BTD,DF->BTF", x, self.param("gate", _init(c), (D, F), pdt).astype(cdt))
-        up = jnp.einsum("BTD,DF->BTF", x, self.param("up", _init(c), (D, F), pdt).astype(cdt))
-        return jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate) * up, self.param("down", _init(c), (F, D), pdt).astype(cdt))
+        gate = dense(x, self.param("gate", _init(c), (D, F), pdt).astype(cdt))
+        up = dense(x, self.param("up", _init(c), (D, F), pdt).astype(cdt))
+        return dense(jax.nn.silu(gate) * up, self.param("down", _init(c), (F, D), pdt).astype(cdt))
 
 
 class DecoderLayer(nn.Module):
@@ -157,7 +196,10 @@ class DecoderLayer(nn.Module):
 
 
 def _remat_policy(name: str):
-    return {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}[name]
+    policies = jax.checkpoint_policies
+    dots = policies.save_from_both_policies(policies.dots_with_no_batch_dims_saveable,
+                                            policies.save_only_these_names(DENSE_NAME))
+    return {"full": None, "dots": dots}[name]
 
 
 class Mistral(nn.Module):
@@ -218,7 +260,7 @@ def head_weight(config: MistralConfig, params: Params) -> jax.Array:
 
 def head_output(config: MistralConfig, params: Params, hidden: jax.Array) -> jax.Array:
     """LM logits [..., V] (or scalar-head scores [..., num_labels]), float32, from final hidden states [..., D]."""
-    out = jnp.einsum("...D,DV->...V", hidden, head_weight(config, params), preferred_element_type=jnp.float32)
+    out = dense(hidden, head_weight(config, params), jnp.float32)  # ...D,DV->...V
     return shard_as(out, BATCH, *([None] * (out.ndim - 2)), "tensor")
 
 

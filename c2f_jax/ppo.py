@@ -150,18 +150,52 @@ def response_logprobs(config: MistralConfig, params: Params, seq_ids, seq_mask, 
     """(logprob of each response token, entropy of the policy there), float32 [B, R].
 
     Position P-1+t predicts response token t, so the logits used are [:, P-1:-1].
+    The entropy is a metric: no gradient flows through it.
     """
     # The LM head only where response tokens are predicted: [B, R, V] logits, not [B, P+R, V].
     hidden = model.hidden_states(config, params, seq_ids, seq_mask)[:, -response_len - 1:-1]  # [B, R, D]
-    logits = model.head_output(config, params, hidden) / temperature  # [B, R, V]
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    # The sampled token's logit from its own head column: gathering it out of the [B, R, V] logits
-    # makes the backward pass a scatter into a zeroed [B, R, V] buffer (it was the slowest op).
-    columns = jnp.take(model.head_weight(config, params).T, seq_ids[:, -response_len:], axis=0)  # [B, R, D]
-    token_logit = jnp.einsum("BRD,BRD->BR", hidden, columns, preferred_element_type=jnp.float32) / temperature
-    probs = jax.nn.softmax(jax.lax.stop_gradient(logits), axis=-1)
-    entropy = jax.lax.stop_gradient(lse) - jnp.sum(probs * jax.lax.stop_gradient(logits), axis=-1)  # a metric
-    return token_logit - lse, entropy
+    logp, entropy = token_logprobs(hidden, model.head_weight(config, params), seq_ids[:, -response_len:], temperature)
+    return logp, jax.lax.stop_gradient(entropy)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def token_logprobs(hidden, head, tokens, temperature: float = 1.0) -> tuple[jax.Array, jax.Array]:
+    """(log softmax(hidden @ head / temperature) at tokens, entropy), float32 [B, R].
+
+    hidden [B, R, D], head [D, V], tokens int [B, R]. One pass over the [B, R, V]
+    logits serves logsumexp, the token's logit and the entropy, and the backward pass
+    is written out: d logits = g * (onehot(token) - softmax) / temperature in one
+    fused elementwise op, then the two head matmuls. Left to autodiff, XLA:CPU
+    re-evaluated the softmax for each consumer, scattered the token's gradient into a
+    zeroed [B, R, V] buffer (or, gathering the token's column of the head instead,
+    into a zeroed [V, D] one) and copied d logits into a transposed [V, B*R] layout
+    for the head's weight gradient. The entropy gets no gradient.
+    """
+    return _token_logprobs_fwd(hidden, head, tokens, temperature)[0]
+
+
+def _token_logprobs_fwd(hidden, head, tokens, temperature):
+    logits = jnp.einsum("BRD,DV->BRV", hidden, head, preferred_element_type=jnp.float32) / temperature
+    top = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    exp = jnp.exp(logits - top)
+    total = jnp.sum(exp, axis=-1, keepdims=True)
+    lse = (top + jnp.log(total))[..., 0]
+    token_logit = jnp.take_along_axis(logits, tokens[..., None], axis=-1)[..., 0]
+    entropy = lse - jnp.sum(exp * logits, axis=-1) / total[..., 0]
+    return (token_logit - lse, entropy), (hidden, head, tokens, exp, total)
+
+
+def _token_logprobs_bwd(temperature, res, cotangents):
+    hidden, head, tokens, exp, total = res
+    g = cotangents[0][..., None] / temperature  # [B, R, 1]; the entropy's cotangent is dropped
+    onehot = jnp.arange(exp.shape[-1], dtype=tokens.dtype) == tokens[..., None]
+    d_logits = jnp.where(onehot, g, 0.0) - g * (exp / total)  # [B, R, V]
+    d_hidden = jnp.einsum("BRV,DV->BRD", d_logits, head).astype(hidden.dtype)
+    d_head = jnp.einsum("BRD,BRV->DV", hidden, d_logits).astype(head.dtype)  # tokens contracted directly: no copy
+    return d_hidden, d_head, None
+
+
+token_logprobs.defvjp(_token_logprobs_fwd, _token_logprobs_bwd)
 
 
 def response_values(config: MistralConfig, params: Params, seq_ids, seq_mask, response_len: int) -> jax.Array:
