@@ -127,8 +127,9 @@ def main(argv=None) -> None:
             theirs_tps = new / time_it(theirs, args.repeats)
             del hm
         bound = args.batch * bandwidth / bytes_per_step(r_config, r_params, args.batch, args.prompt, args.new_tokens)
+        bound_cells = f"{bound:,.0f} | {ours_tps / bound:.0%}" if on_gpu else "- | -"
         print(f"| {layers} layers, d={d} | {n_params / 1e6:.1f}M | {ours_tps:,.0f} | {theirs_tps:,.0f} | "
-              f"{ours_tps / theirs_tps:.2f}x | {bound:,.0f} | {ours_tps / bound:.0%} |", flush=True)
+              f"{ours_tps / theirs_tps:.2f}x | {bound_cells} |", flush=True)
 
 
 if __name__ == "__main__":
