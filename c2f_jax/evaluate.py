@@ -25,7 +25,8 @@ from c2f_jax.model import MistralConfig, Params
 
 PROMPT_BUCKETS = (64, 128, 256, 512, 1024)
 SEQUENCE_BUCKETS = (128, 256, 512, 1024, 2048)
-# The held-out split of a preference file, as the training configs cut it.
+# The held-out split of a preference file that evaluation scores and tools/sft.py does not train on.
+# (The reward configs hold out their own eval_fraction; a coarse run samples every prompt of its file.)
 EVAL_FRACTION, EVAL_SEED = 0.1, 0
 
 
@@ -85,7 +86,7 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
 
 
 def held_out_pairs(source: str = "bundled", limit: int | None = None) -> list[data.Pair]:
-    """The held-out side of a preference file's deterministic split (the pairs training did not see)."""
+    """The held-out side of a preference file's deterministic EVAL_FRACTION / EVAL_SEED split."""
     pairs, _ = data.load_pairs(source)
     _, held_out = data.train_eval_split(pairs, EVAL_FRACTION, EVAL_SEED)
     return held_out[:limit] if limit else held_out

@@ -418,7 +418,10 @@ def run_coarse(config, workdir: Path, show_progress: bool = True) -> list[dict]:
 
 def load_workdir_model(workdir: str | os.PathLike, step: int | None = None):
     """(MistralConfig, params, tokenizer folder) of a workdir's trained model at `step` (default latest):
-    the actor of a coarse run, the reward model of a reward run. Params as saved, on the host."""
+    the actor of a coarse run, the reward model of a reward run. Params as saved, on the host.
+
+    Restores the whole saved training state (with optimizer moments and, for a coarse run, the critic)
+    and keeps the one model: host memory for a moment is several models' worth."""
     workdir = Path(workdir)
     for name in (RUN_CONFIG, MODEL_CONFIG):
         if not (workdir / name).exists():

@@ -102,13 +102,22 @@ def test_reward_scores_equal_the_reward_model_on_each_unpadded_sequence(tiny):
         assert score == pytest.approx(float(want), rel=1e-4, abs=1e-4)
 
 
-def test_sample_responses_strip_eos_and_measure_what_was_generated(tiny):
-    """The responses evaluate measures are the rollout's tokens: suppressed EOS gives full-length responses."""
+def test_sample_responses_strip_eos_and_measure_what_was_generated(tiny, monkeypatch):
+    """The responses evaluate measures are the rollout's tokens up to EOS, without it; suppressed EOS gives
+    full-length responses."""
     _, policy, _ = tiny
     gens = evaluate.sample_responses(policy, ["Hi", "Tell me a story"], max_new_tokens=8, suppress_eos=True,
                                      batch_size=4)
     assert [len(g["tokens"]) for g in gens] == [8, 8] and not any(g["ended_with_eos"] for g in gens)
-    assert all(policy.tokenizer.eos_token_id not in g["tokens"] for g in gens)
+    eos, pad = policy.tokenizer.eos_token_id, policy.tokenizer.pad_token_id
+    # A rollout where row 0 stops after two tokens: EOS is dropped from the measured tokens, the rest kept.
+    tokens = np.array([[10, 11, eos, pad], [12, 13, 14, 15]] * 2, np.int32)
+    mask = np.array([[1, 1, 1, 0], [1, 1, 1, 1]] * 2, np.int32)
+    monkeypatch.setattr(evaluate.rollout, "generate", lambda *a, **k: evaluate.rollout.Rollout(tokens, mask))
+    gens = evaluate.sample_responses(policy, ["a", "b"], max_new_tokens=4, batch_size=4)
+    assert [g["tokens"] for g in gens] == [[10, 11], [12, 13, 14, 15]]
+    assert [g["ended_with_eos"] for g in gens] == [True, False]
+    assert evaluate.text_metrics([g["tokens"] for g in gens], [g["ended_with_eos"] for g in gens])["length"] == 3
 
 
 def test_a_policy_must_be_a_causal_lm(tiny):
@@ -121,7 +130,8 @@ def test_a_policy_must_be_a_causal_lm(tiny):
     (["--model", "{root}/nope"], r"--model \S+nope: model folder not found"),
     (["--model", "{root}/policy", "--prompts", "{root}/none.txt"], r"none\.txt: prompts file not found"),
     (["--model", "{root}/policy", "--prompts", "{root}/bad.jsonl"], r"bad\.jsonl:2: expected a JSON object"),
-    (["--model", "{root}/policy", "--batch-size", "0"], r"--batch-size=0 .* must be >= 1"),
+    (["--model", "{root}/policy", "--batch-size", "0"], r"--batch-size=0, .* must be >= 1"),
+    (["--model", "{root}/policy", "--limit", "0"], r"--limit=0 must be >= 1"),
 ])
 def test_evaluate_cli_bad_inputs_are_one_line_errors(tiny, argv, words, capsys):
     root, _, _ = tiny
@@ -145,6 +155,8 @@ def test_sweep_refuses_an_existing_out_and_a_missing_reward_model(tiny, capsys):
         (["--coarse", root / "policy", "--sft", root / "policy", "--out", root / "new"], "--reward-model is required"),
         (["--coarse", root / "policy", "--sft", root / "policy", "--out", root / "new", "--reward-model",
           root / "rm", "--gammas", "0.5,1.5"], r"gamma='1\.5' is outside"),
+        (["--coarse", root / "policy", "--sft", root / "policy", "--out", root / "policy", "--overwrite",
+          "--reward-model", root / "rm"], r"is or contains the input --coarse"),
     ):
         with pytest.raises(SystemExit) as e:
             tool.cli.run(lambda: tool.main([str(a) for a in argv]))

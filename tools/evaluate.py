@@ -5,9 +5,10 @@
   python tools/evaluate.py --model DIR --mc bundled --mc-shots 2          # + multiple-choice accuracy
 
 A --model is an HF folder or a training workdir (its latest actor, or --step N).
-Prompts: a .txt file (one per line) or .jsonl ('prompt' field); default the held-out
-prompts of the bundled sample. Perplexity is of the chosen answers of --preferences
-(default the bundled sample's held-out pairs; 'none' to skip). Greedy decoding by
+Prompts: a .txt file (one per line) or .jsonl ('prompt' field); default the distinct
+prompts of the bundled sample's held-out 10% (held out from tools/sft.py; a coarse run
+samples every prompt of its file). Perplexity is of the chosen answers of --preferences
+(default those held-out pairs; 'none' to skip). Greedy decoding by
 default, EOS allowed, so the numbers are deterministic and show whether a model stops.
 Prints a Markdown table; --json writes the numbers per model (and --generations the texts).
 """
@@ -45,9 +46,9 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
 
 
 def settings_from(args) -> evaluate.EvalSettings:
-    if args.batch_size < 1 or args.max_new_tokens < 1:
-        raise cli.UsageError(f"--batch-size={args.batch_size} and --max-new-tokens={args.max_new_tokens} "
-                             f"must be >= 1")
+    if min(args.batch_size, args.max_new_tokens, args.limit) < 1:
+        raise cli.UsageError(f"--batch-size={args.batch_size}, --max-new-tokens={args.max_new_tokens} and "
+                             f"--limit={args.limit} must be >= 1")
     system = tokenizer.COARSE_SYSTEM_PROMPT if args.system_prompt == "coarse" else args.system_prompt
     return evaluate.EvalSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                                  top_p=args.top_p, suppress_eos=args.suppress_eos, system_prompt=system,
@@ -57,8 +58,9 @@ def settings_from(args) -> evaluate.EvalSettings:
 
 def inputs_from(args):
     """(prompts, preference pairs, multiple-choice items, reward model or None), checked before any model runs."""
+    # Distinct prompts only: a repeated prompt would count its (greedy, identical) response twice.
     prompts = (evaluate.read_prompts(args.prompts) if args.prompts
-               else [p.prompt for p in evaluate.held_out_pairs("bundled", args.limit)])
+               else list(dict.fromkeys(p.prompt for p in evaluate.held_out_pairs("bundled")))[:args.limit])
     pairs = [] if args.preferences == "none" else evaluate.held_out_pairs(args.preferences, args.limit)
     items = []
     if args.mc:

@@ -5,7 +5,8 @@
 The paper merges its Coarse Actor with Mistral-7B-Instruct; the tiny demo has no
 such model, so this teaches the demo's base model to answer in the HH format and to
 stop: each example is 'Human: ... Assistant: <chosen answer></s>', from the training side
-of the split that tools/evaluate.py holds out (so its perplexity stays honest). The output is an
+of the split that tools/evaluate.py holds out (the demo's base model was pretrained on every
+dialogue of the bundled sample, though, so held-out perplexity flatters it there). The output is an
 HF folder (config, safetensors, tokenizer), written to a temporary folder and renamed.
 """
 
@@ -34,8 +35,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if Path(args.out).exists() and not args.overwrite:
         raise cli.UsageError(f"--out {args.out} exists (pass --overwrite to replace it)")
-    if args.steps < 1:
-        raise cli.UsageError(f"--steps={args.steps} must be >= 1")
+    if min(args.steps, args.batch_size, args.max_length) < 1:
+        raise cli.UsageError(f"--steps={args.steps}, --batch-size={args.batch_size} and "
+                             f"--max-length={args.max_length} must be >= 1")
     config, params = hf.load_pretrained(args.base)
     if not config.has_lm_head:
         raise cli.UsageError(f"--base {args.base}: is a {config.architecture}; SFT needs MistralForCausalLM")

@@ -104,6 +104,9 @@ def main(argv=None) -> int:
         raise cli.UsageError(f"--out {out}: already exists (pass --overwrite to replace it)")
     if not args.reward_model:
         raise cli.UsageError("--reward-model is required: the sweep's first column is the reward score")
+    for name, src in (("--coarse", args.coarse), ("--sft", args.sft), ("--reward-model", args.reward_model)):
+        if Path(src).exists() and (out.resolve() == Path(src).resolve() or out.resolve() in Path(src).resolve().parents):
+            raise cli.UsageError(f"--out {out}: is or contains the input {name} {src}; choose another --out")
     settings = settings_from(args)
     sft = merge.resolve_input(args.sft)
     prompts, pairs, items, rm = inputs_from(args)
