@@ -51,7 +51,7 @@ def load_model(path: str | os.PathLike, dtype: str = "float32", step: int | None
     """An HF folder, or a training workdir (its actor, or its reward model for a reward run, at `step`)."""
     p = Path(path)
     if not p.is_dir():
-        raise EvalError(f"{p}: model folder not found")
+        raise EvalError(f"{p}: not a model folder (no such directory)")
     if (p / "run_config.json").exists():
         from c2f_jax import train  # the workdir layout lives there
 

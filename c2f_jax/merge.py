@@ -74,6 +74,14 @@ def check_gamma(gamma: float) -> float:
     return g
 
 
+def parse_gammas(text: str) -> list[float]:
+    """'0.7' -> [0.7]; '0.1,0.3' -> [0.1, 0.3], in the given order; each checked to lie in [0, 1]."""
+    parts = [t.strip() for t in str(text).split(",") if t.strip()]
+    if not parts:
+        raise MergeError(f"gamma list {text!r} names no value")
+    return [check_gamma(t) for t in parts]
+
+
 # ----------------------------------------------------------------------------- the arithmetic
 
 
@@ -471,9 +479,16 @@ def _check_out(plan: MergePlan, out: Path, overwrite: bool) -> None:
         raise MergeError(f"{out}: already exists (pass --overwrite to replace it)")
     if not out.parent.is_dir():
         raise MergeError(f"{out.parent}: parent folder does not exist")
-    for src in (plan.coarse, plan.sft):
-        if src.resolve() == out.resolve() or out.resolve() in src.resolve().parents:
-            raise MergeError(f"{out}: is or contains the input {src}; choose another --out")
+    refuse_output_over_inputs(out, {"--coarse": plan.coarse, "--sft": plan.sft})
+
+
+def refuse_output_over_inputs(out, inputs: dict) -> None:
+    """A MergeError when `out` is, or contains, one of the named input paths (replacing it would delete it)."""
+    out = Path(out).resolve()
+    for name, src in inputs.items():
+        src = Path(src).resolve()
+        if src == out or out in src.parents:
+            raise MergeError(f"{out}: is or contains the input {name} {src}; choose another output")
 
 
 def _copy_sft_files(plan: MergePlan, folder: Path) -> None:

@@ -84,6 +84,11 @@ def stop_token_ids(tokenizer) -> tuple[int, ...]:
     return tuple(sorted(i for i in ids if i is not None))
 
 
+def system_prompt(value: str | None) -> str | None:
+    """A --system-prompt value: 'coarse' names the paper's COARSE_SYSTEM_PROMPT, anything else is the text."""
+    return COARSE_SYSTEM_PROMPT if value == "coarse" else value
+
+
 def format_prompt(question: str, system_prompt: str | None = None) -> str:
     """A single-turn HH-style prompt ending in 'Assistant:', optionally behind a system prompt.
 

@@ -35,11 +35,7 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mc-shots", type=int, default=0, help="solved examples before each question (default 0)")
     p.add_argument("--mc-style", default="arc", choices=("arc", "mmlu", "hellaswag"))
     p.add_argument("--max-new-tokens", type=int, default=64, help="response length bucket (default 64)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--suppress-eos", action="store_true", help="never sample EOS (the Coarse Actor's training mode)")
-    p.add_argument("--system-prompt", default=None, help="text before each dialogue; 'coarse' = the paper's")
+    cli.add_sampling_args(p, temperature=0.0)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--dtype", default="float32", help="compute dtype")
     p.add_argument("--seed", type=int, default=0)
@@ -49,7 +45,7 @@ def settings_from(args) -> evaluate.EvalSettings:
     if min(args.batch_size, args.max_new_tokens, args.limit) < 1:
         raise cli.UsageError(f"--batch-size={args.batch_size}, --max-new-tokens={args.max_new_tokens} and "
                              f"--limit={args.limit} must be >= 1")
-    system = tokenizer.COARSE_SYSTEM_PROMPT if args.system_prompt == "coarse" else args.system_prompt
+    system = tokenizer.system_prompt(args.system_prompt)
     return evaluate.EvalSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                                  top_p=args.top_p, suppress_eos=args.suppress_eos, system_prompt=system,
                                  batch_size=args.batch_size, seed=args.seed, mc_shots=args.mc_shots,

@@ -14,27 +14,22 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
 
 import jax
 
-from c2f_jax import cli, evaluate, hf, model, tokenizer
+from c2f_jax import cli, evaluate, model, tokenizer
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help="HF folder with config.json, safetensors and tokenizer files")
+    src.add_argument("--model", help="HF folder (config.json, safetensors, tokenizer) or a training workdir")
     src.add_argument("--tiny", action="store_true", help="a random tiny Mistral with the bundled v0.1 tokenizer")
     text = p.add_mutually_exclusive_group(required=True)
     text.add_argument("--prompt", help="one prompt")
     text.add_argument("--prompts-file", help=".txt (a prompt per line) or .jsonl (a 'prompt' field per line)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="response length bucket (default 128)")
-    p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy (default 1.0)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--suppress-eos", action="store_true", help="never sample EOS/stop tokens (the Coarse Actor's mode)")
-    p.add_argument("--system-prompt", default=None, help="text placed before the dialogue; 'coarse' = the paper's")
+    cli.add_sampling_args(p, temperature=1.0)
     p.add_argument("--prompt-buckets", default="64,128,256,512,1024", help="comma-separated prompt lengths")
     p.add_argument("--truncate", action="store_true", help="keep the end of prompts longer than the largest bucket")
     p.add_argument("--batch-size", type=int, default=8)
@@ -44,32 +39,15 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def read_prompts(args) -> list[str]:
-    if args.prompt is not None:
-        return [args.prompt]
-    path = Path(args.prompts_file)
-    if not path.exists():
-        raise cli.UsageError(f"{path}: prompts file not found")
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    if path.suffix != ".jsonl":
-        return lines
-    prompts = []
-    for n, line in enumerate(lines, 1):
-        try:
-            prompts.append(json.loads(line)["prompt"])
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise cli.UsageError(f"{path}:{n}: expected a JSON object with a 'prompt' field") from None
-    return prompts
-
-
-def load_model(args):
+def load_model(args) -> evaluate.Loaded:
     if args.tiny:
         config = model.TINY.replace(compute_dtype=args.dtype)
-        return config, model.init_params(config, jax.random.key(args.seed)), tokenizer.load_tokenizer(None)
-    config, params = hf.load_pretrained(args.model, compute_dtype=args.dtype)
-    if not config.has_lm_head:
-        raise cli.UsageError(f"{args.model}: is a {config.architecture}; generation needs MistralForCausalLM")
-    return config, params, tokenizer.load_tokenizer(args.model)
+        return evaluate.Loaded(config, model.init_params(config, jax.random.key(args.seed)),
+                               tokenizer.load_tokenizer(None), "tiny")
+    loaded = evaluate.load_model(args.model, args.dtype)
+    if not loaded.config.has_lm_head:
+        raise cli.UsageError(f"{args.model}: is a {loaded.config.architecture}; generation needs MistralForCausalLM")
+    return loaded
 
 
 def main(argv=None) -> int:
@@ -77,11 +55,10 @@ def main(argv=None) -> int:
     if args.batch_size < 1:
         raise cli.UsageError(f"--batch-size={args.batch_size} must be >= 1")
     buckets = [int(b) for b in args.prompt_buckets.split(",")]
-    system = tokenizer.COARSE_SYSTEM_PROMPT if args.system_prompt == "coarse" else args.system_prompt
-    prompts = read_prompts(args)
-    config, params, tok = load_model(args)
+    system = tokenizer.system_prompt(args.system_prompt)
+    prompts = [args.prompt] if args.prompt is not None else evaluate.read_prompts(args.prompts_file)
     gens = evaluate.sample_responses(
-        evaluate.Loaded(config, params, tok, args.model or "tiny"), prompts, max_new_tokens=args.max_new_tokens,
+        load_model(args), prompts, max_new_tokens=args.max_new_tokens,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, suppress_eos=args.suppress_eos,
         system_prompt=system, batch_size=args.batch_size, buckets=buckets, truncate=args.truncate, seed=args.seed)
     records = [{"prompt": g["prompt"], "response": g["response"], "num_tokens": len(g["tokens"]) + g["ended_with_eos"],

@@ -38,14 +38,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def parse_gammas(text: str) -> list[float]:
-    """'0.7' -> [0.7]; '0.1,0.3' -> [0.1, 0.3]; each checked to lie in [0, 1]."""
-    parts = [t.strip() for t in text.split(",") if t.strip()]
-    if not parts:
-        raise cli.UsageError(f"--gamma={text!r} names no value")
-    return [merge.check_gamma(t) for t in parts]
-
-
 def _terminate(signum, frame):
     # SIGTERM unwinds like an exception, so the temporary output folder is removed on the way out.
     sys.exit(128 + signum)
@@ -54,7 +46,7 @@ def _terminate(signum, frame):
 def main(argv=None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
-    gammas = parse_gammas(args.gamma)
+    gammas = merge.parse_gammas(args.gamma)
     merge.resolve_input(args.sft)  # a bad SFT folder or an existing --out fails before a workdir export runs
     if Path(args.out).exists() and not args.overwrite:
         raise merge.MergeError(f"{args.out}: already exists (pass --overwrite to replace it)")

@@ -44,14 +44,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def parse_gammas(text: str) -> list[float]:
-    """Sorted distinct gammas in [0, 1]; the ends 0 and 1 are always added (the SFT and coarse models)."""
-    values = {merge.check_gamma(t.strip()) for t in text.split(",") if t.strip()}
-    if not values:
-        raise cli.UsageError(f"--gammas={text!r} names no value")
-    return sorted(values | {0.0, 1.0})
-
-
 def label(gamma: float) -> str:
     return {0.0: "0 (SFT)", 1.0: "1 (coarse)"}.get(gamma, f"{gamma:g}")
 
@@ -98,15 +90,14 @@ def generations_page(rows: list[dict], show: int, max_chars: int = 400) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    gammas = parse_gammas(args.gammas)
+    gammas = sorted(set(merge.parse_gammas(args.gammas)) | {0.0, 1.0})  # the SFT and coarse models are the ends
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise cli.UsageError(f"--out {out}: already exists (pass --overwrite to replace it)")
     if not args.reward_model:
         raise cli.UsageError("--reward-model is required: the sweep's first column is the reward score")
-    for name, src in (("--coarse", args.coarse), ("--sft", args.sft), ("--reward-model", args.reward_model)):
-        if Path(src).exists() and (out.resolve() == Path(src).resolve() or out.resolve() in Path(src).resolve().parents):
-            raise cli.UsageError(f"--out {out}: is or contains the input {name} {src}; choose another --out")
+    merge.refuse_output_over_inputs(out, {"--coarse": args.coarse, "--sft": args.sft,
+                                          "--reward-model": args.reward_model})
     settings = settings_from(args)
     sft = merge.resolve_input(args.sft)
     prompts, pairs, items, rm = inputs_from(args)
