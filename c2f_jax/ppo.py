@@ -222,10 +222,15 @@ def experience(actor: Params, reference: Params, critic: Params, seq_ids, seq_ma
                     ppo: PPOConfig) -> Experience:
     """Scores a rollout: old and reference logprobs, values, shaped rewards, whitened advantages, returns."""
     R = response_mask.shape[1]
-    mask = response_mask.astype(jnp.float32)
     old, _ = response_logprobs(actor_config, actor, seq_ids, seq_mask, R, ppo.temperature)
     ref, _ = response_logprobs(ref_config, reference, seq_ids, seq_mask, R, ppo.temperature)
     values = response_values(critic_config, critic, seq_ids, seq_mask, R)
+    return _scored(seq_ids, seq_mask, response_mask, old, ref, values, score, ppo)
+
+
+def _scored(seq_ids, seq_mask, response_mask, old, ref, values, score, ppo: PPOConfig) -> Experience:
+    """Shaped rewards, GAE and whitened advantages from the forward passes' outputs."""
+    mask = response_mask.astype(jnp.float32)
     rewards = shaped_rewards(kl_penalty(old, ref, ppo.kl_estimator), score, mask, ppo.kl_coef, ppo.reward_clip)
     advantages, returns = gae(rewards, values, mask, ppo.gamma, ppo.lam)
     return Experience(seq_ids, seq_mask, mask, old * mask, ref * mask, values * mask, rewards,
@@ -238,27 +243,63 @@ make_experience = jax.jit(experience, static_argnames=("actor_config", "ref_conf
 # ----------------------------------------------------------------------------- the update
 
 
-def _minibatch_step(states, mb: Experience, *, actor_config, critic_config, ppo: PPOConfig):
+def _step(states, p_loss, info, p_grads, v_loss, v_grads, ppo: PPOConfig):
+    """Both AdamW steps from the minibatch's losses and gradients, and that minibatch's metrics."""
     actor_state, critic_state = states
-    R = mb.response_mask.shape[1]
-
-    def actor_loss(params):
-        logp, entropy = response_logprobs(actor_config, params, mb.seq_ids, mb.seq_mask, R, ppo.temperature)
-        loss, info = policy_loss(logp, mb.old_logprobs, mb.advantages, mb.response_mask, ppo.clip_ratio)
-        return loss, {**info, "entropy": masked_mean(entropy, mb.response_mask)}
-
-    def critic_loss(params):
-        values = response_values(critic_config, params, mb.seq_ids, mb.seq_mask, R)
-        return value_loss(values, mb.values, mb.returns, mb.response_mask, ppo.value_clip)
-
-    (p_loss, info), p_grads = jax.value_and_grad(actor_loss, has_aux=True)(actor_state.params)
-    v_loss, v_grads = jax.value_and_grad(critic_loss)(critic_state.params)
     actor_state, a_info = optim.apply_gradients(actor_state, p_grads, p_loss, ppo.actor)
     critic_state, c_info = optim.apply_gradients(critic_state, v_grads, v_loss, ppo.critic)
     metrics = {"loss/policy": p_loss, "loss/value": v_loss, "clipfrac": info["clipfrac"],
                "approx_kl": info["approx_kl"], "entropy": info["entropy"],
                "grad_norm/actor": a_info["grad_norm"], "grad_norm/critic": c_info["grad_norm"]}
     return (actor_state, critic_state), metrics
+
+
+def _actor_objective(mb: Experience, ppo: PPOConfig):
+    """The clipped surrogate as a function of the minibatch's fresh logprobs (entropy passed through as a metric)."""
+    def objective(logp, entropy):
+        loss, info = policy_loss(logp, mb.old_logprobs, mb.advantages, mb.response_mask, ppo.clip_ratio)
+        return loss, {**info, "entropy": masked_mean(entropy, mb.response_mask)}
+    return objective
+
+
+def _critic_objective(mb: Experience, ppo: PPOConfig):
+    return lambda values: value_loss(values, mb.values, mb.returns, mb.response_mask, ppo.value_clip)
+
+
+def _minibatch_step(states, mb: Experience, *, actor_config, critic_config, ppo: PPOConfig):
+    actor_state, critic_state = states
+    R = mb.response_mask.shape[1]
+
+    def actor_loss(params):
+        logp, entropy = response_logprobs(actor_config, params, mb.seq_ids, mb.seq_mask, R, ppo.temperature)
+        return _actor_objective(mb, ppo)(logp, entropy)
+
+    def critic_loss(params):
+        return _critic_objective(mb, ppo)(response_values(critic_config, params, mb.seq_ids, mb.seq_mask, R))
+
+    (p_loss, info), p_grads = jax.value_and_grad(actor_loss, has_aux=True)(actor_state.params)
+    v_loss, v_grads = jax.value_and_grad(critic_loss)(critic_state.params)
+    return _step(states, p_loss, info, p_grads, v_loss, v_grads, ppo)
+
+
+def _minibatch_size(batch: int, ppo: PPOConfig) -> int:
+    if batch % ppo.minibatches:
+        raise PPOError(f"batch {batch} does not split into {ppo.minibatches} equal minibatches")
+    return batch // ppo.minibatches
+
+
+def _epochs(states, exp: Experience, keys, step, ppo: PPOConfig):
+    """One pass over `exp` per key, each in its own shuffled order of minibatches. Metrics [len(keys), M]."""
+    B = exp.seq_ids.shape[0]
+    size = _minibatch_size(B, ppo)
+
+    def epoch(states, key):
+        order = jax.random.permutation(key, B)
+        mbs = jax.tree.map(lambda x: shard_as(x[order].reshape(ppo.minibatches, size, *x.shape[1:]), None, BATCH),
+                           exp)
+        return jax.lax.scan(step, states, mbs)
+
+    return jax.lax.scan(epoch, states, keys)
 
 
 def update(actor_state: optim.TrainState, critic_state: optim.TrainState, exp: Experience, rng: jax.Array, *,
@@ -270,21 +311,77 @@ def update(actor_state: optim.TrainState, critic_state: optim.TrainState, exp: E
     gradient skips that model's step. Returns the new states and metrics averaged
     over all minibatches.
     """
-    B = exp.seq_ids.shape[0]
-    if B % ppo.minibatches:
-        raise PPOError(f"batch {B} does not split into {ppo.minibatches} equal minibatches")
-    size = B // ppo.minibatches
     step = functools.partial(_minibatch_step, actor_config=actor_config, critic_config=critic_config, ppo=ppo)
-
-    def epoch(states, key):
-        order = jax.random.permutation(key, B)
-        mbs = jax.tree.map(lambda x: shard_as(x[order].reshape(ppo.minibatches, size, *x.shape[1:]), None, BATCH),
-                           exp)
-        return jax.lax.scan(step, states, mbs)
-
-    (actor_state, critic_state), metrics = jax.lax.scan(epoch, (actor_state, critic_state),
-                                                        jax.random.split(rng, ppo.epochs))
+    (actor_state, critic_state), metrics = _epochs((actor_state, critic_state), exp,
+                                                   jax.random.split(rng, ppo.epochs), step, ppo)
     return actor_state, critic_state, jax.tree.map(jnp.mean, metrics)
 
 
 ppo_update = jax.jit(update, static_argnames=("actor_config", "critic_config", "ppo"), donate_argnums=(0, 1))
+
+
+def iteration(actor_state: optim.TrainState, critic_state: optim.TrainState, reference: Params, seq_ids, seq_mask,
+              response_mask, score, rng: jax.Array, *, actor_config: MistralConfig, ref_config: MistralConfig,
+              critic_config: MistralConfig,
+              ppo: PPOConfig) -> tuple[optim.TrainState, optim.TrainState, Experience, dict]:
+    """`experience` then `update` as one program, with one forward pass of actor and critic fewer.
+
+    The first minibatch of the first epoch is scored and then stepped with the very
+    same params, so its scoring forward passes are kept (`jax.vjp`) and its gradients
+    are pulled back through them once the whole batch's advantages exist, instead of
+    running those forward passes again in the update. With one epoch and one
+    minibatch (whole-batch PPO) that is a whole actor and a whole critic forward pass
+    of the iteration; with M minibatches, 1/M of one. The cost is memory: the kept
+    activations of both models' first minibatch are live together while the reference
+    is scored. Inputs as `experience`, `score` float32 [B] from the reward model; the
+    result (new states, the experience in input row order, mean metrics) equals
+    `experience` followed by `update` with the same rng up to float rounding.
+    """
+    B, R = response_mask.shape
+    size = _minibatch_size(B, ppo)
+    keys = jax.random.split(rng, ppo.epochs)
+    # Rows in the first epoch's order, so its first minibatch is rows [:size] (as `update` would draw it).
+    order = jax.random.permutation(keys[0], B)
+    seq_ids, seq_mask, response_mask, score = (x[order] for x in (seq_ids, seq_mask, response_mask, score))
+    first, rest = slice(0, size), slice(size, B)
+
+    def actor_logprobs(params, rows):
+        return response_logprobs(actor_config, params, seq_ids[rows], seq_mask[rows], R, ppo.temperature)
+
+    def critic_values(params, rows):
+        return response_values(critic_config, params, seq_ids[rows], seq_mask[rows], R)
+
+    old_first, actor_pullback, entropy_first = jax.vjp(lambda p: actor_logprobs(p, first),
+                                                       actor_state.params, has_aux=True)
+    values_first, critic_pullback = jax.vjp(lambda p: critic_values(p, first), critic_state.params)
+    old, values = old_first, values_first
+    if size < B:
+        old = jnp.concatenate([old, actor_logprobs(actor_state.params, rest)[0]])
+        values = jnp.concatenate([values, critic_values(critic_state.params, rest)])
+    ref, _ = response_logprobs(ref_config, reference, seq_ids, seq_mask, R, ppo.temperature)
+    exp = _scored(seq_ids, seq_mask, response_mask, old, ref, values, score, ppo)
+
+    mb = jax.tree.map(lambda x: x[first], exp)
+    (p_loss, info), d_logp = jax.value_and_grad(lambda lp: _actor_objective(mb, ppo)(lp, entropy_first),
+                                                has_aux=True)(old_first)
+    v_loss, d_values = jax.value_and_grad(_critic_objective(mb, ppo))(values_first)
+    states, first_metrics = _step((actor_state, critic_state), p_loss, info, actor_pullback(d_logp)[0],
+                                  v_loss, critic_pullback(d_values)[0], ppo)
+
+    step = functools.partial(_minibatch_step, actor_config=actor_config, critic_config=critic_config, ppo=ppo)
+    metrics = [jax.tree.map(lambda x: x[None], first_metrics)]
+    if size < B:
+        rest_mbs = jax.tree.map(lambda x: shard_as(x[rest].reshape(ppo.minibatches - 1, size, *x.shape[1:]),
+                                                   None, BATCH), exp)
+        states, m = jax.lax.scan(step, states, rest_mbs)
+        metrics.append(m)
+    exp = jax.tree.map(lambda x: x[jnp.argsort(order)], exp)  # back to input order (later epochs shuffle it anew)
+    if ppo.epochs > 1:
+        states, m = _epochs(states, exp, keys[1:], step, ppo)
+        metrics.append(jax.tree.map(lambda x: x.reshape(-1), m))
+    metrics = jax.tree.map(lambda *xs: jnp.mean(jnp.concatenate(xs)), *metrics)
+    return *states, exp, metrics
+
+
+ppo_iteration = jax.jit(iteration, static_argnames=("actor_config", "ref_config", "critic_config", "ppo"),
+                        donate_argnums=(0, 1))

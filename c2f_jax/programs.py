@@ -31,13 +31,12 @@ def _jit(mesh, fn, in_shardings, out_shardings, donate=(), **static):
 @dataclasses.dataclass
 class CoarsePrograms:
     """to_rollout (train -> rollout layout), generate(length) -> the sampling program for that
-    response bucket, score, experience, update."""
+    response bucket, score (reward model), iteration (experience and PPO update, `ppo.iteration`)."""
 
     to_rollout: object
     generate: object
     score: object
-    experience: object
-    update: object
+    iteration: object
 
 
 def coarse_programs(mesh: Mesh, *, actor_config: MistralConfig, ref_config: MistralConfig,
@@ -72,10 +71,9 @@ def coarse_programs(mesh: Mesh, *, actor_config: MistralConfig, ref_config: Mist
         to_rollout=to_rollout,
         generate=generate,
         score=_jit(mesh, ppo.score_sequences, (rm_sh, batch2, batch2), batch1, config=rm_config),
-        experience=_jit(mesh, ppo.experience, (actor_sh.params, ref_sh, critic_sh.params, batch2, batch2, batch2, batch1),
-                        exp_sh, actor_config=actor_config, ref_config=ref_config, critic_config=critic_config, ppo=pc),
-        update=_jit(mesh, ppo.update, (actor_sh, critic_sh, exp_sh, repl), (actor_sh, critic_sh, repl), donate=(0, 1),
-                    actor_config=actor_config, critic_config=critic_config, ppo=pc),
+        iteration=_jit(mesh, ppo.iteration, (actor_sh, critic_sh, ref_sh, batch2, batch2, batch2, batch1, repl),
+                       (actor_sh, critic_sh, exp_sh, repl), donate=(0, 1), actor_config=actor_config,
+                       ref_config=ref_config, critic_config=critic_config, ppo=pc),
     )
 
 

@@ -377,9 +377,8 @@ def run_coarse(config, workdir: Path, show_progress: bool = True) -> list[dict]:
         seq, seq_mask = settle(ppo.join(prompt_ids, prompt_mask, out.tokens, out.mask))
         # The reward model reads the dialogue without the system prompt, as it was trained.
         score = settle(progs.score(rm_params, *ppo.join(rm_ids, rm_mask, out.tokens, out.mask)))
-        exp = settle(progs.experience(actor_state.params, reference, critic_state.params, seq, seq_mask, out.mask,
-                                      score))
-        actor_state, critic_state, m = settle(progs.update(actor_state, critic_state, exp, update_key))
+        actor_state, critic_state, exp, m = settle(progs.iteration(actor_state, critic_state, reference, seq, seq_mask,
+                                                                   out.mask, score, update_key))
         m = jax.device_get(m)
         t2 = time.perf_counter()
 

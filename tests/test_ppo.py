@@ -118,10 +118,9 @@ def run_ppo(config, actor, critic_config, critic, iterations, pc, score_fn, seed
         out = rollout.generate(r_config, r_params, prompts, prompt_mask, k1, max_new_tokens=R, suppress_token_ids=(2,))
         seq, seq_mask = ppo.join(prompts, prompt_mask, out.tokens, out.mask)
         score = score_fn(out.tokens)
-        exp = ppo.make_experience(actor_state.params, actor, critic_state.params, seq, seq_mask, out.mask, score,
-                                  actor_config=config, ref_config=config, critic_config=critic_config, ppo=pc)
-        actor_state, critic_state, metrics = ppo.ppo_update(actor_state, critic_state, exp, k2, actor_config=config,
-                                                            critic_config=critic_config, ppo=pc)
+        actor_state, critic_state, _, metrics = ppo.ppo_iteration(
+            actor_state, critic_state, actor, seq, seq_mask, out.mask, score, k2, actor_config=config,
+            ref_config=config, critic_config=critic_config, ppo=pc)
         scores.append(float(score.mean()))
     return actor_state, critic_state, scores, metrics
 
@@ -145,3 +144,56 @@ def test_a_nan_batch_is_skipped(tiny_roles):
     assert int(actor_state.skipped) == 2 and int(critic_state.skipped) == 2 and int(actor_state.step) == 0
     same = jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), actor_state.params, actor)
     assert all(jax.tree.leaves(same))
+
+
+@pytest.mark.parametrize("epochs,minibatches", [(1, 1), (2, 2), (1, 4)])
+def test_iteration_equals_experience_then_update(tiny_roles, epochs, minibatches):
+    config, actor, critic_config, critic = tiny_roles
+    B, P, R = 8, 6, 5
+    seq = jax.random.randint(jax.random.key(2), (B, P + R), 3, config.vocab_size)
+    seq_mask = jnp.ones_like(seq).at[:2, :2].set(0)  # two left-padded rows
+    response_mask = jnp.ones((B, R), jnp.int32).at[3, 3:].set(0)  # one response stopped early
+    score = jax.random.normal(jax.random.key(3), (B,))
+    reference = jax.tree.map(lambda a: a * 1.01, actor)  # nonzero KL
+    pc = ppo.PPOConfig(epochs=epochs, minibatches=minibatches, actor=optim.OptimConfig(lr=1e-3),
+                       critic=optim.OptimConfig(lr=1e-3))
+    kw = dict(actor_config=config, critic_config=critic_config, ppo=pc)
+    states = lambda: (optim.create_state(actor, pc.actor), optim.create_state(critic, pc.critic))
+
+    a, c = states()
+    exp = ppo.make_experience(a.params, reference, c.params, seq, seq_mask, response_mask, score, ref_config=config,
+                              **kw)
+    a1, c1, m1 = ppo.ppo_update(a, c, exp, jax.random.key(7), **kw)
+    a, c = states()
+    a2, c2, exp2, m2 = ppo.ppo_iteration(a, c, reference, seq, seq_mask, response_mask, score, jax.random.key(7),
+                                         ref_config=config, **kw)
+    for x, y in zip(jax.tree.leaves(exp), jax.tree.leaves(exp2)):  # same rows in the same order
+        np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-5, atol=1e-6)
+    for x, y in zip(jax.tree.leaves((a1.params, c1.params)), jax.tree.leaves((a2.params, c2.params))):
+        np.testing.assert_allclose(np.asarray(y), np.asarray(x), atol=1e-4)
+    moved = max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(a1.params), jax.tree.leaves(actor)))
+    assert moved > 1e-3  # the tolerance above is well below one step
+    assert set(m1) == set(m2)
+    for k in m1:
+        assert float(m2[k]) == pytest.approx(float(m1[k]), rel=1e-4, abs=1e-6), k
+
+
+def test_iteration_runs_one_actor_and_one_critic_forward_fewer(tiny_roles):
+    """XLA's FLOP count: whole-batch PPO saves the actor's and the critic's scoring forward passes."""
+    config, actor, critic_config, critic = tiny_roles
+    B, P, R = 8, 6, 5
+    seq = jnp.ones((B, P + R), jnp.int32)
+    seq_mask, response_mask, score = jnp.ones_like(seq), jnp.ones((B, R), jnp.int32), jnp.zeros(B)
+    pc = ppo.PPOConfig()
+    kw = dict(actor_config=config, critic_config=critic_config, ppo=pc)
+    a, c = optim.create_state(actor, pc.actor), optim.create_state(critic, pc.critic)
+    flops = lambda fn, *args, **static: fn.lower(*args, **static).compile().cost_analysis()["flops"]
+    exp = ppo.make_experience(a.params, actor, c.params, seq, seq_mask, response_mask, score, ref_config=config, **kw)
+    separate = (flops(ppo.make_experience, a.params, actor, c.params, seq, seq_mask, response_mask, score,
+                      ref_config=config, **kw)
+                + flops(ppo.ppo_update, a, c, exp, jax.random.key(0), **kw))
+    fused = flops(ppo.ppo_iteration, a, c, actor, seq, seq_mask, response_mask, score, jax.random.key(0),
+                  ref_config=config, **kw)
+    actor_fwd = flops(jax.jit(ppo.response_logprobs, static_argnums=(0, 4)), config, actor, seq, seq_mask, R)
+    critic_fwd = flops(jax.jit(ppo.response_values, static_argnums=(0, 4)), critic_config, critic, seq, seq_mask, R)
+    assert separate - fused == pytest.approx(actor_fwd + critic_fwd, rel=0.1)

@@ -36,8 +36,8 @@ def one_iteration(mesh_shape):
         out = progs.generate(R)(progs.to_rollout(actor_state.params), ids, mask, jax.random.key(0))
         seq, seq_mask = ppo.join(ids, mask, out.tokens, out.mask)
         score = progs.score(rm_params, seq, seq_mask)
-        exp = progs.experience(actor_state.params, reference, critic_state.params, seq, seq_mask, out.mask, score)
-        actor_state, critic_state, m = progs.update(actor_state, critic_state, exp, jax.random.key(1))
+        actor_state, critic_state, exp, m = progs.iteration(actor_state, critic_state, reference, seq, seq_mask,
+                                                            out.mask, score, jax.random.key(1))
         return out, exp, actor_state, critic_state
 
     out, exp, actor_state, critic_state = step(actor_state, critic_state)

@@ -38,14 +38,12 @@ def ours(config, actor, critic_config, critic, ids, mask, new_tokens, iterations
         jax.block_until_ready(out.tokens)
         t1 = time.perf_counter()
         seq, seq_mask = ppo.join(ids, mask, out.tokens, out.mask)
-        score = ppo.reward_scores(critic, seq, seq_mask, config=critic_config)
-        exp = jax.block_until_ready(ppo.make_experience(
-            actor_state.params, actor, critic_state.params, seq, seq_mask, out.mask, score, actor_config=config,
-            ref_config=config, critic_config=critic_config, ppo=pc))
+        score = jax.block_until_ready(ppo.reward_scores(critic, seq, seq_mask, config=critic_config))
         t2 = time.perf_counter()
-        actor_state, critic_state, _ = jax.block_until_ready(ppo.ppo_update(
-            actor_state, critic_state, exp, jax.random.key(it), actor_config=config, critic_config=critic_config,
-            ppo=pc))
+        # Old/reference logprobs, values, advantages and the update: one program (ppo.iteration).
+        actor_state, critic_state, _, _ = jax.block_until_ready(ppo.ppo_iteration(
+            actor_state, critic_state, actor, seq, seq_mask, out.mask, score, jax.random.key(it), actor_config=config,
+            ref_config=config, critic_config=critic_config, ppo=pc))
         t3 = time.perf_counter()
         if it:
             times.append((t1 - t0, t2 - t1, t3 - t2))
@@ -188,6 +186,9 @@ def main(argv=None) -> None:
             mfu = f"{flops / t[2] / (args.peak_tflops * 1e12):.1%}" if args.peak_tflops else ""
             print(f"| {layers} layers, d={d} | {side} | {t[0]:.2f} | {t[1]:.2f} | {t[2]:.2f} | {t.sum():.2f} | "
                   f"{generated / t.sum():,.0f} | {ratio} | {mfu} |", flush=True)
+    print("\nOurs: 'scoring' is the reward model alone; the actor's, reference's and critic's scoring passes run in "
+          "the update's program (ppo.iteration), which reuses the actor's and critic's forward pass for their "
+          "gradients. Torch: every forward pass runs separately, as in TRL's loop.")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
 
 Nothing is allocated: params, optimizer states and batches are ShapeDtypeStructs;
 each program (train -> rollout reshard, rollout at the largest response bucket,
-scoring, PPO update) is lowered and compiled for the config's mesh on N fake CPU
+reward scoring, PPO iteration) is lowered and compiled for the config's mesh on N fake CPU
 devices, and XLA's memory analysis is read per device. When model.base is not a
 local folder the Mistral-7B v0.1 architecture is used. With --json the last line
 is a JSON object {program: {argument_bytes, output_bytes, temp_bytes, total_bytes}}.
@@ -73,15 +73,12 @@ def main(argv=None) -> int:
     f32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
     key = jax.eval_shape(lambda: jax.random.key(0))
     r_params = jax.eval_shape(lambda s: rollout.rollout_params(actor_config, s)[1], shapes)
-    exp = ppo.Experience(i32(B, P + R), i32(B, P + R), f32(B, R), f32(B, R), f32(B, R), f32(B, R), f32(B, R),
-                         f32(B, R), f32(B, R), f32(B))
     plan = {
         "reshard_to_rollout": (progs.to_rollout, (shapes,)),
         f"rollout_{P}+{R}": (progs.generate(R), (r_params, i32(B, P), i32(B, P), key)),
         "reward_score": (progs.score, (rm_params, i32(B, P + R), i32(B, P + R))),
-        "experience": (progs.experience, (shapes, reference, critic_params, i32(B, P + R), i32(B, P + R),
-                                          i32(B, R), f32(B))),
-        "ppo_update": (progs.update, (actor_state, critic_state, exp, key)),
+        "ppo_iteration": (progs.iteration, (actor_state, critic_state, reference, i32(B, P + R), i32(B, P + R),
+                                            i32(B, R), f32(B), key)),
     }
     n_params = sum(x.size for x in jax.tree.leaves(shapes))
     print(f"{n_params / 1e9:.2f}B params, mesh data={config.mesh.data} fsdp={config.mesh.fsdp} "
@@ -108,8 +105,7 @@ def main(argv=None) -> int:
     trained = per_device(actor_state, actor_state.params) + per_device(critic_state, critic_state.params)
     # Whatever is not an argument of a program stays resident beside it.
     peak = max(trained + frozen + result[f"rollout_{P}+{R}"]["total_bytes"],
-               frozen + result["ppo_update"]["total_bytes"],
-               trained + frozen + result["experience"]["temp_bytes"] + result["experience"]["output_bytes"])
+               per_device(rm_params, rm_params) + result["ppo_iteration"]["total_bytes"])
     print(f"\nresident per device: train states {trained / GB:.2f} GB, reference + reward model {frozen / GB:.2f} GB")
     print(f"\npeak per device (estimate, largest program plus what stays resident): {peak / GB:.1f} GB; "
           f"fits 40 GB A100: {'yes' if peak < 40 * GB else 'no'}; fits 80 GB A100: {'yes' if peak < 80 * GB else 'no'}")
