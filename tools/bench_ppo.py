@@ -128,18 +128,51 @@ def torch_loop(actor_dir, critic_dir, ids, mask, new_tokens, iterations, device=
     return np.min(np.array(times), axis=0)
 
 
-def update_flops(config, batch: int, length: int) -> float:
-    """Matmul FLOPs of one PPO epoch over the batch: forward + backward (3x forward) of actor and critic.
+def body_flops(config, batch: int, length: int) -> float:
+    """Matmul FLOPs of one decoder forward pass over [batch, length] tokens (the head not included).
 
-    The actor's LM head runs over response positions only on both sides; attention
-    scores count as 2 * 2 * B * T^2 * N * H per layer (causal half not subtracted).
+    Attention scores and their use count 2 * 2 * B * T^2 * N * H per layer (the causal half not subtracted).
     """
     c = config
     per_token = 2 * c.num_hidden_layers * (c.hidden_size * c.head_dim * (2 * c.num_attention_heads
                                            + 2 * c.num_key_value_heads) + 3 * c.hidden_size * c.intermediate_size)
-    attention = 4 * c.num_hidden_layers * batch * length ** 2 * c.num_attention_heads * c.head_dim
-    body = per_token * batch * length + attention
-    return 3 * (2 * body)  # actor and critic bodies; the heads are small next to them at these sizes
+    return per_token * batch * length + 4 * c.num_hidden_layers * batch * length ** 2 * c.num_attention_heads * c.head_dim
+
+
+def after_rollout_flops(config, batch: int, prompt: int, new: int) -> tuple[float, float]:
+    """Matmul FLOPs of scoring + update (one epoch, one minibatch) for (ours, torch); backward = 2x forward.
+
+    Ours: reward and reference forward passes, actor and critic forward + backward once
+    each (ppo.iteration reuses the scoring forward), the LM head over response
+    positions only. Torch: four scoring forward passes and then the update's own
+    forward + backward of actor and critic, the LM head over every position (HF's
+    default logits).
+    """
+    length = prompt + new
+    body = body_flops(config, batch, length)
+    head = lambda tokens: 2 * config.hidden_size * config.vocab_size * tokens
+    ours = body + (body + head(batch * new)) + 3 * (body + head(batch * new)) + 3 * body
+    torch = 2 * (body + head(batch * length)) + 2 * body + 3 * (body + head(batch * length)) + 3 * body
+    return ours, torch
+
+
+def matmul_rate() -> tuple[float, float]:
+    """This machine's float32 matmul FLOP/s, (jax, torch): a 2048^3 product of random matrices, best of 5."""
+    import torch
+
+    n = 2048
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    f = jax.jit(lambda a: a @ a)
+    ta = torch.randn(n, n)
+    best = [float("inf"), float("inf")]
+    for run in (lambda: jax.block_until_ready(f(a)), lambda: ta @ ta):
+        run()
+    for _ in range(5):
+        for i, run in enumerate((lambda: jax.block_until_ready(f(a)), lambda: ta @ ta)):
+            start = time.perf_counter()
+            run()
+            best[i] = min(best[i], time.perf_counter() - start)
+    return 2 * n ** 3 / best[0], 2 * n ** 3 / best[1]
 
 
 def main(argv=None) -> None:
@@ -154,6 +187,7 @@ def main(argv=None) -> None:
     p.add_argument("--remat", default="none", help="our activation checkpointing: none, dots or full "
                    "(full: a 1B model's update fits one 80 GB card beside the torch side)")
     p.add_argument("--peak-tflops", type=float, default=0.0, help="the device's peak for the MFU column (0: none)")
+    p.add_argument("--no-roofline", action="store_true", help="skip the CPU matmul-rate measurement and the bound")
     args = p.parse_args(argv)
     import torch
 
@@ -163,8 +197,15 @@ def main(argv=None) -> None:
     print(f"device: {jax.devices()[0].device_kind} ({platform.machine()}), torch threads {torch.get_num_threads()}, "
           f"batch {args.batch}, prompt {args.prompt}, {args.new_tokens} new tokens (EOS suppressed), vocab 32000, "
           f"1 PPO epoch; seconds per iteration, best of {args.iterations}\n")
-    print("| size | side | rollout s | scoring s | update s | total s | tokens/s | ours vs torch | update MFU |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    rate = None
+    if args.torch_device == "cpu" and not args.no_roofline:
+        rate = matmul_rate()
+        print(f"fp32 matmul rate of this machine (2048^3, best of 5): jax {rate[0] / 1e9:.0f} GFLOP/s, "
+              f"torch {rate[1] / 1e9:.0f} GFLOP/s\n")
+    print("| size | side | rollout s | scoring s | update s | total s | tokens/s | ours vs torch "
+          "| scoring + update GFLOP/s | MFU |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    bounds = []
     for size in args.sizes.split(","):
         layers, d = (int(x) for x in size.split("x"))
         config = bench_config(layers, d).replace(remat=args.remat)
@@ -180,15 +221,24 @@ def main(argv=None) -> None:
                                 args.torch_device)
         mine = ours(config, actor, critic_config, critic, ids, mask, args.new_tokens, args.iterations)
         generated = args.batch * args.new_tokens
-        flops = update_flops(config, args.batch, args.prompt + args.new_tokens)
-        for side, t in (("ours", mine), ("torch", theirs)):
+        flops = after_rollout_flops(config, args.batch, args.prompt, args.new_tokens)
+        for side, t, f in (("ours", mine, flops[0]), ("torch", theirs, flops[1])):
             ratio = f"{theirs.sum() / mine.sum():.2f}x" if side == "ours" else ""
-            mfu = f"{flops / t[2] / (args.peak_tflops * 1e12):.1%}" if args.peak_tflops else ""
+            achieved = f / (t[1] + t[2])
+            mfu = f"{achieved / (args.peak_tflops * 1e12):.1%}" if args.peak_tflops else ""
             print(f"| {layers} layers, d={d} | {side} | {t[0]:.2f} | {t[1]:.2f} | {t[2]:.2f} | {t.sum():.2f} | "
-                  f"{generated / t.sum():,.0f} | {ratio} | {mfu} |", flush=True)
+                  f"{generated / t.sum():,.0f} | {ratio} | {achieved / 1e9:,.0f} | {mfu} |", flush=True)
+        if rate:
+            floor = mine[0] + flops[0] / max(rate)
+            bounds.append(f"{layers} layers, d={d}: scoring + update is {flops[0] / 1e9:,.0f} GFLOP of matmuls "
+                          f"(torch's loop: {flops[1] / 1e9:,.0f}); at the machine's matmul rate that alone takes "
+                          f"{flops[0] / max(rate):.2f} s, so with this rollout ({mine[0]:.2f} s) the ratio cannot "
+                          f"exceed {theirs.sum() / floor:.2f}x")
     print("\nOurs: 'scoring' is the reward model alone; the actor's, reference's and critic's scoring passes run in "
           "the update's program (ppo.iteration), which reuses the actor's and critic's forward pass for their "
           "gradients. Torch: every forward pass runs separately, as in TRL's loop.")
+    for line in bounds:
+        print("Bound, " + line + ".")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 # The GPU checks, as one script for a short lease on one card (H100/H200 with JAX + CUDA and torch installed):
 #   1. the rollout benchmark at the ~1B size of issue 3 against transformers on the same card, with the
 #      fraction of the memory-bandwidth bound;
-#   2. the PPO iteration benchmark (ours vs the PyTorch loop, both on the card) with the update's MFU;
+#   2. the PPO iteration benchmark (ours vs the PyTorch loop, both on the card) with the MFU of scoring + update;
 #   3. the model parity tests on the GPU at full float32 precision.
 # Writes logs to $OUT (or ./gpu_out); every step has its own time limit so a slow one cannot eat the rest.
 #   bash tools/gpu_check.sh [PEAK_TFLOPS]     # PEAK_TFLOPS: dense TF32 peak for the MFU column (H100 SXM: 495)
