@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 
@@ -42,15 +43,49 @@ class Checkpointer:
     def restore(self, step: int | None = None, target: Any = None) -> tuple[Any, dict]:
         """(state, meta) of `step` (default: latest). `target`: a tree of arrays or ShapeDtypeStructs
         (with shardings) to restore onto; None gives the saved structure with host-local arrays."""
-        step = self.latest_step() if step is None else step
-        if step is None or step not in self.steps():
-            raise CheckpointError(f"{self.directory}: no checkpoint for step {step} (have {self.steps()})")
+        step = self._existing(step)
         if target is not None:
             target = jax.tree.map(
                 lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), target)
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
         return restored["state"], restored["meta"]
+
+    def restore_subtree(self, keys: tuple[str, ...], step: int | None = None) -> tuple[Any, dict]:
+        """(the saved state's subtree at `keys` as host NumPy arrays, meta) of `step` (default: latest).
+
+        Reads that subtree only: e.g. ("actor", "params") of a coarse run leaves the
+        critic and both optimizers' moments (five more models' worth) on disk.
+        """
+        step = self._existing(step)
+        state_dir = self.directory / str(step) / "state"
+        saved = ocp.StandardCheckpointHandler().metadata(state_dir).tree
+        node = saved
+        for key in keys:
+            if not isinstance(node, dict) or key not in node:
+                raise CheckpointError(f"{state_dir}: no {'/'.join(keys)} in this checkpoint")
+            node = node[key]
+
+        def inside(path) -> bool:
+            names = tuple(getattr(k, "key", getattr(k, "idx", None)) for k in path)
+            return names[:len(keys)] == tuple(keys)
+
+        item = jax.tree_util.tree_map_with_path(
+            lambda path, m: jax.ShapeDtypeStruct(m.shape, m.dtype) if inside(path) else ocp.PLACEHOLDER, saved)
+        args = jax.tree_util.tree_map_with_path(
+            lambda path, m: ocp.RestoreArgs(restore_type=np.ndarray) if inside(path) else ocp.PLACEHOLDER, saved)
+        restored = ocp.PyTreeCheckpointHandler().restore(state_dir, args=ocp.args.PyTreeRestore(item=item,
+                                                                                               restore_args=args))
+        for key in keys:
+            restored = restored[key]
+        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        return restored, meta
+
+    def _existing(self, step: int | None) -> int:
+        step = self.latest_step() if step is None else step
+        if step is None or step not in self.steps():
+            raise CheckpointError(f"{self.directory}: no checkpoint for step {step} (have {self.steps()})")
+        return step
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -206,9 +206,9 @@ def hf_folder(path: str | os.PathLike, scratch: str | os.PathLike, step: int | N
     """Yields an HF folder for `path`: itself, or for a training workdir its actor (latest or `step`)
     exported into a temporary folder under `scratch`, removed on exit.
 
-    The export restores the checkpoint's whole training state in host memory once (actor, critic and
-    their AdamW moments: about six models' worth in float32), keeps the actor and writes it; the merge
-    then streams from the exported folder as from any other.
+    The export reads only the actor's params from the checkpoint (one model in host memory, not the
+    critic and AdamW moments beside it) and writes them; the merge then streams from the exported
+    folder as from any other.
     """
     p = Path(path)
     if not is_workdir(p):

@@ -417,10 +417,10 @@ def run_coarse(config, workdir: Path, show_progress: bool = True) -> list[dict]:
 
 def load_workdir_model(workdir: str | os.PathLike, step: int | None = None):
     """(MistralConfig, params, tokenizer folder) of a workdir's trained model at `step` (default latest):
-    the actor of a coarse run, the reward model of a reward run. Params as saved, on the host.
+    the actor of a coarse run, the reward model of a reward run. Params as saved, NumPy on the host.
 
-    Restores the whole saved training state (with optimizer moments and, for a coarse run, the critic)
-    and keeps the one model: host memory for a moment is several models' worth."""
+    Only that model's params are read from the checkpoint: the critic and the optimizer
+    moments stay on disk."""
     workdir = Path(workdir)
     for name in (RUN_CONFIG, MODEL_CONFIG):
         if not (workdir / name).exists():
@@ -429,10 +429,10 @@ def load_workdir_model(workdir: str | os.PathLike, step: int | None = None):
     config = model.MistralConfig.from_hf(json.loads((workdir / MODEL_CONFIG).read_text()))
     ckpt = checkpoint.Checkpointer(workdir)
     try:
-        state, meta = ckpt.restore(step)
+        params, _ = ckpt.restore_subtree(("actor" if job == "coarse" else "reward", "params"), step)
     finally:
         ckpt.close()
-    return config, state["actor" if job == "coarse" else "reward"]["params"], workdir / TOKENIZER_DIR
+    return config, params, workdir / TOKENIZER_DIR
 
 
 def export(workdir: str | os.PathLike, out: str | os.PathLike, step: int | None = None, dtype: str | None = None,

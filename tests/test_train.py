@@ -92,6 +92,22 @@ def test_export_loads_in_transformers_with_our_logits(demo, tmp_path):
     assert done.returncode == 0 and (workdir / "run.png").stat().st_size > 10_000
 
 
+def test_workdir_model_is_restored_alone_and_exactly(demo):
+    workdir, _ = demo
+    ckpt = checkpoint.Checkpointer(workdir)
+    full, meta = ckpt.restore()
+    critic, sub_meta = ckpt.restore_subtree(("critic", "params"))
+    with pytest.raises(checkpoint.CheckpointError, match="no critic/nothing"):
+        ckpt.restore_subtree(("critic", "nothing"))
+    ckpt.close()
+    config, actor, _ = train.load_workdir_model(workdir)
+    assert sub_meta == meta and config.has_lm_head
+    for got, saved in ((actor, full["actor"]["params"]), (critic, full["critic"]["params"])):
+        assert jax.tree.structure(got) == jax.tree.structure(saved)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(saved)):
+            assert isinstance(a, np.ndarray) and a.dtype == b.dtype and np.array_equal(a, np.asarray(b))
+
+
 def test_killed_run_resumes_to_the_same_metrics_and_weights(demo, tmp_path):
     workdir, rows = demo
     resumed = tmp_path / "resumed"
