@@ -345,11 +345,14 @@ def iteration(actor_state: optim.TrainState, critic_state: optim.TrainState, ref
     seq_ids, seq_mask, response_mask, score = (x[order] for x in (seq_ids, seq_mask, response_mask, score))
     first, rest = slice(0, size), slice(size, B)
 
+    def take(rows):  # a minibatch's rows, spread over the data axes again (as `_epochs` places them)
+        return shard_as(seq_ids[rows], BATCH, None), shard_as(seq_mask[rows], BATCH, None)
+
     def actor_logprobs(params, rows):
-        return response_logprobs(actor_config, params, seq_ids[rows], seq_mask[rows], R, ppo.temperature)
+        return response_logprobs(actor_config, params, *take(rows), R, ppo.temperature)
 
     def critic_values(params, rows):
-        return response_values(critic_config, params, seq_ids[rows], seq_mask[rows], R)
+        return response_values(critic_config, params, *take(rows), R)
 
     old_first, actor_pullback, entropy_first = jax.vjp(lambda p: actor_logprobs(p, first),
                                                        actor_state.params, has_aux=True)
