@@ -58,12 +58,15 @@ class Checkpointer:
         critic and both optimizers' moments (five more models' worth) on disk.
         """
         step = self._existing(step)
-        state_dir = self.directory / str(step) / "state"
-        saved = ocp.StandardCheckpointHandler().metadata(state_dir).tree
+        state_dir = self.directory / str(step) / "state"  # the manager's default step naming, as `save` uses it
+        try:
+            saved = ocp.StandardCheckpointHandler().metadata(state_dir).tree
+        except (FileNotFoundError, ValueError) as e:
+            raise CheckpointError(f"{state_dir}: unreadable checkpoint state ({e})") from None
         node = saved
         for key in keys:
             if not isinstance(node, dict) or key not in node:
-                raise CheckpointError(f"{state_dir}: no {'/'.join(keys)} in this checkpoint")
+                raise CheckpointError(f"{state_dir}: no {'/'.join(map(str, keys))} in this checkpoint")
             node = node[key]
 
         def inside(path) -> bool:

@@ -102,6 +102,21 @@ def test_workdir_model_is_restored_alone_and_exactly(demo):
     ckpt.close()
     config, actor, _ = train.load_workdir_model(workdir)
     assert sub_meta == meta and config.has_lm_head
+    # Alone: bytes the process reads from the checkpoint files (page cache included), for the actor's
+    # params and for the whole state (actor and critic, each with two AdamW moments).
+    def read_bytes():
+        io = dict(line.split(": ") for line in Path("/proc/self/io").read_text().splitlines())
+        return int(io["rchar"])
+
+    ckpt = checkpoint.Checkpointer(workdir)
+    read = []
+    for keys in (("actor", "params"), ()):
+        before = read_bytes()
+        ckpt.restore_subtree(keys)
+        read.append(read_bytes() - before)
+    ckpt.close()
+    actor_bytes = sum(x.nbytes for x in jax.tree.leaves(actor))
+    assert read[0] < 1.2 * actor_bytes and read[1] > 2 * read[0], (read, actor_bytes)
     for got, saved in ((actor, full["actor"]["params"]), (critic, full["critic"]["params"])):
         assert jax.tree.structure(got) == jax.tree.structure(saved)
         for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(saved)):
@@ -139,6 +154,8 @@ def test_killed_run_resumes_to_the_same_metrics_and_weights(demo, tmp_path):
     (["--config.ppo.kl_coeff=0.1"], "bad command line"),
     (["--config.data.source=/nowhere/pairs.jsonl"], "dataset file not found"),
     (["--config.model.base=/nowhere/mistral"], "model folder not found"),
+    (["--config.ppo.minibatches=3"], "does not split into ppo.minibatches=3"),
+    (["--config.ppo.minibatches=8", "--config.mesh.data=4"], "minibatches) size 2 does not split over"),
 ])
 def test_bad_inputs_are_one_line_errors(extra, words, tmp_path):
     done = run_cli("--config", "tiny_coarse.py", *extra, "--workdir", str(tmp_path / "w"))
