@@ -73,6 +73,19 @@ def test_sharded_iteration_matches_one_device(single, shape):
     assert shards["tokens"] == {(B // (mesh.shape["data"] * mesh.shape["fsdp"]), R)}
 
 
+def test_iteration_with_layout_hints_matches_one_device(single, monkeypatch):
+    """The activation hints GPU meshes run with (off on CPU meshes by default), through every program once."""
+    out1, exp1, actor1, _, _, _ = single
+    monkeypatch.setenv("C2F_SHARDING_HINTS", "1")
+    out, exp, actor, _, recompiled, _ = one_iteration((2, 2, 2))
+    np.testing.assert_array_equal(out.tokens, out1.tokens)
+    for a, b in zip(jax.tree.leaves(exp), jax.tree.leaves(exp1)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(actor), jax.tree.leaves(actor1)):
+        assert np.linalg.norm(a - b) <= 1e-5 * np.linalg.norm(b)
+    assert recompiled == 0
+
+
 def test_rollout_layout_drops_fsdp():
     mesh = sharding.make_mesh(1, 2, 4)
     config = model.TINY.replace(vocab_size=256)
