@@ -36,8 +36,10 @@ from c2f_jax.safetensors_io import CODES, DTYPES as FILE_DTYPES, SafetensorsErro
 
 PROVENANCE_NAME = "merge_provenance.json"
 # Read and merged this many bytes of float32 at a time: big enough that per-chunk overhead vanishes,
-# small enough that a few chunks are a tiny fraction of any model worth merging.
-CHUNK_BYTES = 8 << 20
+# small enough that every buffer in flight (two reads per input, scratch, three writes) stays in the
+# CPU's last-level cache. On the 2-core test VM a 1 GB merge took 1.47 s in process at 2 MiB, 1.56 s at
+# 4, 2.05 s at 8, 2.22 s at 64, and 1.81 s at 256 KiB (per-chunk overhead).
+CHUNK_BYTES = 2 << 20
 DTYPES = {name: hf.np_dtype(name) for name in ("float32", "bfloat16", "float16")}
 _FLOATS = {FILE_DTYPES[c] for c in ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")}
 
