@@ -288,16 +288,19 @@ def _minibatch_size(batch: int, ppo: PPOConfig) -> int:
     return batch // ppo.minibatches
 
 
+def _split(tree, count: int):
+    """Rows [N, ...] -> [count, N / count, ...], each minibatch spread over the data axes (a scan's input)."""
+    return jax.tree.map(lambda x: shard_as(x.reshape(count, -1, *x.shape[1:]), None, BATCH), tree)
+
+
 def _epochs(states, exp: Experience, keys, step, ppo: PPOConfig):
     """One pass over `exp` per key, each in its own shuffled order of minibatches. Metrics [len(keys), M]."""
     B = exp.seq_ids.shape[0]
-    size = _minibatch_size(B, ppo)
+    _minibatch_size(B, ppo)  # a PPOError when the batch does not split evenly
 
     def epoch(states, key):
         order = jax.random.permutation(key, B)
-        mbs = jax.tree.map(lambda x: shard_as(x[order].reshape(ppo.minibatches, size, *x.shape[1:]), None, BATCH),
-                           exp)
-        return jax.lax.scan(step, states, mbs)
+        return jax.lax.scan(step, states, _split(jax.tree.map(lambda x: x[order], exp), ppo.minibatches))
 
     return jax.lax.scan(epoch, states, keys)
 
@@ -334,9 +337,9 @@ def iteration(actor_state: optim.TrainState, critic_state: optim.TrainState, ref
     of the iteration; with M minibatches, 1/M of one. The kept activations of both
     models' first minibatch are live together while the reference is scored; in the 7B
     plan that costs under 2% more than the update alone. Inputs as `experience`,
-    `score` float32 [B] from the reward model; the
-    result (new states, the experience in input row order, mean metrics) equals
-    `experience` followed by `update` with the same rng up to float rounding.
+    `score` float32 [B] from the reward model; the result (new states, the experience
+    in input row order, mean metrics) equals `experience` followed by `update` with
+    the same rng up to float rounding.
     """
     B, R = response_mask.shape
     size = _minibatch_size(B, ppo)
@@ -375,9 +378,7 @@ def iteration(actor_state: optim.TrainState, critic_state: optim.TrainState, ref
     step = functools.partial(_minibatch_step, actor_config=actor_config, critic_config=critic_config, ppo=ppo)
     metrics = [jax.tree.map(lambda x: x[None], first_metrics)]
     if size < B:
-        rest_mbs = jax.tree.map(lambda x: shard_as(x[rest].reshape(ppo.minibatches - 1, size, *x.shape[1:]),
-                                                   None, BATCH), exp)
-        states, m = jax.lax.scan(step, states, rest_mbs)
+        states, m = jax.lax.scan(step, states, _split(jax.tree.map(lambda x: x[rest], exp), ppo.minibatches - 1))
         metrics.append(m)
     exp = jax.tree.map(lambda x: x[jnp.argsort(order)], exp)  # back to input order (later epochs shuffle it anew)
     if ppo.epochs > 1:

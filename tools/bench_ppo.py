@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench_rollout import bench_config  # the same model shapes as the rollout benchmark (tools/ is on sys.path)
+from bench_rollout import bench_config, time_it  # the same model shapes as the rollout benchmark (tools/ is on sys.path)
 from c2f_jax import hf, model, optim, ppo, reward, rollout
 
 
@@ -164,14 +164,7 @@ def matmul_rate() -> tuple[float, float]:
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
     f = jax.jit(lambda a: a @ a)
     ta = torch.randn(n, n)
-    best = [float("inf"), float("inf")]
-    for run in (lambda: jax.block_until_ready(f(a)), lambda: ta @ ta):
-        run()
-    for _ in range(5):
-        for i, run in enumerate((lambda: jax.block_until_ready(f(a)), lambda: ta @ ta)):
-            start = time.perf_counter()
-            run()
-            best[i] = min(best[i], time.perf_counter() - start)
+    best = (time_it(lambda: jax.block_until_ready(f(a)), 5), time_it(lambda: ta @ ta, 5))
     return 2 * n ** 3 / best[0], 2 * n ** 3 / best[1]
 
 

@@ -78,13 +78,7 @@ def matmul_step_seconds(config: model.MistralConfig, params, batch: int, repeats
         mats.append(w.T if name == "embed" else w.reshape(-1, w.shape[-1]) if name == "o" else w.reshape(w.shape[0], -1))
     inputs = {n: jnp.ones((batch, n), mats[0].dtype) for n in {m.shape[0] for m in mats}}
     step = jax.jit(lambda mats: sum((inputs[m.shape[0]] @ m)[0, 0] for m in mats))
-    jax.block_until_ready(step(mats))
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(step(mats))
-        best = min(best, time.perf_counter() - start)
-    return best
+    return time_it(lambda: jax.block_until_ready(step(mats)), repeats)
 
 
 def main(argv=None) -> None:
