@@ -19,16 +19,16 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 $PY -c "import jax, flax, optax, torch, transformers; print('jax', jax.__version__, jax.devices(), '| flax', \
 flax.__version__, '| torch', torch.__version__, '| transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
 
-timeout 210 $PY tools/bench_rollout.py --sizes 8x512,16x2048 --batch 64 --new-tokens 512 --dtype bfloat16 \
+timeout 180 $PY tools/bench_rollout.py --sizes 8x512,16x2048 --batch 64 --new-tokens 512 --dtype bfloat16 \
   --hf-device cuda --repeats 2 2>&1 | grep -v "Loading weights" | tee "$OUT/rollout.md"
 
-timeout 120 $PY tools/bench_ppo.py --sizes 8x512 --torch-device cuda --peak-tflops "$PEAK" \
+timeout 100 $PY tools/bench_ppo.py --sizes 8x512 --torch-device cuda --peak-tflops "$PEAK" \
   --iterations 2 2>&1 | grep -v "Loading weights" | tee "$OUT/ppo.md"
 # ~1B: without remat our update's temporaries (35 GB) do not fit beside the torch side in one process.
-timeout 240 $PY tools/bench_ppo.py --sizes 16x2048 --torch-device cuda --peak-tflops "$PEAK" --remat full \
+timeout 200 $PY tools/bench_ppo.py --sizes 16x2048 --torch-device cuda --peak-tflops "$PEAK" --remat full \
   --iterations 2 2>&1 | grep -v "Loading weights" | tee "$OUT/ppo_1b.md"
 
-JAX_PLATFORMS=cuda JAX_DEFAULT_MATMUL_PRECISION=highest timeout 100 $PY -m pytest -q -x tests/test_model.py \
+JAX_PLATFORMS=cuda JAX_DEFAULT_MATMUL_PRECISION=highest timeout 80 $PY -m pytest -q -x tests/test_model.py \
   -p no:cacheprovider 2>&1 | tail -5 | tee "$OUT/tests.txt"
 
 echo; echo "=== summary ==="; cat "$OUT/gpu.txt" "$OUT/rollout.md" "$OUT/ppo.md" "$OUT/ppo_1b.md" "$OUT/tests.txt"
