@@ -66,6 +66,10 @@ class MistralConfig:
     # Stacked layers under a scan (params["layers"]) or one subtree per layer
     # (params["layers_0"], ...); see unstack_layers.
     scan_layers: bool = True
+    # The MLP down projection stored output-major ([D, F], params "down_t") instead of [F, D]: the rollout
+    # copy's layout. XLA's small-batch CPU matmul streams this long contraction (F) ~1.6x faster when the
+    # weight's rows are the outputs; the training layout keeps HF's orientation.
+    transposed_down: bool = False
 
     def __post_init__(self):
         if self.architecture not in ARCHITECTURES:

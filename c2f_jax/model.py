@@ -12,7 +12,7 @@ Param tree (leading L on everything under `layers`, which are scanned):
     layers/attn_norm/scale [L, D]      layers/mlp_norm/scale [L, D]
     layers/attn/q    [L, D, N, H]      layers/attn/k, v [L, D, K, H]
     layers/attn/o    [L, N, H, D]
-    layers/mlp/gate, up [L, D, F]      layers/mlp/down [L, F, D]
+    layers/mlp/gate, up [L, D, F]      layers/mlp/down [L, F, D]  (down_t [L, D, F] if transposed_down)
     final_norm/scale [D]
     lm_head          [D, V]   (absent when tie_word_embeddings)
     score            [D, num_labels]   (scalar-head models instead of lm_head)
@@ -178,7 +178,12 @@ class MLP(nn.Module):
         D, F = c.hidden_size, c.intermediate_size
         gate = dense(x, self.param("gate", _init(c), (D, F), pdt).astype(cdt))
         up = dense(x, self.param("up", _init(c), (D, F), pdt).astype(cdt))
-        return dense(jax.nn.silu(gate) * up, self.param("down", _init(c), (F, D), pdt).astype(cdt))
+        hidden = jax.nn.silu(gate) * up
+        if c.transposed_down:
+            # [D, F] weight against [F, tokens] activations: the product comes out [D, tokens] and is turned back.
+            w = self.param("down_t", _init(c), (D, F), pdt).astype(cdt)
+            return jnp.moveaxis(jnp.einsum("df,...f->d...", w, hidden), 0, -1)
+        return dense(hidden, self.param("down", _init(c), (F, D), pdt).astype(cdt))
 
 
 class DecoderLayer(nn.Module):

@@ -65,8 +65,8 @@ def init_kv(config: MistralConfig, batch: int, length: int):
 
 
 def rollout_config(config: MistralConfig) -> MistralConfig:
-    """The config of the rollout copy: params in compute dtype, one array per layer."""
-    return config.replace(param_dtype=config.compute_dtype, scan_layers=False)
+    """The config of the rollout copy: params in compute dtype, one array per layer, down projection transposed."""
+    return config.replace(param_dtype=config.compute_dtype, scan_layers=False, transposed_down=True)
 
 
 def rollout_params(config: MistralConfig, params: Params) -> tuple[MistralConfig, Params]:
@@ -75,12 +75,19 @@ def rollout_params(config: MistralConfig, params: Params) -> tuple[MistralConfig
     Decoding reads every weight once per token; slicing a layer out of stacked
     weights inside the loop costs a copy of it on CPU, so the rollout copy is
     unstacked once per iteration instead (compile time then grows with depth,
-    for the rollout programs only).
+    for the rollout programs only). Its MLP down projections are stored
+    transposed (`down_t` [D, F], see MistralConfig.transposed_down).
     """
     cdt = jnp.dtype(config.compute_dtype)
     cast = jax.tree.map(lambda a: a.astype(cdt), params)
     if config.scan_layers:
         cast = model.unstack_layers(cast)
+    if not config.transposed_down:
+        cast = dict(cast)
+        for name in [k for k in cast if k.startswith("layers_")]:
+            mlp = dict(cast[name]["mlp"])
+            mlp["down_t"] = mlp.pop("down").T
+            cast[name] = {**cast[name], "mlp": mlp}
     return rollout_config(config), cast
 
 

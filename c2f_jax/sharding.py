@@ -44,6 +44,7 @@ PARAM_AXES = {
     "gate": ("model", "mlp"),
     "up": ("model", "mlp"),
     "down": ("mlp", "model"),
+    "down_t": ("model", "mlp"),
 }
 RULES = {
     "train": {"model": "fsdp", "heads": "tensor", "kv_heads": "tensor", "mlp": "tensor", "vocab": "tensor"},

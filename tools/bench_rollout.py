@@ -68,17 +68,31 @@ def bytes_per_step(config: model.MistralConfig, params, batch: int, prompt: int,
 
 
 def matmul_step_seconds(config: model.MistralConfig, params, batch: int, repeats: int = 10) -> float:
-    """Seconds for one decode step's weight matmuls alone ([batch, in] @ every weight matrix but the embedding
-    table), in one compiled program, best of `repeats`: the floor XLA's own matmuls put under a step."""
-    mats = []
+    """Seconds for one decode step's weight matmuls alone (every weight matrix but the embedding table against
+    [batch, in] inputs, each in the orientation the rollout uses), in one compiled program, best of `repeats`:
+    the floor XLA's own matmuls put under a step."""
+    mats = []  # (weight [in, out], or [out, in] when transposed)
     for path, w in jax.tree_util.tree_leaves_with_path(params):
         name = getattr(path[-1], "key", "")
         if w.ndim < 2 or (name == "embed" and not config.tie_word_embeddings):
             continue
-        mats.append(w.T if name == "embed" else w.reshape(-1, w.shape[-1]) if name == "o" else w.reshape(w.shape[0], -1))
-    inputs = {n: jnp.ones((batch, n), mats[0].dtype) for n in {m.shape[0] for m in mats}}
-    step = jax.jit(lambda mats: sum((inputs[m.shape[0]] @ m)[0, 0] for m in mats))
-    return time_it(lambda: jax.block_until_ready(step(mats)), repeats)
+        if name == "down_t":
+            mats.append((w, True))
+        else:
+            mats.append((w.T if name == "embed" else w.reshape(-1, w.shape[-1]) if name == "o"
+                         else w.reshape(w.shape[0], -1), False))
+    sizes = {m.shape[1] if t else m.shape[0] for m, t in mats}
+    inputs = {n: jnp.ones((batch, n), mats[0][0].dtype) for n in sizes}
+
+    def product(m, transposed):
+        if transposed:
+            return jnp.einsum("oi,bi->ob", m, inputs[m.shape[1]])[0, 0]
+        return (inputs[m.shape[0]] @ m)[0, 0]
+
+    weights = [m for m, _ in mats]
+    flags = [t for _, t in mats]
+    step = jax.jit(lambda ws: sum(product(m, t) for m, t in zip(ws, flags)))
+    return time_it(lambda: jax.block_until_ready(step(weights)), repeats)
 
 
 def main(argv=None) -> None:
@@ -148,7 +162,8 @@ def main(argv=None) -> None:
               f"{ours_tps / theirs_tps:.2f}x | {bound_cells} | {matmul_bound:,.0f} | {ours_tps / matmul_bound:.0%} |",
               flush=True)
     print("\nmatmul bound: the batch over the time of one decode step's weight matmuls alone (every weight matrix "
-          "but the embedding table, [batch, in] @ W, one compiled program): what XLA's matmuls at this batch "
+          "but the embedding table against [batch, in], each as the rollout orients it, one compiled program): "
+          "what XLA's matmuls at this batch "
           "allow before attention, norms and sampling.")
 
 
