@@ -67,8 +67,8 @@ class MistralConfig:
     # (params["layers_0"], ...); see unstack_layers.
     scan_layers: bool = True
     # The MLP down projection stored output-major ([D, F], params "down_t") instead of [F, D]: the rollout
-    # copy's layout. XLA's small-batch CPU matmul streams this long contraction (F) ~1.6x faster when the
-    # weight's rows are the outputs; the training layout keeps HF's orientation.
+    # copy's layout on CPU, where XLA's small-batch matmul streams this long contraction (F) ~1.6x faster
+    # when the weight's rows are the outputs. Training, and decoding on GPUs, keep HF's orientation.
     transposed_down: bool = False
 
     def __post_init__(self):

@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import hf_model, left_padded_batch
 
-from c2f_jax import compilations, data, hf, rollout
+from c2f_jax import compilations, data, hf, model, rollout
 from c2f_jax.data import DataError
 from c2f_jax.rollout import RolloutError, SamplingConfig
 
@@ -57,6 +57,17 @@ def test_greedy_matches_transformers_with_eos_suppressed(tiny, prompts, layout):
     ref = hf_generate(hm, *prompts, min_new_tokens=R, suppress_tokens=[2])
     np.testing.assert_array_equal(np.asarray(ours.tokens), ref)
     assert np.asarray(ours.mask).all()
+
+
+def test_rollout_copy_computes_the_same_logits(tiny, prompts):
+    _, config, params = tiny
+    r_config, r_params = rollout.rollout_params(config, params)
+    assert r_config.transposed_down == (jax.default_backend() == "cpu") and not r_config.scan_layers
+    ours = model.forward(r_config, r_params, *prompts)
+    np.testing.assert_allclose(ours, model.forward(config, params, *prompts), rtol=1e-5, atol=1e-5)
+    # A copy of a copy is the same copy.
+    again = rollout.rollout_params(r_config, r_params)[1]
+    assert jax.tree.structure(again) == jax.tree.structure(r_params)
 
 
 def test_mask_ends_at_eos_like_transformers(tiny, prompts):
