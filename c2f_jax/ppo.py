@@ -282,10 +282,11 @@ def _minibatch_step(states, mb: Experience, *, actor_config, critic_config, ppo:
     return _step(states, p_loss, info, p_grads, v_loss, v_grads, ppo)
 
 
-def _minibatch_size(batch: int, ppo: PPOConfig) -> int:
-    if batch % ppo.minibatches:
-        raise PPOError(f"batch {batch} does not split into {ppo.minibatches} equal minibatches")
-    return batch // ppo.minibatches
+def minibatch_size(batch: int, minibatches: int, names: tuple[str, str] = ("batch", "minibatches")) -> int:
+    """Rows per PPO minibatch; a PPOError (naming the two values as `names`) when the batch does not split evenly."""
+    if batch % minibatches:
+        raise PPOError(f"{names[0]}={batch} does not split into {names[1]}={minibatches} equal minibatches")
+    return batch // minibatches
 
 
 def _split(tree, count: int):
@@ -296,7 +297,7 @@ def _split(tree, count: int):
 def _epochs(states, exp: Experience, keys, step, ppo: PPOConfig):
     """One pass over `exp` per key, each in its own shuffled order of minibatches. Metrics [len(keys), M]."""
     B = exp.seq_ids.shape[0]
-    _minibatch_size(B, ppo)  # a PPOError when the batch does not split evenly
+    minibatch_size(B, ppo.minibatches)  # a PPOError when the batch does not split evenly
 
     def epoch(states, key):
         order = jax.random.permutation(key, B)
@@ -342,7 +343,7 @@ def iteration(actor_state: optim.TrainState, critic_state: optim.TrainState, ref
     the same rng up to float rounding.
     """
     B, R = response_mask.shape
-    size = _minibatch_size(B, ppo)
+    size = minibatch_size(B, ppo.minibatches)
     keys = jax.random.split(rng, ppo.epochs)
     # Rows in the first epoch's order, so its first minibatch is rows [:size] (as `update` would draw it).
     order = jax.random.permutation(keys[0], B)

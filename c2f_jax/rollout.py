@@ -86,11 +86,9 @@ def rollout_params(config: MistralConfig, params: Params) -> tuple[MistralConfig
         cast = model.unstack_layers(cast)
     r_config = rollout_config(config)
     if r_config.transposed_down and not config.transposed_down:
-        cast = dict(cast)
         for name in [k for k in cast if k.startswith("layers_")]:
-            mlp = dict(cast[name]["mlp"])
+            mlp = cast[name]["mlp"]  # tree.map built fresh dicts: the caller's params stay as they were
             mlp["down_t"] = mlp.pop("down").T
-            cast[name] = {**cast[name], "mlp": mlp}
     return r_config, cast
 
 

@@ -293,12 +293,10 @@ def run_coarse(config, workdir: Path, show_progress: bool = True) -> list[dict]:
     """PPO with Continuous Maximization; returns the metrics rows of this process's steps."""
     mesh = sharding.make_mesh(**config.mesh)
     sharding.batch_size_check(mesh, config.data.batch_size)
-    if config.data.batch_size % config.ppo.minibatches:
-        raise TrainError(f"data.batch_size={config.data.batch_size} does not split into "
-                         f"ppo.minibatches={config.ppo.minibatches} equal minibatches")
+    minibatch = ppo.minibatch_size(config.data.batch_size, config.ppo.minibatches,
+                                   ("data.batch_size", "ppo.minibatches"))
     # A minibatch that does not split over the devices would be scored and stepped replicated on all of them.
-    sharding.batch_size_check(mesh, config.data.batch_size // config.ppo.minibatches,
-                              "PPO minibatch (data.batch_size / ppo.minibatches)")
+    sharding.batch_size_check(mesh, minibatch, "PPO minibatch (data.batch_size / ppo.minibatches)")
     ckpt = prepare_workdir(config, workdir)
     main = sharding.is_main_process()
     if config.model.base == "tiny" and config.model.get("pretrain_steps", 0) > 0:

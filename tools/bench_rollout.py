@@ -71,27 +71,20 @@ def matmul_step_seconds(config: model.MistralConfig, params, batch: int, repeats
     """Seconds for one decode step's weight matmuls alone (every weight matrix but the embedding table against
     [batch, in] inputs, each in the orientation the rollout uses), in one compiled program, best of `repeats`:
     the floor XLA's own matmuls put under a step."""
-    mats = []  # (weight [in, out], or [out, in] when transposed)
+    weights, out_major = [], []  # each [in, out], or [out, in] where the rollout stores it so (down_t)
     for path, w in jax.tree_util.tree_leaves_with_path(params):
         name = getattr(path[-1], "key", "")
         if w.ndim < 2 or (name == "embed" and not config.tie_word_embeddings):
             continue
-        if name == "down_t":
-            mats.append((w, True))
-        else:
-            mats.append((w.T if name == "embed" else w.reshape(-1, w.shape[-1]) if name == "o"
-                         else w.reshape(w.shape[0], -1), False))
-    sizes = {m.shape[1] if t else m.shape[0] for m, t in mats}
-    inputs = {n: jnp.ones((batch, n), mats[0][0].dtype) for n in sizes}
+        weights.append(w.T if name == "embed" else w.reshape(-1, w.shape[-1]) if name == "o"
+                       else w.reshape(w.shape[0], -1))
+        out_major.append(name == "down_t")
 
-    def product(m, transposed):
-        if transposed:
-            return jnp.einsum("oi,bi->ob", m, inputs[m.shape[1]])[0, 0]
-        return (inputs[m.shape[0]] @ m)[0, 0]
+    def product(w, transposed):
+        x = jnp.ones((batch, w.shape[1] if transposed else w.shape[0]), w.dtype)
+        return (jnp.einsum("oi,bi->ob", w, x) if transposed else x @ w)[0, 0]
 
-    weights = [m for m, _ in mats]
-    flags = [t for _, t in mats]
-    step = jax.jit(lambda ws: sum(product(m, t) for m, t in zip(ws, flags)))
+    step = jax.jit(lambda ws: sum(product(w, t) for w, t in zip(ws, out_major)))
     return time_it(lambda: jax.block_until_ready(step(weights)), repeats)
 
 
@@ -163,8 +156,7 @@ def main(argv=None) -> None:
               flush=True)
     print("\nmatmul bound: the batch over the time of one decode step's weight matmuls alone (every weight matrix "
           "but the embedding table against [batch, in], each as the rollout orients it, one compiled program): "
-          "what XLA's matmuls at this batch "
-          "allow before attention, norms and sampling.")
+          "what XLA's matmuls at this batch allow before attention, norms and sampling.")
 
 
 if __name__ == "__main__":
