@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import sys
+import traceback
+
+from c2f_jax import distributed
 
 
 class UsageError(ValueError):
@@ -19,15 +22,31 @@ def add_sampling_args(parser, temperature: float) -> None:
     parser.add_argument("--system-prompt", default=None, help="text placed before each dialogue; 'coarse' = the paper's")
 
 
+def one_line(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
 def run(main) -> None:
-    """Calls main(); our ValueErrors and missing files become 'error: ...' on stderr and exit status 2."""
+    """Calls main() inside a (possibly multi-process) job and exits with its status.
+
+    Our ValueErrors and missing files become one line on stderr and exit status 2 instead of a
+    traceback wall; anything else keeps its traceback (a bug), then exit status 1. With several
+    processes, either also ends every other process promptly (c2f_jax.distributed).
+    """
     try:
+        distributed.initialize()
         code = main()
     except (ValueError, OSError) as e:
-        message = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
+        distributed.fail(one_line(e), 2)
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        sys.exit(130)
+        distributed.fail("interrupted", 130)
+    except SystemExit as e:  # argparse's usage errors: the message is printed already
+        if e.code in (0, None) or distributed.process_count() == 1:
+            raise
+        distributed.fail(f"exit status {e.code}", e.code if isinstance(e.code, int) else 2)
+    except BaseException as e:
+        if distributed.peer_failure() is None:  # a bug here, not the echo of another process's failure
+            traceback.print_exc()
+        distributed.fail(f"{type(e).__name__}: {one_line(e)}", 1)
+    distributed.shutdown()
     sys.exit(code or 0)

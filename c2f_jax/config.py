@@ -15,14 +15,22 @@ import numpy as np
 Params = dict[str, Any]
 
 
-def _is_dtype(name: str) -> bool:
-    if name == "bfloat16":
-        return True
+def np_dtype(dtype, field: str = "dtype") -> np.dtype:
+    """The NumPy dtype of any spelling a user types: "bfloat16", np.float32, jnp.bfloat16 (a class whose
+    `.dtype` NumPy reads), jnp.dtype("bfloat16"). A ConfigError naming `field` for anything else."""
     try:
-        np.dtype(getattr(ml_dtypes, name, name))
-        return True
-    except TypeError:
-        return False
+        d = None if dtype is None else np.dtype(dtype)  # np.dtype(None) would be float64
+    except (TypeError, ValueError):
+        d = None
+    # ml_dtypes (imported above, which teaches NumPy the names) holds bfloat16 and the float8 types.
+    if d is None or (d.kind not in "biufc" and d.type.__module__ != ml_dtypes.__name__):
+        raise ConfigError(f"{field}={dtype!r} is not a dtype")
+    return d
+
+
+def dtype_name(dtype, field: str = "dtype") -> str:
+    """The one spelling we store and write to files: "float32", "bfloat16", ..."""
+    return np_dtype(dtype, field).name
 
 
 CAUSAL_LM = "MistralForCausalLM"
@@ -67,8 +75,8 @@ class MistralConfig:
     # (params["layers_0"], ...); see unstack_layers.
     scan_layers: bool = True
     # The MLP down projection stored output-major ([D, F], params "down_t") instead of [F, D]: the rollout
-    # copy's layout on CPU, where XLA's small-batch matmul streams this long contraction (F) ~1.6x faster
-    # when the weight's rows are the outputs. Training, and decoding on GPUs, keep HF's orientation.
+    # copy's layout on CPU (decided by rollout.rollout_layout, applied by rollout.rollout_params), where XLA's
+    # small-batch matmul streams this long contraction (F) ~1.6x faster when the weight's rows are the outputs.
     transposed_down: bool = False
 
     def __post_init__(self):
@@ -83,9 +91,8 @@ class MistralConfig:
             raise ConfigError(f"head_dim={self.head_dim} must be even for rotary embeddings")
         if self.remat not in REMAT_POLICIES:
             raise ConfigError(f"remat={self.remat!r}; expected one of {REMAT_POLICIES}")
-        for field in ("param_dtype", "compute_dtype"):
-            if not _is_dtype(getattr(self, field)):
-                raise ConfigError(f"{field}={getattr(self, field)!r} is not a dtype")
+        for field in ("param_dtype", "compute_dtype"):  # stored by name, so equal configs hash equal
+            object.__setattr__(self, field, dtype_name(getattr(self, field), field))
 
     @property
     def has_lm_head(self) -> bool:

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from c2f_jax import data, hf, model, multiple_choice, ppo, rollout, tokenizer
+from c2f_jax import data, distributed, hf, model, multiple_choice, ppo, rollout, tokenizer, workdir
 from c2f_jax.model import MistralConfig, Params
 
 PROMPT_BUCKETS = (64, 128, 256, 512, 1024)
@@ -52,10 +52,8 @@ def load_model(path: str | os.PathLike, dtype: str = "float32", step: int | None
     p = Path(path)
     if not p.is_dir():
         raise EvalError(f"{p}: not a model folder (no such directory)")
-    if (p / "run_config.json").exists():
-        from c2f_jax import train  # the workdir layout lives there
-
-        config, params, tok_dir = train.load_workdir_model(p, step)
+    if workdir.is_workdir(p):
+        config, params, tok_dir = workdir.load_model(p, step)
         config = config.replace(compute_dtype=dtype)
         params = jax.tree.map(lambda a: jnp.asarray(a, config.param_dtype), params)
         return Loaded(config, params, tokenizer.load_tokenizer(tok_dir), str(p))
@@ -142,7 +140,8 @@ def sample_responses(m: Loaded, prompts: Sequence[str], *, max_new_tokens: int, 
 
     Returns per prompt {"prompt", "response" (text), "tokens" (ids without EOS), "ended_with_eos"}.
     """
-    config, params = rollout.rollout_params(m.config, m.params)
+    config = rollout.rollout_layout(m.config, jax.default_backend())
+    params = rollout.rollout_params(config, m.params)
     tok = m.tokenizer
     suppress = tokenizer.stop_token_ids(tok) if suppress_eos else ()
     token_lists = [tok(tokenizer.format_prompt(p, system_prompt)).input_ids for p in prompts]
@@ -268,9 +267,8 @@ def markdown_table(rows: dict[str, dict], first: str = "model") -> str:
 
 
 def write_json(path: str | os.PathLike, obj) -> None:
-    """Written to a temporary file and renamed into place."""
+    """Written to a temporary file and renamed into place (by process 0 of a multi-process job)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    tmp.replace(path)
+    if distributed.writes_here():
+        path.parent.mkdir(parents=True, exist_ok=True)
+    workdir.write_text(path, json.dumps(obj, indent=1) + "\n")

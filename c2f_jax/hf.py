@@ -15,15 +15,13 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 
 # JAX is imported only where arrays are placed or fetched, so file-level work (the merger) starts fast.
-from c2f_jax.config import ConfigError, MistralConfig, Params
-from c2f_jax.safetensors_io import SafetensorsError, SafetensorsFile, write_file
+from c2f_jax import distributed, workdir
+from c2f_jax.config import ConfigError, MistralConfig, Params, dtype_name, np_dtype
+from c2f_jax.safetensors_io import INDEX_NAME, SINGLE_NAME, SafetensorsError, SafetensorsFile, write_checkpoint
 
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 # Buffers some old checkpoints carry; recomputed from the config, never loaded.
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
@@ -179,16 +177,16 @@ def _get(tree: Params, path: tuple[str, ...]):
     return tree
 
 
-def load_pretrained(path: str | os.PathLike, dtype: str = "float32", shardings: Params | None = None,
+def load_pretrained(path: str | os.PathLike, dtype="float32", shardings: Params | None = None,
                     **runtime) -> tuple[MistralConfig, Params]:
     """Reads an HF `MistralForCausalLM` / `MistralForSequenceClassification` folder.
 
     Returns (config with param_dtype=dtype, params as a nested dict of jax arrays of
-    that dtype). `shardings` (a tree like params, of `jax.sharding.Sharding`) places
-    each param as it is built. Host memory peaks at the placed params plus one
-    stacked param.
+    that dtype; "bfloat16" and jnp.bfloat16 alike). `shardings` (a tree like params, of
+    `jax.sharding.Sharding`) places each param as it is built. Host memory peaks at the
+    placed params plus one stacked param.
     """
-    config = read_config(path, param_dtype=dtype, **runtime)
+    config = read_config(path, param_dtype=dtype_name(dtype), **runtime)  # a bad dtype is not config.json's fault
     reader = CheckpointReader(path)
     specs = tensor_specs(config)
     check_tensors(reader, specs)
@@ -198,7 +196,7 @@ def load_pretrained(path: str | os.PathLike, dtype: str = "float32", shardings: 
     import jax
 
     params: dict = {}
-    target = np_dtype(dtype)
+    target = np_dtype(config.param_dtype)
     for ppath, group in by_param.items():
         buf = np.empty(_param_shape(group[0], config), target)
         for s in group:
@@ -219,11 +217,6 @@ def load_pretrained(path: str | os.PathLike, dtype: str = "float32", shardings: 
 # ----------------------------------------------------------------------------- writing
 
 
-def np_dtype(name) -> np.dtype:
-    """A NumPy dtype from a name or dtype, bfloat16 included."""
-    return np.dtype(ml_dtypes.bfloat16) if str(name) == "bfloat16" else np.dtype(name)
-
-
 def parse_size(size: int | str) -> int:
     """'5GB' -> 5e9, '500MiB' -> 500 * 2**20, ints pass through."""
     if isinstance(size, int):
@@ -233,49 +226,6 @@ def parse_size(size: int | str) -> int:
         raise HFError(f"max_shard_size={size!r} is not a size such as '5GB' or '500MiB'")
     power = " KMGT".index(m.group(2).upper() or " ")
     return int(float(m.group(1)) * (1024 if m.group(3) else 1000) ** power)
-
-
-def _plan_shards(entries: list, max_bytes: int) -> list[list]:
-    shards, current, size = [], [], 0
-    for e in entries:
-        nbytes = int(np.prod(e[1], dtype=np.int64)) * np.dtype(e[2]).itemsize
-        if current and size + nbytes > max_bytes:
-            shards.append(current)
-            current, size = [], 0
-        current.append(e)
-        size += nbytes
-    return shards + [current] if current else shards
-
-
-def atomic_dir(path: Path, overwrite: bool):
-    """Context for writing a folder: yields a temp sibling, renamed onto `path` on success."""
-    return _AtomicDir(Path(path), overwrite)
-
-
-class _AtomicDir:
-    def __init__(self, path: Path, overwrite: bool):
-        self.path, self.overwrite = path, overwrite
-        self.tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-
-    def __enter__(self) -> Path:
-        if self.path.exists() and not self.overwrite:
-            raise HFError(f"{self.path}: already exists (pass overwrite=True / --overwrite to replace it)")
-        if not self.path.parent.is_dir():
-            raise HFError(f"{self.path.parent}: parent folder does not exist")
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        self.tmp.mkdir()
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return False
-        old = self.path.parent / f".{self.path.name}.old-{os.getpid()}"
-        if self.path.exists():
-            self.path.rename(old)
-        self.tmp.rename(self.path)
-        shutil.rmtree(old, ignore_errors=True)
-        return False
 
 
 def copy_tokenizer(source, dest: Path) -> None:
@@ -288,17 +238,18 @@ def copy_tokenizer(source, dest: Path) -> None:
             shutil.copy2(Path(source) / name, dest / name)
 
 
-def save_pretrained(path: str | os.PathLike, config: MistralConfig, params: Params, dtype: str | None = None,
+def save_pretrained(path: str | os.PathLike, config: MistralConfig, params: Params, dtype=None,
                     max_shard_size: int | str = "5GB", tokenizer_source: Any = None, overwrite: bool = False) -> None:
     """Writes an HF folder: safetensors shards (+ index when more than one), config.json,
     generation_config.json, and tokenizer files when `tokenizer_source` is given.
 
-    dtype None keeps each param's own dtype. The folder is built under a temporary
-    name and renamed into place, so a killed save leaves nothing half-written.
+    dtype: the tensors' dtype in any spelling; None keeps each param's own. The folder is built
+    under a temporary name and renamed into place, so a killed save leaves nothing half-written.
     """
     import jax
 
     path = Path(path)
+    dtype = None if dtype is None else dtype_name(dtype)
     specs = tensor_specs(config)
     host_cache: dict = {}  # one stacked param on the host at a time
 
@@ -325,19 +276,15 @@ def save_pretrained(path: str | os.PathLike, config: MistralConfig, params: Para
             return s.to_hf(a if s.layer is None else a[s.layer]).astype(out_dtype)
 
         entries.append((s.hf_name, s.hf_shape, out_dtype, produce))
-    shards = _plan_shards(entries, parse_size(max_shard_size))
-    config_dtype = str(np_dtype(dtype)) if dtype else config.param_dtype
-    with atomic_dir(path, overwrite) as tmp:
-        weight_map, total = {}, 0
-        for k, shard in enumerate(shards):
-            fname = SINGLE_NAME if len(shards) == 1 else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-            write_file(tmp / fname, shard, {"format": "pt"})
-            for name, shape, dt, _ in shard:
-                weight_map[name] = fname
-                total += int(np.prod(shape, dtype=np.int64)) * np.dtype(dt).itemsize
-        if len(shards) > 1:
-            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-            (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2))
+    max_bytes = parse_size(max_shard_size)
+    config_dtype = dtype or config.param_dtype
+    if path.exists() and not overwrite and distributed.writes_here():
+        raise HFError(f"{path}: already exists (pass overwrite=True / --overwrite to replace it)")
+    if not path.parent.is_dir():
+        raise HFError(f"{path.parent}: parent folder does not exist")
+
+    def fill(tmp: Path) -> None:
+        write_checkpoint(tmp, entries, max_bytes)
         (tmp / "config.json").write_text(json.dumps(config.to_hf(config_dtype), indent=2))
         gen = {"bos_token_id": config.bos_token_id, "eos_token_id": config.to_hf()["eos_token_id"]}
         if config.pad_token_id is not None:
@@ -345,3 +292,5 @@ def save_pretrained(path: str | os.PathLike, config: MistralConfig, params: Para
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
         if tokenizer_source is not None:
             copy_tokenizer(tokenizer_source, tmp)
+
+    workdir.write(path, fill, overwrite, folder=True)

@@ -4,8 +4,8 @@ Two entry points:
 - `merge_params(coarse, sft, gamma)`: two param pytrees (on one device or sharded on a mesh) -> the merged tree.
 - `plan_merge(...)` then `write_merge(plan, out)`: HF folders on disk -> an HF folder (or one per gamma for a
   sweep). Everything is validated before anything is written; tensors then stream through in fixed-size chunks,
-  so host memory stays at a few chunks whatever the model size, and a sweep reads each input chunk once and
-  writes it, merged, to every output folder in lockstep.
+  so host memory stays at a few chunks whatever the model size (the threads and buffers: c2f_jax.merge_io),
+  and a sweep reads each input chunk once and writes it, merged, to every output folder in lockstep.
 
 The arithmetic, identical in both paths: in float32, `f32(gamma) * coarse + f32(1 - gamma) * sft` (two
 products, then one sum, each rounded to float32; `1 - gamma` is taken in float64 first), then rounded to
@@ -24,28 +24,18 @@ import math
 import os
 import re
 import shutil
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 # No JAX at import time: the CLI starts without it (merge_params imports it when called).
-from c2f_jax import hf
-from c2f_jax.config import CAUSAL_LM
-from c2f_jax.safetensors_io import CODES, DTYPES as FILE_DTYPES, SafetensorsError
+from c2f_jax import hf, merge_io, safetensors_io, workdir
+from c2f_jax.config import CAUSAL_LM, ConfigError, dtype_name, np_dtype
+from c2f_jax.safetensors_io import DTYPES as FILE_DTYPES, SafetensorsError
 
 PROVENANCE_NAME = "merge_provenance.json"
-# Read and merged this many bytes of float32 at a time: big enough that per-chunk overhead vanishes,
-# small enough that every buffer in flight (two reads per input, scratch, three writes) stays in the
-# CPU's last-level cache. On the 2-core test VM a 1 GB merge took 1.47 s in process at 2 MiB, 1.56 s at
-# 4, 2.05 s at 8, 2.22 s at 64, and 1.81 s at 256 KiB (per-chunk overhead).
-CHUNK_BYTES = 2 << 20
-DTYPES = {name: hf.np_dtype(name) for name in ("float32", "bfloat16", "float16")}
+DTYPES = {name: np_dtype(name) for name in ("float32", "bfloat16", "float16")}
 _FLOATS = {FILE_DTYPES[c] for c in ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")}
-
-
-def _is_float(dtype) -> bool:
-    return np.dtype(dtype) in _FLOATS
 # Files of the SFT folder copied besides the tokenizer (hf.TOKENIZER_FILES).
 _EXTRA_FILES = ("generation_config.json", "chat_template.jinja")
 # The files that define token ids; tokenizer_config.json is left out on purpose: an Instruct model's chat
@@ -53,9 +43,6 @@ _EXTRA_FILES = ("generation_config.json", "chat_template.jinja")
 _VOCAB_FILES = ("tokenizer.model", "tokenizer.json")
 # Buffers old checkpoints carry and transformers recomputes; never merged, never written.
 _SKIPPED = re.compile(r".*rotary_emb\.inv_freq$")
-_SHARD_FILE = re.compile(r"model-\d+-of-\d+\.safetensors$")
-# What marks a training workdir (train.RUN_CONFIG; not imported, to keep the training stack out of the merger).
-_RUN_CONFIG = "run_config.json"
 # Architecture fields that may differ without changing any tensor shape; a difference is a warning.
 _CONFIG_FIELDS = ("rope_theta", "sliding_window", "rms_norm_eps", "max_position_embeddings", "bos_token_id",
                   "eos_token_id", "pad_token_id")
@@ -84,6 +71,20 @@ def parse_gammas(text: str) -> list[float]:
     return [check_gamma(t) for t in parts]
 
 
+def _dtype_name(dtype) -> str | None:
+    """The name of an output dtype in any spelling (jnp.bfloat16 -> 'bfloat16'); None stays None."""
+    if dtype is None:
+        return None
+    try:
+        return dtype_name(dtype)
+    except ConfigError as e:
+        raise MergeError(str(e)) from None
+
+
+def _is_float(dtype) -> bool:
+    return np.dtype(dtype) in _FLOATS
+
+
 # ----------------------------------------------------------------------------- the arithmetic
 
 
@@ -93,22 +94,7 @@ def _cast(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return x.astype(np.float32, copy=False).astype(dtype)
 
 
-class Scratch:
-    """Work buffers that `lerp` reuses for chunks of up to `size` elements.
-
-    A fresh multi-MB array per chunk costs a page fault per 4 KiB, which is more than the arithmetic.
-    """
-
-    def __init__(self, size: int):
-        # Two float32 products, and the result in the output dtype (8 bytes, should that be float64).
-        self.buffers = [np.empty(size * 4, np.uint8), np.empty(size * 4, np.uint8), np.empty(size * 8, np.uint8)]
-
-    def take(self, i: int, shape: tuple[int, ...], dtype) -> np.ndarray:
-        dtype = np.dtype(dtype)
-        return self.buffers[i][: math.prod(shape) * dtype.itemsize].view(dtype).reshape(shape)
-
-
-def lerp(coarse: np.ndarray, sft: np.ndarray, gamma: float, dtype, scratch: Scratch | None = None,
+def lerp(coarse: np.ndarray, sft: np.ndarray, gamma: float, dtype, scratch: merge_io.Scratch | None = None,
          out: np.ndarray | None = None) -> np.ndarray:
     """float32 `gamma * coarse + (1 - gamma) * sft`, rounded to `dtype`.
 
@@ -149,17 +135,17 @@ def _lerp_jax(a, b, gamma: float, dtype):
     return (x + y).astype(dtype)
 
 
-def merge_params(coarse, sft, gamma: float, dtype: str | None = None):
+def merge_params(coarse, sft, gamma: float, dtype=None):
     """The merged pytree `gamma * coarse + (1 - gamma) * sft`, leaf by leaf with `jax.tree.map`.
 
     coarse, sft: pytrees of the same structure and leaf shapes (jax or NumPy float arrays, sharded or not;
-    each output leaf keeps its input's sharding). dtype None gives each leaf the SFT leaf's dtype.
+    each output leaf keeps its input's sharding). dtype in any spelling; None gives each leaf the SFT leaf's.
     Raises MergeError naming the first path whose structure, shape or dtype kind disagrees.
     """
     import jax
     import jax.numpy as jnp
 
-    gamma = check_gamma(gamma)
+    gamma, dtype = check_gamma(gamma), _dtype_name(dtype)
     a_leaves = dict(jax.tree_util.tree_flatten_with_path(coarse)[0])
     b_leaves = dict(jax.tree_util.tree_flatten_with_path(sft)[0])
     only_a = [p for p in a_leaves if p not in b_leaves]
@@ -177,7 +163,7 @@ def merge_params(coarse, sft, gamma: float, dtype: str | None = None):
                              f"SFT shape {tuple(b.shape)}")
         if not (_is_float(a.dtype) and _is_float(b.dtype)):
             raise MergeError(f"param {jax.tree_util.keystr(path)}: not floating point ({a.dtype}, {b.dtype})")
-    return jax.tree.map(lambda a, b: _lerp_jax(jnp.asarray(a), jnp.asarray(b), gamma, hf.np_dtype(dtype or b.dtype)),
+    return jax.tree.map(lambda a, b: _lerp_jax(jnp.asarray(a), jnp.asarray(b), gamma, np_dtype(dtype or b.dtype)),
                         coarse, sft)
 
 
@@ -191,16 +177,12 @@ def resolve_input(path: str | os.PathLike) -> Path:
         raise MergeError(f"{p}: not found")
     if not p.is_dir():
         raise MergeError(f"{p}: not a folder (expected an HF model folder with config.json and safetensors)")
-    if is_workdir(p):
+    if workdir.is_workdir(p):
         raise MergeError(f"{p}: is a training workdir; only --coarse takes one (export it with "
                          f"python tools/export_hf.py --checkpoint {p} --out DIR to pass it here)")
     if not (p / "config.json").exists():
-        raise MergeError(f"{p}: not an HF model folder (no config.json); a training workdir has {_RUN_CONFIG}")
+        raise MergeError(f"{p}: not an HF model folder (no config.json); a training workdir has {workdir.RUN_CONFIG}")
     return p
-
-
-def is_workdir(path: str | os.PathLike) -> bool:
-    return (Path(path) / _RUN_CONFIG).exists()
 
 
 @contextlib.contextmanager
@@ -213,20 +195,18 @@ def hf_folder(path: str | os.PathLike, scratch: str | os.PathLike, step: int | N
     folder as from any other.
     """
     p = Path(path)
-    if not is_workdir(p):
+    if not workdir.is_workdir(p):
         if step is not None:
             raise MergeError(f"{p}: a checkpoint step applies to training workdirs only")
         yield resolve_input(p)
         return
-    job = json.loads((p / _RUN_CONFIG).read_text()).get("job")
+    job = workdir.job(p)
     if job != "coarse":
         raise MergeError(f"{p}: is a {job!r} training workdir; the merger takes a coarse run's actor")
-    from c2f_jax import train  # JAX and Orbax, only for workdir inputs
-
     Path(scratch).mkdir(parents=True, exist_ok=True)
     tmp = Path(scratch) / f".c2f-export-{p.name}-{os.getpid()}"
     try:
-        train.export(p, tmp, step=step, overwrite=True)
+        workdir.export(p, tmp, step=step, overwrite=True)  # JAX and Orbax, only for workdir inputs
         yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -243,12 +223,12 @@ def _open_checkpoint(folder: Path) -> hf.CheckpointReader:
         raise MergeError(str(e)) from None
     except hf.HFError as e:
         raise MergeError(str(e)) from None
-    if (folder / hf.INDEX_NAME).exists():
+    if (folder / safetensors_io.INDEX_NAME).exists():
         # A shard on disk that the index does not name would be silently ignored: a stale or partial download.
         listed = {f.path.name for f in reader.files.values()}
         for shard in sorted(folder.glob("*.safetensors")):
-            if _SHARD_FILE.match(shard.name) and shard.name not in listed:
-                raise MergeError(f"{shard}: shard not named in {hf.INDEX_NAME} (stale or partial checkpoint?)")
+            if safetensors_io.SHARD_NAME.match(shard.name) and shard.name not in listed:
+                raise MergeError(f"{shard}: shard not named in {safetensors_io.INDEX_NAME} (stale or partial checkpoint?)")
     return reader
 
 
@@ -357,11 +337,11 @@ def gamma_folder(gamma: float) -> str:
     return f"gamma_{gamma:g}"
 
 
-def plan_merge(coarse, sft, gammas, dtype: str | None = None, allow_tokenizer_mismatch: bool = False) -> MergePlan:
+def plan_merge(coarse, sft, gammas, dtype=None, allow_tokenizer_mismatch: bool = False) -> MergePlan:
     """Validates two HF MistralForCausalLM folders for merging and lists the tensors to write.
 
-    gammas: one float or a sequence (a sweep). dtype: 'float32', 'bfloat16', 'float16' or None (each output
-    tensor in the SFT tensor's stored dtype). Raises MergeError for anything that stops the merge; returns
+    gammas: one float or a sequence (a sweep). dtype: float32, bfloat16 or float16 in any spelling, or None
+    (each output tensor in the SFT tensor's stored dtype). Raises MergeError for anything that stops the merge; returns
     the plan with warnings (configs that differ, an allowed tokenizer mismatch) for the caller to show.
     """
     gammas = tuple(check_gamma(g) for g in (gammas if isinstance(gammas, (list, tuple)) else [gammas]))
@@ -370,6 +350,7 @@ def plan_merge(coarse, sft, gammas, dtype: str | None = None, allow_tokenizer_mi
     names = [gamma_folder(g) for g in gammas]
     if len(set(names)) != len(names):
         raise MergeError(f"gammas {list(gammas)} repeat a value")
+    dtype = _dtype_name(dtype)
     if dtype is not None and dtype not in DTYPES:
         raise MergeError(f"dtype={dtype!r}; expected one of {sorted(DTYPES)}")
     coarse, sft = resolve_input(coarse), resolve_input(sft)
@@ -392,88 +373,6 @@ def plan_merge(coarse, sft, gammas, dtype: str | None = None, allow_tokenizer_mi
         tensors.append(TensorPlan(n, ra.shape(n), ra.dtype(n), rb.dtype(n), out))
     warnings = compare_tokenizers(coarse, sft, allow_tokenizer_mismatch) + compare_configs(coarse, sft)
     return MergePlan(coarse, sft, gammas, tensors, dtype, warnings, ra, rb)
-
-
-# ----------------------------------------------------------------------------- streaming reads and writes
-
-
-class _Stream:
-    """One input's tensor chunks, in merge order, read and hashed one chunk ahead on a worker thread.
-
-    Reads go through pread into two alternating buffers rather than through the memmaps: the pages a memmap
-    has touched count towards RSS until it is unmapped, which for the embedding alone is a noticeable slice
-    of a model. Hashing on the worker keeps sha256, the costliest step, off the main thread.
-    """
-
-    def __init__(self, reader: hf.CheckpointReader, dtypes: dict[str, np.dtype], chunk: int):
-        self.reader, self.dtypes = reader, dtypes
-        itemsize = max((d.itemsize for d in dtypes.values()), default=1)
-        self.buffers = [np.empty(chunk * itemsize, np.uint8) for _ in range(2)]
-        self.sha = hashlib.sha256()
-        self.fds: dict[Path, int] = {}
-        self.places: dict[str, tuple[Path, int]] = {}
-        self.pool = ThreadPoolExecutor(1)
-
-    def close(self) -> None:
-        self.pool.shutdown(cancel_futures=True)
-        for fd in self.fds.values():
-            os.close(fd)
-
-    def chunks(self, jobs: list[tuple[TensorPlan, int, int]]):
-        """Yields the stored-dtype array of each (tensor, start, count) job; each is valid until the next."""
-        pending = self.pool.submit(self._load, 0, *jobs[0]) if jobs else None
-        for i in range(len(jobs)):
-            chunk = pending.result()
-            if i + 1 < len(jobs):  # the consumer is done with the other buffer: fill it meanwhile
-                pending = self.pool.submit(self._load, (i + 1) % 2, *jobs[i + 1])
-            yield chunk
-
-    def _load(self, slot: int, t: TensorPlan, start: int, count: int) -> np.ndarray:
-        dtype = self.dtypes[t.name]
-        if start == 0:
-            self.sha.update(f"{t.name}|{CODES[dtype]}|{list(t.shape)}\n".encode())
-        if t.name not in self.places:
-            m = self.reader.get(t.name)  # a memmap, used only for its file name and data offset; no page is touched
-            self.places[t.name] = (Path(m.filename), m.offset)
-        path, offset = self.places[t.name]
-        if path not in self.fds:
-            self.fds[path] = os.open(path, os.O_RDONLY)
-        raw = self.buffers[slot][: count * dtype.itemsize]
-        view, done, offset = memoryview(raw), 0, offset + start * dtype.itemsize
-        try:
-            while done < raw.nbytes:
-                n = os.preadv(self.fds[path], [view[done:]], offset + done)
-                if n == 0:
-                    raise MergeError(f"{path}: truncated while reading tensor {t.name}")
-                done += n
-        except OSError as e:
-            raise MergeError(f"{path}: cannot read tensor {t.name}: {e}") from None
-        self.sha.update(raw)
-        return raw.view(dtype)
-
-
-def _plan_shards(tensors: list[TensorPlan], max_bytes: int) -> list[list[TensorPlan]]:
-    shards, current, size = [], [], 0
-    for t in tensors:
-        if current and size + t.out_nbytes > max_bytes:
-            shards.append(current)
-            current, size = [], 0
-        current.append(t)
-        size += t.out_nbytes
-    return shards + [current] if current else shards
-
-
-def _header(tensors: list[TensorPlan]) -> bytes:
-    # The same layout as safetensors_io.write_file: metadata first, offsets in order, padded to 8 bytes.
-    header: dict = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for t in tensors:
-        header[t.name] = {"dtype": CODES[t.out_dtype], "shape": list(t.shape),
-                          "data_offsets": [offset, offset + t.out_nbytes]}
-        offset += t.out_nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
-    return len(blob).to_bytes(8, "little") + blob
 
 
 def _check_out(plan: MergePlan, out: Path, overwrite: bool) -> None:
@@ -510,7 +409,7 @@ def _copy_sft_files(plan: MergePlan, folder: Path) -> None:
 
 
 def write_merge(plan: MergePlan, out, max_shard_size: int | str = "5GB", overwrite: bool = False,
-                chunk_bytes: int = CHUNK_BYTES) -> list[dict]:
+                chunk_bytes: int = merge_io.CHUNK_BYTES) -> list[dict]:
     """Writes the merge: `out` is the model folder, or for a sweep holds one `gamma_<g>` folder per gamma.
 
     Each folder: safetensors shards of at most max_shard_size (+ index when more than one), the SFT's
@@ -524,120 +423,50 @@ def write_merge(plan: MergePlan, out, max_shard_size: int | str = "5GB", overwri
         max_bytes = hf.parse_size(max_shard_size)
     except hf.HFError as e:
         raise MergeError(str(e)) from None
-    shards = _plan_shards(plan.tensors, max_bytes)
-    shard_names = ([hf.SINGLE_NAME] if len(shards) == 1 else
-                   [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))])
+    shards = safetensors_io.plan_shards(plan.tensors, lambda t: t.out_nbytes, max_bytes)
     chunk = max(chunk_bytes // 4, 1)  # elements, sized for the float32 work buffers
     # (tensor, first element, element count) of every chunk, shard by shard.
     jobs = [[(t, start, min(chunk, t.size - start)) for t in shard for start in range(0, t.size, chunk)]
             for shard in shards]
     flat = [job for shard_jobs in jobs for job in shard_jobs]
-    scratch = Scratch(chunk)
-    sa = _Stream(plan.coarse_reader, {t.name: t.coarse_dtype for t in plan.tensors}, chunk)
-    sb = _Stream(plan.sft_reader, {t.name: t.sft_dtype for t in plan.tensors}, chunk)
-    writer = _Writer(chunk * max(t.out_dtype.itemsize for t in plan.tensors))
-    with hf.atomic_dir(out, overwrite) as tmp, contextlib.closing(sa), contextlib.closing(sb), \
-            contextlib.closing(writer):
-        folders = [tmp / gamma_folder(g) for g in plan.gammas] if plan.sweep else [tmp]
-        for folder in folders:
-            folder.mkdir(exist_ok=True)
-        chunks = zip(flat, sa.chunks(flat), sb.chunks(flat))  # each input chunk read once for every gamma
-        for shard, fname, shard_jobs in zip(shards, shard_names, jobs):
-            header = _header(shard)
-            size = len(header) + sum(t.out_nbytes for t in shard)
-            files = [writer.open(folder / fname) for folder in folders]
-            for f in files:
-                writer.write(f, np.frombuffer(header, np.uint8))
-            for (t, _, _), a, b in itertools.islice(chunks, len(shard_jobs)):
-                for gamma, f in zip(plan.gammas, files):
-                    writer.write(f, lerp(a, b, gamma, t.out_dtype, scratch, out=writer.buffer(a.shape, t.out_dtype)))
-            for f in files:
-                writer.finish(f, size)
-        writer.drain()
-        digests = {"coarse": sa.sha.hexdigest(), "sft": sb.sha.hexdigest()}
-        provenance = [_finish_folder(plan, folder, gamma, shards, shard_names, digests)
-                      for folder, gamma in zip(folders, plan.gammas)]
+    provenance = []
+
+    def fill(tmp: Path) -> None:
+        scratch = merge_io.Scratch(chunk)
+        sa = merge_io.ChunkReader(plan.coarse_reader, {t.name: t.coarse_dtype for t in plan.tensors}, chunk)
+        sb = merge_io.ChunkReader(plan.sft_reader, {t.name: t.sft_dtype for t in plan.tensors}, chunk)
+        writer = merge_io.ChunkWriter(chunk * max(t.out_dtype.itemsize for t in plan.tensors))
+        with contextlib.closing(sa), contextlib.closing(sb), contextlib.closing(writer):
+            folders = [tmp / gamma_folder(g) for g in plan.gammas] if plan.sweep else [tmp]
+            for folder in folders:
+                folder.mkdir(exist_ok=True)
+            chunks = zip(flat, sa.chunks(flat), sb.chunks(flat))  # each input chunk read once for every gamma
+            for shard, fname, shard_jobs in zip(shards, safetensors_io.shard_names(len(shards)), jobs):
+                header = safetensors_io.header([(t.name, t.shape, t.out_dtype) for t in shard])
+                size = len(header) + sum(t.out_nbytes for t in shard)
+                files = [writer.open(folder / fname) for folder in folders]
+                for f in files:
+                    writer.write(f, np.frombuffer(header, np.uint8))
+                for (t, _, _), a, b in itertools.islice(chunks, len(shard_jobs)):
+                    for gamma, f in zip(plan.gammas, files):
+                        writer.write(f, lerp(a, b, gamma, t.out_dtype, scratch, out=writer.buffer(a.shape, t.out_dtype)))
+                for f in files:
+                    writer.finish(f, size)
+            writer.drain()
+            digests = {"coarse": sa.sha.hexdigest(), "sft": sb.sha.hexdigest()}
+            provenance.extend(_finish_folder(plan, folder, gamma, shards, digests)
+                              for folder, gamma in zip(folders, plan.gammas))
+
+    try:
+        workdir.write(out, fill, overwrite, folder=True)
+    except SafetensorsError as e:  # an input that changed or broke after it was checked
+        raise MergeError(str(e)) from None
     return provenance
 
 
-class _Writer:
-    """Writes behind the arithmetic on one thread, in order: the merge computes chunk i+1 while chunk i is
-    written, and a finished shard is fsync'd and closed there too.
-
-    Results go into a small ring of output buffers; taking a buffer waits for the write that last used it.
-    """
-
-    RING = 3
-
-    def __init__(self, nbytes: int):
-        self.pool = ThreadPoolExecutor(1)
-        self.ring = [np.empty(nbytes, np.uint8) for _ in range(self.RING)]
-        self.busy = [None] * self.RING  # the write future that last used each buffer
-        self.next = 0
-        self.futures: list = []
-        self.files: list = []
-
-    def open(self, path: Path):
-        self.files.append(open(path, "wb", buffering=0))
-        return self.files[-1]
-
-    def buffer(self, shape: tuple[int, ...], dtype) -> np.ndarray:
-        """The next ring buffer as an array of `shape` and `dtype`, once its last write is done."""
-        k, self.next = self.next, (self.next + 1) % self.RING
-        if self.busy[k] is not None:
-            self.busy[k].result()
-            self.busy[k] = None
-        dtype = np.dtype(dtype)
-        return self.ring[k][: math.prod(shape) * dtype.itemsize].view(dtype).reshape(shape)
-
-    def write(self, f, x: np.ndarray) -> None:
-        """Queues x for f; x must stay untouched until written (a ring buffer, or memory nobody reuses)."""
-        future = self.pool.submit(_write_all, f, x)
-        for k, r in enumerate(self.ring):
-            if np.shares_memory(x, r):
-                self.busy[k] = future
-        self._track(future)
-
-    def finish(self, f, size: int) -> None:
-        self._track(self.pool.submit(self._finish, f, size))
-
-    @staticmethod
-    def _finish(f, size: int) -> None:
-        try:
-            if f.tell() != size:
-                raise MergeError(f"{f.name}: wrote {f.tell()} bytes, planned {size} (a bug)")
-            os.fsync(f.fileno())
-        finally:
-            f.close()
-
-    def _track(self, future) -> None:
-        self.futures.append(future)
-        # Surface a failed write early (disk full) instead of after the whole model.
-        while self.futures and self.futures[0].done():
-            self.futures.pop(0).result()
-
-    def drain(self) -> None:
-        while self.futures:
-            self.futures.pop(0).result()
-
-    def close(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
-        for f in self.files:  # after an error: files whose shard never finished
-            f.close()
-
-
-def _write_all(f, x: np.ndarray) -> None:
-    view, done = memoryview(x.reshape(-1).view(np.uint8)), 0
-    while done < len(view):  # a raw file may write less than asked
-        done += f.write(view[done:])
-
-
-def _finish_folder(plan: MergePlan, folder: Path, gamma: float, shards, shard_names, digests) -> dict:
-    if len(shards) > 1:
-        weight_map = {t.name: fname for shard, fname in zip(shards, shard_names) for t in shard}
-        total = sum(t.out_nbytes for t in plan.tensors)
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        (folder / hf.INDEX_NAME).write_text(json.dumps(index, indent=2))
+def _finish_folder(plan: MergePlan, folder: Path, gamma: float, shards, digests) -> dict:
+    safetensors_io.write_index(folder, [[t.name for t in shard] for shard in shards],
+                               sum(t.out_nbytes for t in plan.tensors))
     _copy_sft_files(plan, folder)
     provenance = {
         "method": "linear (c2f_jax.merge): float32 gamma * coarse + (1 - gamma) * sft, rounded to the output dtype",
@@ -654,7 +483,7 @@ def _finish_folder(plan: MergePlan, folder: Path, gamma: float, shards, shard_na
     return provenance
 
 
-def merge_checkpoints(coarse, sft, gammas, out, dtype: str | None = None, max_shard_size: int | str = "5GB",
+def merge_checkpoints(coarse, sft, gammas, out, dtype=None, max_shard_size: int | str = "5GB",
                       overwrite: bool = False, allow_tokenizer_mismatch: bool = False) -> list[str]:
     """plan_merge + write_merge in one call; returns the plan's warnings."""
     plan = plan_merge(coarse, sft, gammas, dtype, allow_tokenizer_mismatch)

@@ -9,11 +9,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-METRICS_FILE = "metrics.jsonl"
+from c2f_jax import distributed, workdir
 
 
-def read_metrics(workdir: str | os.PathLike) -> list[dict]:
-    path = Path(workdir) / METRICS_FILE
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """The rows of a workdir's metrics.jsonl (none before the first step)."""
+    path = Path(path) / workdir.METRICS
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -27,27 +28,24 @@ def _json_number(x):
 
 
 class MetricsWriter:
-    """Appends one JSON line and one TensorBoard scalar set per step; writes only when `enabled`.
+    """Appends one JSON line and one TensorBoard scalar set per step (process 0 only).
 
     On resume from step N, lines for steps > N (written after that checkpoint) are
     dropped first, so the file reads as one uninterrupted run.
     """
 
-    def __init__(self, workdir: str | os.PathLike, resume_step: int = 0, enabled: bool = True):
-        self.enabled = enabled
-        self.path = Path(workdir) / METRICS_FILE
-        self.tb = None
-        if not enabled:
+    def __init__(self, path: str | os.PathLike, resume_step: int = 0):
+        self.path = Path(path) / workdir.METRICS
+        kept = [m for m in read_metrics(path) if m["step"] <= resume_step]
+        workdir.write_text(self.path, "".join(json.dumps(m) + "\n" for m in kept))
+        self.enabled, self.tb = distributed.writes_here(), None
+        if not self.enabled:
             return
-        kept = [m for m in read_metrics(workdir) if m["step"] <= resume_step]
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(m) + "\n" for m in kept))
-        tmp.replace(self.path)
         self.file = open(self.path, "a")
         try:
             from tensorboardX import SummaryWriter
 
-            self.tb = SummaryWriter(str(Path(workdir) / "tensorboard"), purge_step=resume_step + 1)
+            self.tb = SummaryWriter(str(Path(path) / workdir.TENSORBOARD), purge_step=resume_step + 1)
         except ImportError:  # TensorBoard files are a convenience; the JSONL is the record
             self.tb = None
 

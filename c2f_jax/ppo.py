@@ -243,45 +243,6 @@ make_experience = jax.jit(experience, static_argnames=("actor_config", "ref_conf
 # ----------------------------------------------------------------------------- the update
 
 
-def _step(states, p_loss, info, p_grads, v_loss, v_grads, ppo: PPOConfig):
-    """Both AdamW steps from the minibatch's losses and gradients, and that minibatch's metrics."""
-    actor_state, critic_state = states
-    actor_state, a_info = optim.apply_gradients(actor_state, p_grads, p_loss, ppo.actor)
-    critic_state, c_info = optim.apply_gradients(critic_state, v_grads, v_loss, ppo.critic)
-    metrics = {"loss/policy": p_loss, "loss/value": v_loss, "clipfrac": info["clipfrac"],
-               "approx_kl": info["approx_kl"], "entropy": info["entropy"],
-               "grad_norm/actor": a_info["grad_norm"], "grad_norm/critic": c_info["grad_norm"]}
-    return (actor_state, critic_state), metrics
-
-
-def _actor_objective(mb: Experience, ppo: PPOConfig):
-    """The clipped surrogate as a function of the minibatch's fresh logprobs (entropy passed through as a metric)."""
-    def objective(logp, entropy):
-        loss, info = policy_loss(logp, mb.old_logprobs, mb.advantages, mb.response_mask, ppo.clip_ratio)
-        return loss, {**info, "entropy": masked_mean(entropy, mb.response_mask)}
-    return objective
-
-
-def _critic_objective(mb: Experience, ppo: PPOConfig):
-    return lambda values: value_loss(values, mb.values, mb.returns, mb.response_mask, ppo.value_clip)
-
-
-def _minibatch_step(states, mb: Experience, *, actor_config, critic_config, ppo: PPOConfig):
-    actor_state, critic_state = states
-    R = mb.response_mask.shape[1]
-
-    def actor_loss(params):
-        logp, entropy = response_logprobs(actor_config, params, mb.seq_ids, mb.seq_mask, R, ppo.temperature)
-        return _actor_objective(mb, ppo)(logp, entropy)
-
-    def critic_loss(params):
-        return _critic_objective(mb, ppo)(response_values(critic_config, params, mb.seq_ids, mb.seq_mask, R))
-
-    (p_loss, info), p_grads = jax.value_and_grad(actor_loss, has_aux=True)(actor_state.params)
-    v_loss, v_grads = jax.value_and_grad(critic_loss)(critic_state.params)
-    return _step(states, p_loss, info, p_grads, v_loss, v_grads, ppo)
-
-
 def minibatch_size(batch: int, minibatches: int, names: tuple[str, str] = ("batch", "minibatches")) -> int:
     """Rows per PPO minibatch; a PPOError (naming the two values as `names`) when the batch does not split evenly."""
     if batch % minibatches:
@@ -289,36 +250,81 @@ def minibatch_size(batch: int, minibatches: int, names: tuple[str, str] = ("batc
     return batch // minibatches
 
 
+def _epoch_orders(rng: jax.Array, batch: int, epochs: int) -> jax.Array:
+    """Each epoch's own shuffled order of the batch's rows, int32 [epochs, batch]."""
+    return jnp.stack([jax.random.permutation(key, batch) for key in jax.random.split(rng, epochs)])
+
+
 def _split(tree, count: int):
     """Rows [N, ...] -> [count, N / count, ...], each minibatch spread over the data axes (a scan's input)."""
     return jax.tree.map(lambda x: shard_as(x.reshape(count, -1, *x.shape[1:]), None, BATCH), tree)
 
 
-def _epochs(states, exp: Experience, keys, step, ppo: PPOConfig):
-    """One pass over `exp` per key, each in its own shuffled order of minibatches. Metrics [len(keys), M]."""
-    B = exp.seq_ids.shape[0]
-    minibatch_size(B, ppo.minibatches)  # a PPOError when the batch does not split evenly
+def _actor_forward(config: MistralConfig, params: Params, seq_ids, seq_mask, response_len: int, temperature: float):
+    """`response_logprobs` kept for its backward pass: (logprobs, pullback of their cotangent to params, entropy)."""
+    return jax.vjp(lambda p: response_logprobs(config, p, seq_ids, seq_mask, response_len, temperature), params,
+                   has_aux=True)
 
-    def epoch(states, key):
-        order = jax.random.permutation(key, B)
-        return jax.lax.scan(step, states, _split(jax.tree.map(lambda x: x[order], exp), ppo.minibatches))
 
-    return jax.lax.scan(epoch, states, keys)
+def _critic_forward(config: MistralConfig, params: Params, seq_ids, seq_mask, response_len: int):
+    """`response_values` kept for its backward pass: (values, pullback of their cotangent to params)."""
+    return jax.vjp(lambda p: response_values(config, p, seq_ids, seq_mask, response_len), params)
+
+
+def _minibatch_step(states, mb: Experience, *, actor_config, critic_config, ppo: PPOConfig, forwards=None):
+    """Both AdamW steps on one minibatch, and its metrics.
+
+    Each model's gradient is its loss's gradient at the model's outputs, pulled back
+    through its forward pass. `forwards` (what `_actor_forward` and `_critic_forward`
+    return) are those passes when they already ran on these rows at these params;
+    otherwise they run here.
+    """
+    actor_state, critic_state = states
+    R = mb.response_mask.shape[1]
+    logp, actor_pullback, entropy = (forwards[0] if forwards else _actor_forward(
+        actor_config, actor_state.params, mb.seq_ids, mb.seq_mask, R, ppo.temperature))
+    (p_loss, info), d_logp = jax.value_and_grad(policy_loss, has_aux=True)(
+        logp, mb.old_logprobs, mb.advantages, mb.response_mask, ppo.clip_ratio)
+    actor_state, a_info = optim.apply_gradients(actor_state, actor_pullback(d_logp)[0], p_loss, ppo.actor)
+
+    values, critic_pullback = (forwards[1] if forwards else _critic_forward(
+        critic_config, critic_state.params, mb.seq_ids, mb.seq_mask, R))
+    v_loss, d_values = jax.value_and_grad(value_loss)(values, mb.values, mb.returns, mb.response_mask,
+                                                      ppo.value_clip)
+    critic_state, c_info = optim.apply_gradients(critic_state, critic_pullback(d_values)[0], v_loss, ppo.critic)
+
+    metrics = {"loss/policy": p_loss, "loss/value": v_loss, "clipfrac": info["clipfrac"],
+               "approx_kl": info["approx_kl"], "entropy": masked_mean(entropy, mb.response_mask),
+               "grad_norm/actor": a_info["grad_norm"], "grad_norm/critic": c_info["grad_norm"]}
+    return (actor_state, critic_state), metrics
 
 
 def update(actor_state: optim.TrainState, critic_state: optim.TrainState, exp: Experience, rng: jax.Array, *,
-               actor_config: MistralConfig, critic_config: MistralConfig,
-               ppo: PPOConfig) -> tuple[optim.TrainState, optim.TrainState, dict]:
+           actor_config: MistralConfig, critic_config: MistralConfig, ppo: PPOConfig,
+           first_forwards=None) -> tuple[optim.TrainState, optim.TrainState, dict]:
     """`ppo.epochs` passes over the experience in `ppo.minibatches` shuffled minibatches, one program.
 
     Actor and critic step with their own AdamW each minibatch; a non-finite loss or
-    gradient skips that model's step. Returns the new states and metrics averaged
-    over all minibatches.
+    gradient skips that model's step. `first_forwards`: both models' forward passes on
+    the first epoch's first minibatch (rows `_epoch_orders(rng, B, ppo.epochs)[0, :B / M]`)
+    at the states' params, which that step then reuses (see `iteration`). Returns the
+    new states and metrics averaged over all minibatches.
     """
+    B = exp.seq_ids.shape[0]
+    minibatch_size(B, ppo.minibatches)  # a PPOError when the batch does not split evenly
+    orders = _epoch_orders(rng, B, ppo.epochs).reshape(-1)
+    # Every epoch's minibatches in turn: [epochs * minibatches, B / minibatches, ...].
+    minibatches = _split(jax.tree.map(lambda x: x[orders], exp), ppo.epochs * ppo.minibatches)
     step = functools.partial(_minibatch_step, actor_config=actor_config, critic_config=critic_config, ppo=ppo)
-    (actor_state, critic_state), metrics = _epochs((actor_state, critic_state), exp,
-                                                   jax.random.split(rng, ppo.epochs), step, ppo)
-    return actor_state, critic_state, jax.tree.map(jnp.mean, metrics)
+    states, metrics = (actor_state, critic_state), []
+    if first_forwards is not None:
+        states, first = step(states, jax.tree.map(lambda x: x[0], minibatches), forwards=first_forwards)
+        metrics.append(jax.tree.map(lambda x: x[None], first))
+        minibatches = jax.tree.map(lambda x: x[1:], minibatches)
+    if minibatches.seq_ids.shape[0]:  # none left after the first in whole-batch PPO
+        states, rest = jax.lax.scan(step, states, minibatches)
+        metrics.append(rest)
+    return *states, jax.tree.map(lambda *m: jnp.mean(jnp.concatenate(m)), *metrics)
 
 
 ppo_update = jax.jit(update, static_argnames=("actor_config", "critic_config", "ppo"), donate_argnums=(0, 1))
@@ -331,62 +337,38 @@ def iteration(actor_state: optim.TrainState, critic_state: optim.TrainState, ref
     """`experience` then `update` as one program, with one forward pass of actor and critic fewer.
 
     The first minibatch of the first epoch is scored and then stepped with the very
-    same params, so its scoring forward passes are kept (`jax.vjp`) and its gradients
-    are pulled back through them once the whole batch's advantages exist, instead of
-    running those forward passes again in the update. With one epoch and one
-    minibatch (whole-batch PPO) that is a whole actor and a whole critic forward pass
-    of the iteration; with M minibatches, 1/M of one. The kept activations of both
-    models' first minibatch are live together while the reference is scored; in the 7B
-    plan that costs under 2% more than the update alone. Inputs as `experience`,
-    `score` float32 [B] from the reward model; the result (new states, the experience
-    in input row order, mean metrics) equals `experience` followed by `update` with
-    the same rng up to float rounding.
+    same params, so its scoring forward passes are kept (`jax.vjp`) and `update` pulls
+    that step's gradients back through them instead of running them again. With one
+    epoch and one minibatch (whole-batch PPO) that is a whole actor and a whole critic
+    forward pass of the iteration; with M minibatches, 1/M of one. The kept activations
+    of both models' first minibatch are live together while the reference is scored; in
+    the 7B plan that costs under 2% more than the update alone. Inputs as `experience`,
+    `score` float32 [B] from the reward model; the result (new states, the experience,
+    mean metrics) equals `experience` followed by `update` with the same rng up to
+    float rounding.
     """
     B, R = response_mask.shape
     size = minibatch_size(B, ppo.minibatches)
-    keys = jax.random.split(rng, ppo.epochs)
-    # Rows in the first epoch's order, so its first minibatch is rows [:size] (as `update` would draw it).
-    order = jax.random.permutation(keys[0], B)
-    seq_ids, seq_mask, response_mask, score = (x[order] for x in (seq_ids, seq_mask, response_mask, score))
-    first, rest = slice(0, size), slice(size, B)
+    order = _epoch_orders(rng, B, ppo.epochs)[0]  # the first epoch's, as `update` draws it
+    first, rest = order[:size], order[size:]
 
-    def take(rows):  # a minibatch's rows, spread over the data axes again (as `_epochs` places them)
+    def take(rows):  # those rows, spread over the data axes (as `update` places a minibatch)
         return shard_as(seq_ids[rows], BATCH, None), shard_as(seq_mask[rows], BATCH, None)
 
-    def actor_logprobs(params, rows):
-        return response_logprobs(actor_config, params, *take(rows), R, ppo.temperature)
-
-    def critic_values(params, rows):
-        return response_values(critic_config, params, *take(rows), R)
-
-    old_first, actor_pullback, entropy_first = jax.vjp(lambda p: actor_logprobs(p, first),
-                                                       actor_state.params, has_aux=True)
-    values_first, critic_pullback = jax.vjp(lambda p: critic_values(p, first), critic_state.params)
-    old, values = old_first, values_first
+    actor_first = _actor_forward(actor_config, actor_state.params, *take(first), R, ppo.temperature)
+    critic_first = _critic_forward(critic_config, critic_state.params, *take(first), R)
+    old, values = actor_first[0], critic_first[0]
     if size < B:
-        old = jnp.concatenate([old, actor_logprobs(actor_state.params, rest)[0]])
-        values = jnp.concatenate([values, critic_values(critic_state.params, rest)])
+        old = jnp.concatenate([old, response_logprobs(actor_config, actor_state.params, *take(rest), R,
+                                                      ppo.temperature)[0]])
+        values = jnp.concatenate([values, response_values(critic_config, critic_state.params, *take(rest), R)])
+    in_order = jnp.argsort(order)  # rows [first, rest] back to input order
     ref, _ = response_logprobs(ref_config, reference, seq_ids, seq_mask, R, ppo.temperature)
-    exp = _scored(seq_ids, seq_mask, response_mask, old, ref, values, score, ppo)
-
-    mb = jax.tree.map(lambda x: x[first], exp)
-    (p_loss, info), d_logp = jax.value_and_grad(lambda lp: _actor_objective(mb, ppo)(lp, entropy_first),
-                                                has_aux=True)(old_first)
-    v_loss, d_values = jax.value_and_grad(_critic_objective(mb, ppo))(values_first)
-    states, first_metrics = _step((actor_state, critic_state), p_loss, info, actor_pullback(d_logp)[0],
-                                  v_loss, critic_pullback(d_values)[0], ppo)
-
-    step = functools.partial(_minibatch_step, actor_config=actor_config, critic_config=critic_config, ppo=ppo)
-    metrics = [jax.tree.map(lambda x: x[None], first_metrics)]
-    if size < B:
-        states, m = jax.lax.scan(step, states, _split(jax.tree.map(lambda x: x[rest], exp), ppo.minibatches - 1))
-        metrics.append(m)
-    exp = jax.tree.map(lambda x: x[jnp.argsort(order)], exp)  # back to input order (later epochs shuffle it anew)
-    if ppo.epochs > 1:
-        states, m = _epochs(states, exp, keys[1:], step, ppo)
-        metrics.append(jax.tree.map(lambda x: x.reshape(-1), m))
-    metrics = jax.tree.map(lambda *xs: jnp.mean(jnp.concatenate(xs)), *metrics)
-    return *states, exp, metrics
+    exp = _scored(seq_ids, seq_mask, response_mask, old[in_order], ref, values[in_order], score, ppo)
+    actor_state, critic_state, metrics = update(actor_state, critic_state, exp, rng, actor_config=actor_config,
+                                                critic_config=critic_config, ppo=ppo,
+                                                first_forwards=(actor_first, critic_first))
+    return actor_state, critic_state, exp, metrics
 
 
 ppo_iteration = jax.jit(iteration, static_argnames=("actor_config", "ref_config", "critic_config", "ppo"),

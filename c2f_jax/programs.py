@@ -49,21 +49,22 @@ def coarse_programs(mesh: Mesh, *, actor_config: MistralConfig, ref_config: Mist
     critic_sh = sharding.like_params(mesh, critic_state, critic_state.params)
     ref_sh = sharding.param_shardings(mesh, reference)
     rm_sh = sharding.param_shardings(mesh, rm_params)
-    rollout_shapes = jax.eval_shape(lambda p: rollout.rollout_params(actor_config, p)[1], actor_state.params)
+    layout = rollout.rollout_layout(actor_config, mesh.devices.flat[0].platform)
+    rollout_shapes = jax.eval_shape(lambda p: rollout.rollout_params(layout, p), actor_state.params)
     rollout_sh = sharding.param_shardings(mesh, rollout_shapes, "rollout")
 
     def cast_then_gather(params):
         # Cast in the (sharded) train layout first, so the gather to the rollout layout moves compute-dtype bytes.
         cast = jax.tree.map(lambda a, s: jax.lax.with_sharding_constraint(a.astype(actor_config.compute_dtype), s),
                             params, actor_sh.params)
-        return rollout.rollout_params(actor_config, cast)[1]
+        return rollout.rollout_params(layout, cast)
 
     to_rollout = _jit(mesh, cast_then_gather, (actor_sh.params,), rollout_sh)
 
     @functools.lru_cache(maxsize=None)
     def generate(length: int):
         return _jit(mesh, rollout.sample, (rollout_sh, batch2, batch2, repl), rollout.Rollout(batch2, batch2),
-                    config=rollout.rollout_config(actor_config), max_new_tokens=length, sampling=sampling,
+                    config=layout, max_new_tokens=length, sampling=sampling,
                     eos_token_ids=eos_token_ids, pad_id=pad_id)
 
     exp_sh = ppo.Experience(*([batch2] * 9), batch1)

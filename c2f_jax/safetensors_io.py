@@ -1,4 +1,6 @@
-"""Safetensors read/write with NumPy memory maps (bfloat16 included, via ml_dtypes).
+"""Safetensors read/write with NumPy memory maps (bfloat16 included, via ml_dtypes), and the layout of a
+checkpoint folder in them: shard plan, shard file names, index file, header bytes (hf, the merger and the
+benchmarks all write through these).
 
 Our own small reader instead of `safetensors.numpy` because that one has no
 bfloat16, and because we want a precise one-line error for a truncated or
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 from pathlib import Path
 
@@ -32,6 +35,9 @@ DTYPES = {
 }
 CODES = {v: k for k, v in DTYPES.items()}
 _MAX_HEADER = 100 * 1024 * 1024
+SINGLE_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+SHARD_NAME = re.compile(r"model-\d+-of-\d+\.safetensors$")
 
 
 class SafetensorsError(ValueError):
@@ -65,7 +71,7 @@ class SafetensorsFile:
             if not isinstance(e, dict) or e.get("dtype") not in DTYPES or "data_offsets" not in e:
                 raise SafetensorsError(f"{self.path}: corrupt header entry for tensor {name!r}")
             begin, stop = e["data_offsets"]
-            expected = int(np.prod(e["shape"], dtype=np.int64)) * DTYPES[e["dtype"]].itemsize
+            expected = nbytes(e["shape"], DTYPES[e["dtype"]])
             if stop - begin != expected:
                 raise SafetensorsError(f"{self.path}: tensor {name!r} has {stop - begin} bytes, shape needs {expected}")
             end = max(end, stop)
@@ -99,23 +105,32 @@ class SafetensorsFile:
         return np.memmap(self.path, dtype=dtype, mode="r", offset=self._data_start + begin, shape=shape)
 
 
+def nbytes(shape, dtype) -> int:
+    return int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+
+
+def header(tensors, metadata: dict | None = None) -> bytes:
+    """The bytes a safetensors file starts with, for (name, shape, dtype) laid out in this order: the
+    header's length, then the header (metadata first), padded to 8 bytes."""
+    head: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
+    offset = 0
+    for name, shape, dtype in tensors:
+        size = nbytes(shape, dtype)
+        head[name] = {"dtype": CODES[np.dtype(dtype)], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(head, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # keep tensor data 8-byte aligned, as the reference writer does
+    return struct.pack("<Q", len(blob)) + blob
+
+
 def write_file(path: str | os.PathLike, tensors, metadata: dict | None = None) -> None:
     """Writes (name, array) pairs to `path`, one tensor in memory at a time.
 
     `tensors` is a list of (name, shape, dtype, produce) where produce() returns the
     array; the header is written first from shapes alone, so nothing is buffered.
     """
-    header: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
-    offset = 0
-    for name, shape, dtype, _ in tensors:
-        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-        header[name] = {"dtype": CODES[np.dtype(dtype)], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # keep tensor data 8-byte aligned, as the reference writer does
     with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
+        f.write(header([(name, shape, dtype) for name, shape, dtype, _ in tensors], metadata))
         for name, shape, dtype, produce in tensors:
             arr = np.ascontiguousarray(produce())
             if arr.shape != tuple(shape) or arr.dtype != np.dtype(dtype):
@@ -123,3 +138,47 @@ def write_file(path: str | os.PathLike, tensors, metadata: dict | None = None) -
             f.write(arr.reshape(-1).view(np.uint8).data)  # no copy
         f.flush()
         os.fsync(f.fileno())
+
+
+# ----------------------------------------------------------------------------- a checkpoint folder
+
+
+def plan_shards(items: list, size, max_bytes: int) -> list[list]:
+    """`items`, in order, cut into shards of at most `max_bytes` as counted by size(item); an item larger
+    than that has a shard of its own."""
+    shards, current, total = [], [], 0
+    for item in items:
+        n = size(item)
+        if current and total + n > max_bytes:
+            shards.append(current)
+            current, total = [], 0
+        current.append(item)
+        total += n
+    return shards + [current] if current else shards
+
+
+def shard_names(count: int) -> list[str]:
+    """The file names of a checkpoint in `count` shards, as transformers names them."""
+    if count == 1:
+        return [SINGLE_NAME]
+    return [f"model-{k + 1:05d}-of-{count:05d}.safetensors" for k in range(count)]
+
+
+def write_index(folder: str | os.PathLike, shards: list[list[str]], total_size: int) -> None:
+    """INDEX_NAME for tensors grouped by shard (tensor names, the files as `shard_names` names them),
+    when there is more than one shard: a lone model.safetensors has no index."""
+    if len(shards) < 2:
+        return
+    weight_map = {name: fname for fname, names in zip(shard_names(len(shards)), shards) for name in names}
+    index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+    (Path(folder) / INDEX_NAME).write_text(json.dumps(index, indent=2))
+
+
+def write_checkpoint(folder: str | os.PathLike, tensors, max_bytes: int) -> None:
+    """`tensors` ((name, shape, dtype, produce), as for write_file) into `folder` as shards of at most
+    `max_bytes`, plus the index when there is more than one."""
+    size = lambda t: nbytes(t[1], t[2])
+    shards = plan_shards(tensors, size, max_bytes)
+    for fname, shard in zip(shard_names(len(shards)), shards):
+        write_file(Path(folder) / fname, shard)
+    write_index(folder, [[t[0] for t in shard] for shard in shards], sum(map(size, tensors)))

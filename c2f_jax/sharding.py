@@ -176,8 +176,11 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH, *([None] * (ndim - 1))))
 
 
-def batch_size_check(mesh: Mesh, batch: int, what: str = "batch") -> None:
-    n = mesh.shape["data"] * mesh.shape["fsdp"]
+def batch_size_check(mesh, batch: int, what: str = "batch") -> None:
+    """A batch dimension must split over data x fsdp, or every device would hold (and compute) all of it.
+    `mesh`: a Mesh, or its axis sizes as a mapping (before devices are touched)."""
+    shape = getattr(mesh, "shape", mesh)
+    n = shape["data"] * shape["fsdp"]
     if batch % n:
         raise ShardingError(f"{what} size {batch} does not split over data x fsdp = {n} devices")
 
@@ -205,24 +208,6 @@ def to_host(x) -> np.ndarray:
 def shard_shapes(x: jax.Array) -> set:
     """Shapes of the shards this process holds (for checking that params really are split)."""
     return {tuple(s.data.shape) for s in x.addressable_shards}
-
-
-def initialize_distributed() -> None:
-    """Joins a multi-host job. Under SLURM (several tasks) JAX detects coordinator, process count and
-    id itself; elsewhere set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID."""
-    if os.environ.get("JAX_COORDINATOR_ADDRESS"):
-        jax.distributed.initialize(
-            coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
-            num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
-            process_id=int(os.environ["JAX_PROCESS_ID"]),
-        )
-    elif int(os.environ.get("SLURM_NTASKS", "1")) > 1:
-        jax.distributed.initialize()
-
-
-def is_main_process() -> bool:
-    """Only process 0 writes logs, plots and exports; every process takes part in Orbax saves."""
-    return jax.process_index() == 0
 
 
 def host_slice(batch_size: int) -> slice:

@@ -23,11 +23,9 @@ def get_config():
         reference_dtype="bfloat16",
         remat="dots",
     )
-    c.reward_model = dict(
-        path="runs/reward/export",  # HF MistralForSequenceClassification folder (tools/export_hf.py of a reward run)
-        dtype="bfloat16",
-        train_steps=0,  # > 0 and no path: train one inline first (the tiny demo does)
-    )
+    # An HF MistralForSequenceClassification folder (tools/export_hf.py of a reward run). The tiny demo
+    # instead gives no path and a reward job config as reward_model.train, run first in WORKDIR/reward_run.
+    c.reward_model = dict(path="runs/reward/export", dtype="bfloat16")
     c.data = dict(
         source="Anthropic/hh-rlhf",  # or a local .jsonl/.json/.parquet, or "bundled"
         data_dir="helpful-base",
@@ -38,11 +36,13 @@ def get_config():
         batch_size=64,
     )
     c.mesh = dict(data=1, fsdp=16, tensor=1)
-    c.rollout = dict(temperature=1.0, top_k=0, top_p=1.0, suppress_stop_tokens=True)
+    c.rollout = dict(temperature=1.0, top_k=0, top_p=1.0, suppress_stop_tokens=True)  # SamplingConfig's fields
+    # PPOConfig's fields; actor and critic are OptimConfig's (AdamW, the paper's learning rates).
     c.ppo = dict(
         kl_coef=0.05, kl_estimator="k1", reward_clip=5.0, gamma=0.95, lam=0.95, clip_ratio=0.2, value_clip=0.2,
-        epochs=1, minibatches=4, actor_lr=5e-6, critic_lr=5e-7, warmup_steps=10, max_grad_norm=1.0,
-        weight_decay=0.0,
+        epochs=1, minibatches=4,
+        actor=dict(lr=5e-6, warmup_steps=10, max_grad_norm=1.0, weight_decay=0.0),
+        critic=dict(lr=5e-7, warmup_steps=10, max_grad_norm=1.0, weight_decay=0.0),
     )
     c.cm = dict(mode="logistic", buckets=(128, 256, 512, 768, 1024), window=8, min_steps=20, threshold=0.5,
                 bias=3.0, w_drop=2.0, w_rise=0.5, w_critic=4.0)

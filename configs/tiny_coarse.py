@@ -4,7 +4,8 @@ Trains its tiny reward model first (no reward_model.path), then PPO with Continu
 Maximization over short length buckets. A few minutes on 2 CPU cores.
 """
 
-from configs import coarse
+import coarse  # the config files beside this one (c2f_jax.train puts their folder on the import path)
+import tiny_reward
 
 
 def get_config():
@@ -15,9 +16,11 @@ def get_config():
     # standing in for a pretrained base; the reward model and the actor both start from it.
     c.model.update(base="tiny", pretrain_steps=150, compute_dtype="float32", reference_dtype="float32",
                    remat="none")
-    c.reward_model.update(path="", dtype="float32", train_steps=60)
+    c.reward_model.update(path="", dtype="float32", train=tiny_reward.get_config())
     c.data.update(source="bundled", data_dir="", prompt_buckets=(96, 128), batch_size=16)
     c.mesh.update(data=1, fsdp=1, tensor=1)
-    c.ppo.update(actor_lr=2e-3, critic_lr=1e-3, warmup_steps=0, minibatches=2, epochs=2, kl_coef=0.01)
+    c.ppo.update(minibatches=2, epochs=2, kl_coef=0.01)
+    c.ppo.actor.update(lr=2e-3, warmup_steps=0)
+    c.ppo.critic.update(lr=1e-3, warmup_steps=0)
     c.cm.update(buckets=(8, 16, 24, 32), window=6, min_steps=8)
     return c

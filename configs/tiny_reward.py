@@ -1,6 +1,6 @@
 """A tiny reward model on the bundled preference sample: CPU, about a minute."""
 
-from configs import reward
+import reward  # the config file beside this one
 
 
 def get_config():

@@ -61,3 +61,30 @@ def left_padded_batch(vocab, batch=3, length=24, pads=(0, 5, 11), seed=0):
 @pytest.fixture(scope="session")
 def tmp_root(tmp_path_factory):
     return tmp_path_factory.mktemp("c2f")
+
+
+ROOT = Path(__file__).resolve().parent.parent
+# A short demo: 3 buckets, CM allowed to move every 2 steps, a checkpoint after every step.
+SHORT = ["--config.steps=8", "--config.checkpoint_every=1", "--config.keep_checkpoints=8",
+         "--config.model.pretrain_steps=30", "--config.reward_model.train.steps=20", "--config.cm.buckets=(8, 12, 16)",
+         "--config.cm.window=2", "--config.cm.min_steps=2", "--config.cm.threshold=0.01",
+         "--config.data.prompt_buckets=(128,)",
+         "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"]  # sharded over 8 fake devices
+
+
+def cli_env():
+    env = dict(os.environ)
+    env.setdefault("JAX_COMPILATION_CACHE_DIR", str(ROOT / ".jax_cache"))
+    env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+    return env
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory):
+    """One uninterrupted short demo run, in process, on 8 devices (shared by the single- and multi-process tests)."""
+    from c2f_jax import train
+
+    workdir = tmp_path_factory.mktemp("demo") / "run"
+    config, _ = train.parse_args(["--config", "tiny_coarse.py", *SHORT])
+    rows = train.run_coarse(config, workdir, show_progress=False)
+    return workdir, rows

@@ -4,6 +4,8 @@ import json
 import shutil
 
 import jax
+import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 import torch
@@ -206,3 +208,22 @@ def test_parse_size():
     assert hf.parse_size(123) == 123
     with pytest.raises(HFError, match="not a size"):
         hf.parse_size("lots")
+
+
+# ----------------------------------------------------------------------------- dtypes in any spelling
+
+
+def test_load_takes_a_jax_dtype(hf_folder):
+    config, params = hf.load_pretrained(hf_folder, dtype=jnp.float32)
+    assert config.param_dtype == "float32" and params["embed"].dtype == jnp.float32
+    config, params = hf.load_pretrained(hf_folder, dtype=jnp.bfloat16)
+    assert config.param_dtype == "bfloat16" and params["embed"].dtype == jnp.bfloat16
+
+
+def test_save_takes_a_jax_dtype_and_writes_its_name(hf_folder, tmp_path):
+    config, params = hf.load_pretrained(hf_folder)
+    hf.save_pretrained(tmp_path / "out", config, params, dtype=jnp.bfloat16)
+    assert {x.dtype for x in all_tensors(tmp_path / "out").values()} == {np.dtype(ml_dtypes.bfloat16)}
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"
+    with pytest.raises(ValueError, match=r"^dtype='bf17' is not a dtype$"):
+        hf.save_pretrained(tmp_path / "bad", config, params, dtype="bf17")

@@ -16,7 +16,7 @@ import torch
 import transformers
 from conftest import hf_model, left_padded_batch
 
-from c2f_jax import hf, merge, model
+from c2f_jax import hf, merge, merge_io, model
 from c2f_jax.merge import MergeError
 from c2f_jax.safetensors_io import SafetensorsFile, write_file
 
@@ -228,6 +228,15 @@ def test_merge_params_keeps_shardings_and_gamma_endpoints(fp32):
                  merge.merge_params(coarse, sft, 1.0, dtype="float32"), coarse)
 
 
+@pytest.mark.parametrize("spelling", [np.float32, jax.numpy.float32, "float32"])
+def test_merge_params_takes_any_dtype_spelling(spelling):
+    a, b = np.ones((4, 3), BF16), np.zeros((4, 3), BF16)
+    out = merge.merge_params({"w": a}, {"w": b}, 0.25, dtype=spelling)
+    assert out["w"].dtype == np.float32 and np.all(np.asarray(out["w"]) == 0.25)
+    with pytest.raises(MergeError, match=r"dtype='f33' is not a dtype"):
+        merge.merge_params({"w": a}, {"w": b}, 0.25, dtype="f33")
+
+
 @pytest.mark.parametrize("edit, words", [
     (lambda p: {k: v for k, v in p.items() if k != "lm_head"}, r"param \['lm_head'\] is in the coarse tree but not"),
     (lambda p: dict(p, embed=p["embed"][:5]), r"param \['embed'\]: coarse shape \(128, 64\), SFT shape \(5, 64\)"),
@@ -388,7 +397,7 @@ def test_a_failed_merge_leaves_nothing_behind(fp32, tmp_path, monkeypatch, error
 
 def test_a_failed_write_on_the_writer_thread_fails_the_merge_and_leaves_nothing(fp32, tmp_path, monkeypatch):
     """Writes run behind the arithmetic on a thread; a disk-full there still ends the merge with that error."""
-    real, calls = merge._write_all, []
+    real, calls = merge_io._write_all, []
 
     def failing(f, x):
         calls.append(1)
@@ -396,7 +405,7 @@ def test_a_failed_write_on_the_writer_thread_fails_the_merge_and_leaves_nothing(
             raise OSError(28, "No space left on device")
         return real(f, x)
 
-    monkeypatch.setattr(merge, "_write_all", failing)
+    monkeypatch.setattr(merge_io, "_write_all", failing)
     with pytest.raises(OSError, match="No space left"):
         run("--coarse", fp32[0], "--sft", fp32[1], "--gamma", "0.3,0.6", "--out", tmp_path / "out")
     assert list(tmp_path.iterdir()) == []

@@ -171,3 +171,20 @@ def test_bad_configs_are_one_line_errors(change, words):
     with pytest.raises(ConfigError, match=words) as e:
         MistralConfig.from_hf(d)
     assert "\n" not in str(e.value)
+
+
+# ----------------------------------------------------------------------------- dtypes in any spelling
+
+
+@pytest.mark.parametrize("spelling", ["bfloat16", jnp.bfloat16, jnp.dtype("bfloat16"), np.dtype(jnp.bfloat16)])
+def test_config_dtype_spellings_are_stored_by_name_and_hash_equal(spelling):
+    config = MistralConfig(param_dtype=spelling, compute_dtype=np.float32)
+    assert config.param_dtype == "bfloat16" and config.compute_dtype == "float32"
+    same = MistralConfig(param_dtype="bfloat16", compute_dtype="float32")
+    assert config == same and hash(config) == hash(same)
+
+
+@pytest.mark.parametrize("bad", ["bfloat17", None, object])
+def test_a_bad_dtype_is_a_one_line_error_naming_the_field(bad):
+    with pytest.raises(ConfigError, match=r"^compute_dtype=.* is not a dtype$"):
+        MistralConfig(compute_dtype=bad)

@@ -114,7 +114,8 @@ def run_ppo(config, actor, critic_config, critic, iterations, pc, score_fn, seed
     rng, scores = jax.random.key(seed), []
     for _ in range(iterations):
         rng, k1, k2 = jax.random.split(rng, 3)
-        r_config, r_params = rollout.rollout_params(config, actor_state.params)
+        r_config = rollout.rollout_layout(config, jax.default_backend())
+        r_params = rollout.rollout_params(r_config, actor_state.params)
         out = rollout.generate(r_config, r_params, prompts, prompt_mask, k1, max_new_tokens=R, suppress_token_ids=(2,))
         seq, seq_mask = ppo.join(prompts, prompt_mask, out.tokens, out.mask)
         score = score_fn(out.tokens)

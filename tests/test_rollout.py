@@ -50,7 +50,8 @@ def greedy(config, params, ids, mask, **kw):
 def test_greedy_matches_transformers_with_eos_suppressed(tiny, prompts, layout):
     hm, config, params = tiny
     if layout == "per-layer":
-        config, params = rollout.rollout_params(config, params)
+        config = rollout.rollout_layout(config, jax.default_backend())
+        params = rollout.rollout_params(config, params)
         assert "layers" not in params and params["layers_1"]["mlp"]["up"].shape == (64, 96)
         down = "down_t" if config.transposed_down else "down"  # transposed on CPU only
         assert set(params["layers_1"]["mlp"]) == {"gate", "up", down}
@@ -62,13 +63,18 @@ def test_greedy_matches_transformers_with_eos_suppressed(tiny, prompts, layout):
 
 def test_rollout_copy_computes_the_same_logits(tiny, prompts):
     _, config, params = tiny
-    r_config, r_params = rollout.rollout_params(config, params)
-    assert r_config.transposed_down == (jax.default_backend() == "cpu") and not r_config.scan_layers
-    ours = model.forward(r_config, r_params, *prompts)
-    np.testing.assert_allclose(ours, model.forward(config, params, *prompts), rtol=1e-5, atol=1e-5)
-    # A copy of a copy is the same copy.
-    again = rollout.rollout_params(r_config, r_params)[1]
-    assert jax.tree.structure(again) == jax.tree.structure(r_params)
+    expected = model.forward(config, params, *prompts)
+    for backend in ("cpu", "gpu"):  # both layouts, whatever this machine is
+        r_config = rollout.rollout_layout(config, backend)
+        r_params = rollout.rollout_params(r_config, params)
+        assert r_config.transposed_down == (backend == "cpu") and not r_config.scan_layers
+        ours = model.forward(r_config, r_params, *prompts)
+        np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-5)
+        # A copy of a copy is the same copy, and the train layout comes back unchanged.
+        again = rollout.rollout_params(r_config, r_params)
+        assert jax.tree.structure(again) == jax.tree.structure(r_params)
+        back = rollout.rollout_params(config, r_params)
+        jax.tree.map(np.testing.assert_array_equal, back, params)
 
 
 def test_mask_ends_at_eos_like_transformers(tiny, prompts):

@@ -89,7 +89,8 @@ def test_iteration_with_layout_hints_matches_one_device(single, monkeypatch):
 def test_rollout_layout_drops_fsdp():
     mesh = sharding.make_mesh(1, 2, 4)
     config = model.TINY.replace(vocab_size=256)
-    _, per_layer = rollout.rollout_params(config, model.init_params(config, jax.random.key(0)))
+    layout = rollout.rollout_layout(config, mesh.devices.flat[0].platform)
+    per_layer = rollout.rollout_params(layout, model.init_params(config, jax.random.key(0)))
     sh = sharding.param_shardings(mesh, per_layer, "rollout")
     assert sh["layers_0"]["mlp"]["up"].spec == jax.sharding.PartitionSpec(None, "tensor")
     mlp = sh["layers_0"]["mlp"]  # down_t [D, F] on CPU, else down [F, D]: F split either way

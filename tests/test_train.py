@@ -15,21 +15,10 @@ import torch
 import transformers
 
 from c2f_jax import checkpoint, hf, metrics, model, train
+from c2f_jax import workdir as c2f_workdir
+from conftest import ROOT, SHORT, cli_env
 
-ROOT = Path(__file__).resolve().parent.parent
-# A short demo: 3 buckets, CM allowed to move every 2 steps.
-SHORT = ["--config.steps=8", "--config.checkpoint_every=2", "--config.model.pretrain_steps=30",
-         "--config.reward_model.train_steps=20", "--config.cm.buckets=(8, 12, 16)", "--config.cm.window=2",
-         "--config.cm.min_steps=2", "--config.cm.threshold=0.01", "--config.data.prompt_buckets=(128,)",
-         "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"]  # sharded over 8 fake devices
 TIMING_KEYS = ("time/", "compilations")
-
-
-def cli_env():
-    env = dict(os.environ)
-    env.setdefault("JAX_COMPILATION_CACHE_DIR", str(ROOT / ".jax_cache"))
-    env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
-    return env
 
 
 def run_cli(*args, timeout=600):
@@ -39,15 +28,6 @@ def run_cli(*args, timeout=600):
 
 def comparable(rows):
     return [{k: v for k, v in r.items() if not k.startswith(TIMING_KEYS)} for r in rows]
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    """One uninterrupted short demo run, in process."""
-    workdir = tmp_path_factory.mktemp("demo") / "run"
-    config, _ = train.parse_args(["--config", "tiny_coarse.py", *SHORT])
-    rows = train.run_coarse(config, workdir, show_progress=False)
-    return workdir, rows
 
 
 def test_demo_logs_every_metric_and_advances_cm(demo):
@@ -62,7 +42,7 @@ def test_demo_logs_every_metric_and_advances_cm(demo):
     assert limits == sorted(limits) and len(set(limits)) >= 2
     assert all(r["skipped_updates"] == 0 for r in logged)
     assert any(p.name.startswith("events.out.tfevents") for p in (workdir / "tensorboard").iterdir())
-    saved = json.loads((workdir / train.RUN_CONFIG).read_text())
+    saved = json.loads((workdir / c2f_workdir.RUN_CONFIG).read_text())
     assert saved["job"] == "coarse" and saved["cm"]["buckets"] == [8, 12, 16]
 
 
@@ -76,7 +56,7 @@ def test_compilations_stop_growing_once_every_bucket_is_seen(demo):
 
 def test_export_loads_in_transformers_with_our_logits(demo, tmp_path):
     workdir, _ = demo
-    out = train.export(workdir, tmp_path / "hf", dtype="float32")
+    out = c2f_workdir.export(workdir, tmp_path / "hf", dtype="float32")
     config, params = hf.load_pretrained(out)
     restored, _ = checkpoint.Checkpointer(workdir).restore()
     assert np.array_equal(np.asarray(params["layers"]["mlp"]["up"]),
@@ -100,7 +80,7 @@ def test_workdir_model_is_restored_alone_and_exactly(demo):
     with pytest.raises(checkpoint.CheckpointError, match="no critic/nothing"):
         ckpt.restore_subtree(("critic", "nothing"))
     ckpt.close()
-    config, actor, _ = train.load_workdir_model(workdir)
+    config, actor, _ = c2f_workdir.load_model(workdir)
     assert sub_meta == meta and config.has_lm_head
     # Alone: bytes the process reads from the checkpoint files (page cache included), for the actor's
     # params and for the whole state (actor and critic, each with two AdamW moments).
@@ -164,10 +144,10 @@ def test_bad_inputs_are_one_line_errors(extra, words, tmp_path):
 
 def test_incompatible_workdir_is_refused_and_untouched(demo):
     workdir, _ = demo
-    before = (workdir / train.RUN_CONFIG).read_text()
+    before = (workdir / c2f_workdir.RUN_CONFIG).read_text()
     done = run_cli("--config", "tiny_coarse.py", *SHORT, "--config.ppo.kl_coef=0.5", "--workdir", str(workdir))
     assert done.returncode == 2 and "incompatible config: ppo.kl_coef" in done.stderr
-    assert (workdir / train.RUN_CONFIG).read_text() == before
+    assert (workdir / c2f_workdir.RUN_CONFIG).read_text() == before
 
 
 def test_missing_config_file():

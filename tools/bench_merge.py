@@ -24,8 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from c2f_jax import hf, model
-from c2f_jax.safetensors_io import write_file
+from c2f_jax import hf, model, safetensors_io, workdir
 
 ROOT = Path(__file__).resolve().parent.parent
 GAMMA = 0.7
@@ -62,29 +61,15 @@ def write_checkpoint(folder: Path, config: model.MistralConfig, seed: int, shard
     if (folder / "config.json").exists():
         return
     rng = np.random.default_rng(seed)
-    specs = hf.tensor_specs(config)
-    shards, current, size = [], [], 0
-    for s in specs:
-        nbytes = int(np.prod(s.hf_shape)) * 4
-        if current and size + nbytes > shard_bytes:
-            shards.append(current)
-            current, size = [], 0
-        current.append(s)
-        size += nbytes
-    shards.append(current)
-    tmp = folder.with_name(folder.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    weight_map = {}
-    for k, shard in enumerate(shards):
-        fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-        entries = [(s.hf_name, s.hf_shape, np.float32,
-                    lambda s=s: rng.standard_normal(s.hf_shape, dtype=np.float32) * np.float32(0.02)) for s in shard]
-        write_file(tmp / fname, entries)
-        weight_map.update({s.hf_name: fname for s in shard})
-    total = sum(int(np.prod(s.hf_shape)) * 4 for s in specs)
-    (tmp / hf.INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
-    (tmp / "config.json").write_text(json.dumps(config.to_hf("float32"), indent=2))
-    tmp.rename(folder)
+    tensors = [(s.hf_name, s.hf_shape, np.float32,
+                lambda s=s: rng.standard_normal(s.hf_shape, dtype=np.float32) * np.float32(0.02))
+               for s in hf.tensor_specs(config)]
+
+    def fill(tmp: Path) -> None:
+        safetensors_io.write_checkpoint(tmp, tensors, shard_bytes)
+        (tmp / "config.json").write_text(json.dumps(config.to_hf("float32"), indent=2))
+
+    workdir.write(folder, fill, overwrite=True, folder=True)  # replaces a folder a killed run left unfinished
 
 
 # Runs the command and reports its wall time, peak RSS and CPU time. A small launcher process in between,
@@ -108,9 +93,9 @@ def measure(cmd: list[str], env: dict | None = None) -> tuple[float, float, floa
     return float(wall), int(maxrss) / 1024, float(cpu)  # Linux reports KiB
 
 
-def mergekit_venv(workdir: Path) -> Path:
+def mergekit_venv(work: Path) -> Path:
     """WORKDIR/mergekit-venv with torch (CPU, pinned first) and mergekit; created on first use."""
-    venv = workdir / "mergekit-venv"
+    venv = work / "mergekit-venv"
     exe = venv / "bin" / "mergekit-yaml"
     if exe.exists():
         return exe

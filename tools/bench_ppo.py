@@ -32,7 +32,8 @@ def ours(config, actor, critic_config, critic, ids, mask, new_tokens, iterations
     times = []
     for it in range(iterations + 1):  # the first iteration compiles
         t0 = time.perf_counter()
-        r_config, r_params = rollout.rollout_params(config, actor_state.params)
+        r_config = rollout.rollout_layout(config, jax.default_backend())
+        r_params = rollout.rollout_params(r_config, actor_state.params)
         out = rollout.generate(r_config, r_params, ids, mask, jax.random.key(it), max_new_tokens=new_tokens,
                                suppress_token_ids=(2,))
         jax.block_until_ready(out.tokens)

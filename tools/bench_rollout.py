@@ -119,7 +119,8 @@ def main(argv=None) -> None:
         mask = np.ones_like(ids)
         new = args.batch * args.new_tokens
 
-        r_config, r_params = rollout.rollout_params(config, params)
+        r_config = rollout.rollout_layout(config, jax.default_backend())
+        r_params = rollout.rollout_params(r_config, params)
 
         def ours():
             out = rollout.generate(r_config, r_params, ids, mask, jax.random.key(1), max_new_tokens=args.new_tokens,

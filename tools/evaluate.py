@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a checkout without installing
 
-from c2f_jax import cli, evaluate, tokenizer  # noqa: E402
+from c2f_jax import cli, distributed, evaluate, tokenizer, workdir  # noqa: E402
 
 
 def add_eval_args(p: argparse.ArgumentParser) -> None:
@@ -82,10 +82,11 @@ def main(argv=None) -> int:
     prompts, pairs, items, rm = inputs_from(args)
     results = {}
     for path in args.model:
-        m = evaluate.load_model(path, args.dtype, args.step if (Path(path) / "run_config.json").exists() else None)
-        results[path] = evaluate.evaluate_model(m, prompts, settings, rm, pairs, items)
+        loaded = evaluate.load_model(path, args.dtype, args.step if workdir.is_workdir(path) else None)
+        results[path] = evaluate.evaluate_model(loaded, prompts, settings, rm, pairs, items)
         print(f"evaluated {path}", file=sys.stderr)
-    print(evaluate.markdown_table({k: v["metrics"] for k, v in results.items()}))
+    if distributed.writes_here():
+        print(evaluate.markdown_table({k: v["metrics"] for k, v in results.items()}))
     if args.json:
         evaluate.write_json(args.json, {k: v["metrics"] for k, v in results.items()})
     if args.generations:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from c2f_jax import cli, train
+from c2f_jax import cli, distributed, workdir
 
 
 def main(argv=None) -> int:
@@ -21,8 +21,9 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="bfloat16", help="stored dtype (default bfloat16; float32 keeps masters)")
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
-    out = train.export(args.checkpoint, args.out, step=args.step, dtype=args.dtype, overwrite=args.overwrite)
-    print(f"wrote {out}")
+    out = workdir.export(args.checkpoint, args.out, step=args.step, dtype=args.dtype, overwrite=args.overwrite)
+    if distributed.writes_here():
+        print(f"wrote {out}")
     return 0
 
 

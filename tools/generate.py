@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 import jax
 
-from c2f_jax import cli, evaluate, model, tokenizer
+from c2f_jax import cli, evaluate, model, tokenizer, workdir
 
 
 def parse_args(argv=None):
@@ -64,11 +63,7 @@ def main(argv=None) -> int:
     records = [{"prompt": g["prompt"], "response": g["response"], "num_tokens": len(g["tokens"]) + g["ended_with_eos"],
                 "ended_with_eos": g["ended_with_eos"]} for g in gens]
     if args.out:
-        tmp = f"{args.out}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            for r in records:
-                f.write(json.dumps(r) + "\n")
-        os.replace(tmp, args.out)
+        workdir.write_text(args.out, "".join(json.dumps(r) + "\n" for r in records))
     else:
         for r in records:
             print(f"### {r['prompt']}\n{r['response']}\n", file=sys.stdout)

@@ -14,6 +14,8 @@ import json
 import random
 from pathlib import Path
 
+from c2f_jax import workdir
+
 OUT = Path(__file__).resolve().parent.parent / "c2f_jax" / "data" / "hh_sample.jsonl"
 
 # topic -> (question subject, three facts we can explain it with)
@@ -170,9 +172,7 @@ def make_rows(seed: int = 0, n: int = 360) -> list[dict]:
 
 def main() -> None:
     OUT.parent.mkdir(parents=True, exist_ok=True)
-    tmp = OUT.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in make_rows()))
-    tmp.replace(OUT)
+    workdir.write_text(OUT, "".join(json.dumps(r) + "\n" for r in make_rows()))
     print(f"wrote {OUT}")
 
 

@@ -40,39 +40,32 @@ def main(argv=None) -> int:
     import jax.numpy as jnp
     import numpy as np
 
-    from c2f_jax import cli, hf, model, optim, ppo, programs, rollout, sharding, train
+    from c2f_jax import cli, hf, model, optim, programs, rollout, settings, sharding, train
 
     config, _ = train.parse_args(rest)
     if config.job != "coarse":
         raise cli.UsageError(f"plan_memory plans the coarse job; this config's job is {config.job!r}")
-    mc = config.model
-    runtime = dict(compute_dtype=mc.compute_dtype, remat=mc.remat, param_dtype=mc.param_dtype)
-    actor_config = (hf.read_config(mc.base, **runtime) if os.path.isdir(mc.base)
-                    else model.MISTRAL_7B_V01.replace(**runtime))
-    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-    p = config.ppo
-    pc = ppo.PPOConfig(epochs=p.epochs, minibatches=p.minibatches, kl_coef=p.kl_coef,
-                       actor=optim.OptimConfig(lr=p.actor_lr), critic=optim.OptimConfig(lr=p.critic_lr))
-    ref_config = actor_config.replace(param_dtype=mc.reference_dtype)
-    critic_config = actor_config.replace(architecture=model.SEQ_CLS, num_labels=1)
-    rm_config = critic_config.replace(param_dtype=config.reward_model.dtype)
+    base = hf.read_config(config.model.base) if os.path.isdir(config.model.base) else model.MISTRAL_7B_V01
+    # The job's own settings: Mistral's stop tokens (bos 1, eos 2, unk 0) stand in for its tokenizer's.
+    job, roles = settings.coarse(config, (0, 1, 2)), settings.coarse_models(config, base)
+    pc, actor_config, mc = job.ppo, roles.actor, config.model
+    mesh = sharding.make_mesh(**settings.mesh_shape(config))
 
     shapes = model.param_shapes(actor_config)
     actor_state = jax.eval_shape(lambda s: optim.create_state(s, pc.actor), shapes)
-    critic_params = model.param_shapes(critic_config)
-    critic_state = jax.eval_shape(lambda s: optim.create_state(s, pc.critic), critic_params)
-    reference, rm_params = model.param_shapes(ref_config), model.param_shapes(rm_config)
-    sampling = rollout.SamplingConfig(suppress_token_ids=(0, 1, 2))
+    critic_state = jax.eval_shape(lambda s: optim.create_state(s, pc.critic), model.param_shapes(roles.critic))
+    reference, rm_params = model.param_shapes(roles.reference), model.param_shapes(roles.reward)
     progs = programs.coarse_programs(
-        mesh, actor_config=actor_config, ref_config=ref_config, critic_config=critic_config, rm_config=rm_config,
-        pc=pc, sampling=sampling, eos_token_ids=(2,), pad_id=0, actor_state=actor_state, critic_state=critic_state,
-        reference=reference, rm_params=rm_params)
+        mesh, actor_config=actor_config, ref_config=roles.reference, critic_config=roles.critic,
+        rm_config=roles.reward, pc=pc, sampling=job.sampling, eos_token_ids=(2,), pad_id=0,
+        actor_state=actor_state, critic_state=critic_state, reference=reference, rm_params=rm_params)
 
-    B, P, R = config.data.batch_size, max(config.data.prompt_buckets), max(config.cm.buckets)
+    B, P, R = job.batch_size, max(job.prompt_buckets), max(job.cm.buckets)
     i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)
     f32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
     key = jax.eval_shape(lambda: jax.random.key(0))
-    r_params = jax.eval_shape(lambda s: rollout.rollout_params(actor_config, s)[1], shapes)
+    layout = rollout.rollout_layout(actor_config, mesh.devices.flat[0].platform)
+    r_params = jax.eval_shape(lambda s: rollout.rollout_params(layout, s), shapes)
     plan = {
         "reshard_to_rollout": (progs.to_rollout, (shapes,)),
         f"rollout_{P}+{R}": (progs.generate(R), (r_params, i32(B, P), i32(B, P), key)),

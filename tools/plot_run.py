@@ -6,10 +6,9 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
-from c2f_jax import cli, metrics
+from c2f_jax import cli, metrics, workdir
 
 
 def main(argv=None) -> int:
@@ -19,7 +18,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     rows = metrics.read_metrics(args.workdir)
     if not rows:
-        raise cli.UsageError(f"{args.workdir}: no {metrics.METRICS_FILE} with any step")
+        raise cli.UsageError(f"{args.workdir}: no {workdir.METRICS} with any step")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -38,9 +37,7 @@ def main(argv=None) -> int:
     fig.suptitle(Path(args.workdir).name)
     fig.tight_layout()
     out = Path(args.out or Path(args.workdir) / "run.png")
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, out)
+    workdir.write(out, lambda tmp: fig.savefig(tmp, dpi=110, format="png"), overwrite=True)
     print(f"wrote {out}")
     return 0
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from evaluate import add_eval_args, inputs_from, settings_from  # noqa: E402  (tools/evaluate.py)
 
-from c2f_jax import cli, evaluate, merge  # noqa: E402
+from c2f_jax import cli, distributed, evaluate, merge, workdir  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -101,49 +101,46 @@ def main(argv=None) -> int:
     settings = settings_from(args)
     sft = merge.resolve_input(args.sft)
     prompts, pairs, items, rm = inputs_from(args)
-    tmp = out.absolute().parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        with merge.hf_folder(args.coarse, tmp, args.coarse_step) as coarse:
-            inner = [g for g in gammas if 0 < g < 1]
-            if inner:
-                plan = merge.plan_merge(coarse, sft, inner)
-                for w in plan.warnings:
-                    print(f"warning: {w}", file=sys.stderr)
-                # One gamma writes the folder itself; several write one gamma_<g> folder each.
-                target = tmp / "models" if len(inner) > 1 else tmp / "models" / merge.gamma_folder(inner[0])
-                target.parent.mkdir(exist_ok=True)
-                merge.write_merge(plan, target)
-            rows = []
-            for g in gammas:
-                folder = sft if g == 0 else coarse if g == 1 else tmp / "models" / merge.gamma_folder(g)
-                result = evaluate.evaluate_model(evaluate.load_model(folder, args.dtype), prompts, settings, rm,
-                                                 pairs, items)
-                rows.append({"gamma": g, **result})
-                print(f"gamma {label(g)}: " + ", ".join(f"{k} {v:.3f}" for k, v in result["metrics"].items()),
-                      file=sys.stderr)
-                if 0 < g < 1 and not args.keep_models:
-                    shutil.rmtree(folder)
+    rows = []
+
+    def merge_and_evaluate(tmp: Path, coarse: Path) -> None:
+        inner = [g for g in gammas if 0 < g < 1]
+        if inner:
+            plan = merge.plan_merge(coarse, sft, inner)
+            for w in plan.warnings:
+                print(f"warning: {w}", file=sys.stderr)
+            # One gamma writes the folder itself; several write one gamma_<g> folder each.
+            target = tmp / "models" if len(inner) > 1 else tmp / "models" / merge.gamma_folder(inner[0])
+            target.parent.mkdir(exist_ok=True)
+            merge.write_merge(plan, target)
+        for g in gammas:
+            folder = sft if g == 0 else coarse if g == 1 else tmp / "models" / merge.gamma_folder(g)
+            result = evaluate.evaluate_model(evaluate.load_model(folder, args.dtype), prompts, settings, rm,
+                                             pairs, items)
+            rows.append({"gamma": g, **result})
+            print(f"gamma {label(g)}: " + ", ".join(f"{k} {v:.3f}" for k, v in result["metrics"].items()),
+                  file=sys.stderr)
+            if 0 < g < 1 and not args.keep_models:
+                shutil.rmtree(folder)
         if not args.keep_models:
             shutil.rmtree(tmp / "models", ignore_errors=True)
         table = evaluate.markdown_table({label(r["gamma"]): r["metrics"] for r in rows}, first="gamma")
         (tmp / "sweep.md").write_text(f"# Gamma sweep\n\ncoarse: `{args.coarse}`, SFT: `{args.sft}`, reward model: "
                                       f"`{args.reward_model}`, {len(prompts)} prompts\n\n{table}\n")
-        evaluate.write_json(tmp / "sweep.json", {
+        (tmp / "sweep.json").write_text(json.dumps({
             "coarse": str(args.coarse), "sft": str(args.sft), "reward_model": str(args.reward_model),
             "settings": dataclasses.asdict(settings), "num_prompts": len(prompts),
-            "rows": [{"gamma": r["gamma"], "metrics": r["metrics"]} for r in rows]})
+            "rows": [{"gamma": r["gamma"], "metrics": r["metrics"]} for r in rows]}, indent=1) + "\n")
         (tmp / "generations.md").write_text(generations_page(rows, args.show))
         plot(rows, tmp / "sweep.png")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    print(table)
-    print(f"wrote {out}/sweep.md, sweep.json, sweep.png, generations.md")
+        print(table)
+
+    # A workdir --coarse is exported beside --out by every process (each reads its part of the checkpoint);
+    # then process 0 of a multi-process job merges, evaluates and writes, and the others wait for it.
+    with merge.hf_folder(args.coarse, out.absolute().parent, args.coarse_step) as coarse:
+        workdir.write(out, lambda tmp: merge_and_evaluate(tmp, coarse), overwrite=args.overwrite, folder=True)
+    if distributed.writes_here():
+        print(f"wrote {out}/sweep.md, sweep.json, sweep.png, generations.md")
     return 0
 
 

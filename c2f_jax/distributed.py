@@ -1,0 +1,197 @@
+"""Several processes as one job: joining, who writes, barriers, and ending every process when one fails.
+
+Every process runs the same program on its share of one global mesh. They join
+through `jax.distributed`: under SLURM (several tasks) JAX reads SLURM's
+variables; elsewhere JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
+JAX_PROCESS_ID say where process 0 listens and who this is.
+
+Failure. JAX's own reaction to a lost peer is a C++ abort with a stack trace,
+after a heartbeat timeout, and an error in one process otherwise leaves the
+others waiting in their next collective. So each process runs a watchdog
+thread that (1) bumps its own heartbeat key in the coordinator's key-value
+store every second and watches the others', and (2) watches a `failed` key
+that a failing process sets with its one-line error. Either way every
+process prints one line naming the process at fault and exits at once
+(status 3), before JAX's longer heartbeat timeout would fire. Process 0
+hosts the store, so it leaves last: it waits a few seconds for the others to
+acknowledge. Only the loss of process 0 itself (a SIGKILL) is left to JAX,
+which then aborts the others within a second or two.
+
+Nothing here imports JAX at module level: file-only tools (the merger) use
+`writes_here` and `barrier` and stay single-process without paying for it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+
+# Seconds. A peer whose heartbeat has not moved for PEER_TIMEOUT counts as dead; JAX's own heartbeat
+# timeout is set well above it so the watchdog's clean exit comes first.
+PEER_TIMEOUT = 30
+JAX_HEARTBEAT_TIMEOUT = 120
+SHUTDOWN_TIMEOUT = 60
+ACK_WAIT = 5
+# A barrier waits for the slowest process's work (an export of a 7B model, a long compile);
+# a failure ends the wait through the watchdog, not through this timeout.
+BARRIER_TIMEOUT = 3 * 3600
+
+FAILED_KEY, ALIVE_KEY, ACK_KEY = "c2f/failed/", "c2f/alive/", "c2f/ack/"  # directories: one key per process
+EXIT_PEER_FAILED = 3
+
+_state = {"barriers": 0, "watchdog": None, "stop": threading.Event()}
+
+
+def _client():
+    """The coordinator's client when this process is part of a multi-process job, else None."""
+    if "jax" not in sys.modules:
+        return None
+    from jax._src import distributed as jax_distributed
+
+    return jax_distributed.global_state.client
+
+
+def process_index() -> int:
+    return sys.modules["jax"].process_index() if _client() is not None else 0
+
+
+def process_count() -> int:
+    return sys.modules["jax"].process_count() if _client() is not None else 1
+
+
+def writes_here() -> bool:
+    """The rule for every file outside Orbax checkpoints: process 0 writes, the others wait and read."""
+    return process_index() == 0
+
+
+def initialize() -> None:
+    """Joins a multi-process job when the environment names one (else does nothing), with our timeouts,
+    and starts the watchdog. Call before anything else touches JAX's devices."""
+    env = os.environ
+    if env.get("JAX_COORDINATOR_ADDRESS"):
+        try:
+            where = dict(coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
+                         num_processes=int(env["JAX_NUM_PROCESSES"]), process_id=int(env["JAX_PROCESS_ID"]))
+        except (KeyError, ValueError):
+            raise RuntimeError("JAX_COORDINATOR_ADDRESS is set: JAX_NUM_PROCESSES and JAX_PROCESS_ID must be "
+                               "integers too") from None
+    elif int(env.get("SLURM_NTASKS", "1")) > 1 and env.get("SLURM_STEP_ID") is not None:
+        where = {}  # inside `srun` with several tasks: JAX reads SLURM's variables
+    else:
+        return
+    import jax
+
+    jax.distributed.initialize(**where, initialization_timeout=int(env.get("C2F_INIT_TIMEOUT", 300)),
+                               heartbeat_timeout_seconds=JAX_HEARTBEAT_TIMEOUT,
+                               shutdown_timeout_seconds=SHUTDOWN_TIMEOUT)
+    _state["stop"].clear()
+    thread = threading.Thread(target=_watch, name="c2f-watchdog", daemon=True)
+    thread.start()
+    _state["watchdog"] = thread
+
+
+def _watch() -> None:
+    client, me, n = _client(), process_index(), process_count()
+    beats, last_change = {}, {}
+    count = 0
+    while not _state["stop"].wait(1.0):
+        count += 1
+        try:
+            client.key_value_set(f"{ALIVE_KEY}{me}", str(count), allow_overwrite=True)
+            failed = client.key_value_dir_get(FAILED_KEY)
+            alive = dict(client.key_value_dir_get(ALIVE_KEY))
+        except Exception as e:  # the store lives in process 0: it is gone
+            if _state["stop"].is_set():
+                return
+            _exit_now(f"error: lost the coordinator (process 0): {str(e).splitlines()[0][:200]}")
+        if failed:
+            _acknowledge_and_exit(client, me, n, f"error: stopping: {failed[0][1]}")
+        now = time.monotonic()
+        for key, value in alive.items():
+            peer = int(key.rsplit("/", 1)[-1])
+            if beats.get(peer) != value:
+                beats[peer], last_change[peer] = value, now
+        for peer in range(n):
+            seen = last_change.setdefault(peer, now)  # a peer not yet seen gets the timeout from now
+            if peer != me and now - seen > PEER_TIMEOUT:
+                message = f"process {peer} stopped responding (no heartbeat for {PEER_TIMEOUT} s)"
+                _announce(client, message)
+                _acknowledge_and_exit(client, me, n, f"error: stopping: {message}")
+
+
+def _announce(client, message: str) -> None:
+    try:
+        client.key_value_set(f"{FAILED_KEY}{process_index()}", message, allow_overwrite=True)
+    except Exception:  # the store is gone: the others learn of it from JAX
+        pass
+
+
+def _acknowledge_and_exit(client, me: int, n: int, line: str | None) -> None:
+    try:
+        client.key_value_set(f"{ACK_KEY}{me}", "1", allow_overwrite=True)
+        if me == 0:  # the store must outlive the others' last look at it
+            deadline = time.monotonic() + ACK_WAIT
+            while time.monotonic() < deadline and len(client.key_value_dir_get(ACK_KEY)) < n:
+                time.sleep(0.1)
+    except Exception:
+        pass
+    _exit_now(line)
+
+
+def _exit_now(line: str | None, code: int = EXIT_PEER_FAILED) -> None:
+    if line:
+        print(f"[process {process_index()}] {line}", file=sys.stderr, flush=True)
+    os._exit(code)  # no atexit: JAX's shutdown barrier would wait for the processes that are gone
+
+
+def peer_failure() -> str | None:
+    """The message of a process that has announced its failure, if any (an error here may be its echo)."""
+    client = _client()
+    try:
+        failed = client.key_value_dir_get(FAILED_KEY) if client is not None else []
+    except Exception:
+        return None
+    return failed[0][1] if failed else None
+
+
+def fail(message: str, code: int) -> None:
+    """Ends this process with `message` (one line) and, in a multi-process job, every other one too.
+
+    When another process failed first, this error is most likely its consequence (a collective that lost
+    its peer): that process is named instead."""
+    client = _client()
+    if client is None:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        sys.exit(code)
+    me, first = process_index(), peer_failure()
+    _state["stop"].set()
+    if first is not None:
+        _acknowledge_and_exit(client, me, process_count(), f"error: stopping: {first}")
+    print(f"[process {me}] error: {message}", file=sys.stderr, flush=True)
+    _announce(client, f"process {me} failed: {message}")
+    _acknowledge_and_exit(client, me, process_count(), None)
+
+
+def barrier(name: str) -> None:
+    """Every process waits here until all have arrived (a no-op for one process). Calls must come in
+    the same order on every process; `name` says what is awaited, for the log of a stuck job."""
+    client = _client()
+    if client is None:
+        return
+    _state["barriers"] += 1
+    client.wait_at_barrier(f"c2f/{_state['barriers']}/{name}", BARRIER_TIMEOUT * 1000)
+
+
+def shutdown() -> None:
+    """A clean end of a multi-process job: every process has finished; leave together."""
+    if _client() is None:
+        return
+    import jax
+
+    barrier("end")
+    _state["stop"].set()
+    if _state["watchdog"] is not None:
+        _state["watchdog"].join()
+    jax.distributed.shutdown()

@@ -1,0 +1,194 @@
+"""The training workdir: its files, how anything outside Orbax is written, and reading its trained model back.
+
+    WORKDIR/
+      run_config.json      the resolved config; a restart checks it against the new one
+      model_config.json    the trained model's architecture (an HF config.json dict)
+      tokenizer/           the run's tokenizer (HF files)
+      checkpoints/<step>/  Orbax: array state and JSON meta (c2f_jax.checkpoint)
+      metrics.jsonl        one JSON object per step; tensorboard/ beside it
+      base_model/          the tiny demo's base model (HF folder), when the run made it
+      reward_run/          the tiny demo's inline reward job (a workdir itself), and
+      reward_model/        its export (HF folder)
+
+Every file this project writes outside Orbax goes through `write`: built under a
+temporary sibling name and renamed into place, so a killed run never leaves a
+half-written file; in a multi-process job process 0 writes and the others wait
+for it. No JAX here at import time (the merger and the file tools use this module).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Callable
+
+from c2f_jax import distributed
+
+RUN_CONFIG = "run_config.json"
+MODEL_CONFIG = "model_config.json"
+TOKENIZER = "tokenizer"
+CHECKPOINTS = "checkpoints"
+METRICS = "metrics.jsonl"
+TENSORBOARD = "tensorboard"
+BASE_MODEL = "base_model"
+REWARD_RUN = "reward_run"
+REWARD_MODEL = "reward_model"
+# Keys that may change between a run and its resumption; any other difference is an incompatible config.
+RESUMABLE_KEYS = ("steps", "checkpoint_every", "keep_checkpoints", "eval_every", "mesh.")
+# The checkpoint subtree holding a job's trained model.
+TRAINED_MODEL = {"coarse": ("actor", "params"), "reward": ("reward", "params")}
+
+
+class WorkdirError(ValueError):
+    """A folder that is not a usable training workdir, or an output that may not be replaced."""
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+_nested = {"depth": 0}
+
+
+@contextlib.contextmanager
+def output(path: str | os.PathLike, overwrite: bool = False, folder: bool = False):
+    """Yields a temporary sibling of `path` (an empty folder when `folder`), renamed onto `path` when the
+    block completes and removed when it raises. Only the writing process uses this: see `write`."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise WorkdirError(f"{path}: already exists (pass overwrite=True / --overwrite to replace it)")
+    if not path.parent.is_dir():
+        raise WorkdirError(f"{path.parent}: parent folder does not exist")
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    _remove(tmp)
+    if folder:
+        tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        _remove(tmp)
+        raise
+    old = path.parent / f".{path.name}.old-{os.getpid()}"
+    if path.exists():
+        path.rename(old)
+    tmp.rename(path)
+    _remove(old)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def write(path: str | os.PathLike, fill: Callable[[Path], object], overwrite: bool = False,
+          folder: bool = False) -> Path:
+    """The one way a file or folder gets written: `fill(tmp)` builds it at a temporary path (an empty
+    folder when `folder`), which is renamed onto `path` once complete.
+
+    In a multi-process job only process 0 runs `fill`; every process returns once the result is in
+    place (a barrier), so all may read it next. A `write` inside a `fill` just writes.
+    """
+    path = Path(path)
+    writing = distributed.writes_here()
+    if writing:
+        _nested["depth"] += 1
+        try:
+            with output(path, overwrite, folder) as tmp:
+                fill(tmp)
+        finally:
+            _nested["depth"] -= 1
+    if _nested["depth"] == 0:
+        distributed.barrier(f"write {path.name}")
+    return path
+
+
+def write_text(path: str | os.PathLike, text: str, overwrite: bool = True) -> Path:
+    return write(path, lambda tmp: tmp.write_text(text), overwrite)
+
+
+def write_json(path: str | os.PathLike, obj, overwrite: bool = True) -> Path:
+    return write_text(path, json.dumps(obj, indent=2) + "\n", overwrite)
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def is_workdir(path: str | os.PathLike) -> bool:
+    return (Path(path) / RUN_CONFIG).is_file()
+
+
+def run_config(path: str | os.PathLike) -> dict:
+    """The resolved config a workdir's run was started with."""
+    file = Path(path) / RUN_CONFIG
+    if not file.is_file():
+        raise WorkdirError(f"{path}: no {RUN_CONFIG}; not a c2f_jax training workdir")
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise WorkdirError(f"{file}: not valid JSON ({e})") from None
+
+
+def job(path: str | os.PathLike) -> str:
+    name = run_config(path).get("job")
+    if name not in TRAINED_MODEL:
+        raise WorkdirError(f"{Path(path) / RUN_CONFIG}: job={name!r}; expected one of {sorted(TRAINED_MODEL)}")
+    return name
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{'a': {'b': 1}} -> {'a.b': 1}."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def check_resumable(path: str | os.PathLike, config: dict) -> None:
+    """A WorkdirError naming the first key (other than RESUMABLE_KEYS) where `config` differs from the
+    config the workdir's checkpoints were made with."""
+    saved, new = flatten(run_config(path)), flatten(config)
+    for key in sorted(set(saved) | set(new)):
+        if key.startswith(RESUMABLE_KEYS) or saved.get(key) == new.get(key):
+            continue
+        raise WorkdirError(f"{path} holds checkpoints of an incompatible config: {key} was "
+                           f"{saved.get(key)!r}, now {new.get(key)!r} (use another --workdir)")
+
+
+def load_model(path: str | os.PathLike, step: int | None = None):
+    """(MistralConfig, params, tokenizer folder) of a workdir's trained model at `step` (default latest):
+    the actor of a coarse run, the reward model of a reward run. Params as saved, NumPy on the host.
+
+    Only that model's params are read from the checkpoint: the critic and the optimizer
+    moments stay on disk."""
+    from c2f_jax import checkpoint  # JAX and Orbax: only when a model is read
+    from c2f_jax.config import MistralConfig
+
+    path = Path(path)
+    keys = TRAINED_MODEL[job(path)]
+    if not (path / MODEL_CONFIG).is_file():
+        raise WorkdirError(f"{path}: no {MODEL_CONFIG}; not a c2f_jax training workdir")
+    config = MistralConfig.from_hf(json.loads((path / MODEL_CONFIG).read_text()))
+    ckpt = checkpoint.Checkpointer(path)
+    try:
+        params, _ = ckpt.restore_subtree(keys, step)
+    finally:
+        ckpt.close()
+    return config, params, path / TOKENIZER
+
+
+def export(path: str | os.PathLike, out: str | os.PathLike, step: int | None = None, dtype=None,
+           overwrite: bool = False) -> Path:
+    """Writes a workdir's trained model as an HF folder: the actor of a coarse run (MistralForCausalLM)
+    or the reward model of a reward run (MistralForSequenceClassification), with the run's tokenizer."""
+    from c2f_jax import hf
+
+    config, params, tokenizer_dir = load_model(path, step)
+    hf.save_pretrained(out, config, params, dtype=dtype, tokenizer_source=tokenizer_dir, overwrite=overwrite)
+    return Path(out)
