@@ -204,7 +204,7 @@ def hf_folder(path: str | os.PathLike, scratch: str | os.PathLike, step: int | N
     if job != "coarse":
         raise MergeError(f"{p}: is a {job!r} training workdir; the merger takes a coarse run's actor")
     Path(scratch).mkdir(parents=True, exist_ok=True)
-    tmp = Path(scratch) / f".c2f-export-{p.name}-{os.getpid()}"
+    tmp = Path(scratch) / f".c2f-export-{p.name}"  # the same path in every process of a job
     try:
         workdir.export(p, tmp, step=step, overwrite=True)  # JAX and Orbax, only for workdir inputs
         yield tmp

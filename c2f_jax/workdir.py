@@ -102,7 +102,7 @@ def write(path: str | os.PathLike, fill: Callable[[Path], object], overwrite: bo
         finally:
             _nested["depth"] -= 1
     if _nested["depth"] == 0:
-        distributed.barrier(f"write {path.name}")
+        distributed.barrier("write")  # names must agree across processes: a temporary path's may not
     return path
 
 

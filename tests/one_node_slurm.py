@@ -15,6 +15,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from c2f_jax.local_job import free_port
+
 DAEMONS = ("munged", "slurmctld", "slurmd", "srun", "sbatch", "sinfo")
 
 
@@ -26,12 +28,6 @@ def missing() -> str | None:
     if os.geteuid() != 0:
         return "a one-node SLURM cluster needs root (slurmd runs the jobs)"
     return None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _munge_works() -> bool:
@@ -51,7 +47,7 @@ def cluster(folder: Path):
     conf = folder / "slurm.conf"
     conf.write_text("\n".join([
         "ClusterName=c2ftest", f"SlurmctldHost={host}", "SlurmUser=root", "SlurmdUser=root",
-        f"SlurmctldPort={_free_port()}", f"SlurmdPort={_free_port()}", "AuthType=auth/munge",
+        f"SlurmctldPort={free_port()}", f"SlurmdPort={free_port()}", "AuthType=auth/munge",
         f"StateSaveLocation={folder}/state", f"SlurmdSpoolDir={folder}/spool",
         f"SlurmctldPidFile={folder}/slurmctld.pid", f"SlurmdPidFile={folder}/slurmd.pid",
         f"SlurmctldLogFile={folder}/slurmctld.log", f"SlurmdLogFile={folder}/slurmd.log",

@@ -45,12 +45,13 @@ def worst_relative(a: dict, b: dict, floor=1e-6) -> tuple[float, str]:
 
 
 def weights_relative(path_a, path_b, step) -> float:
-    """Largest per-tensor max|a-b| / max|a| between two workdirs' trained models at `step`."""
+    """Largest per-tensor ||a-b|| / ||a|| (Frobenius, as the sharding tests) between two workdirs' trained
+    models at `step`."""
     _, a, _ = c2f_workdir.load_model(path_a, step)
     _, b, _ = c2f_workdir.load_model(path_b, step)
     import jax
 
-    return max(float(np.abs(x - y).max() / max(np.abs(x).max(), 1e-12))
+    return max(float(np.linalg.norm(x - y) / max(np.linalg.norm(x), 1e-12))
                for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
 
 
@@ -67,33 +68,49 @@ def demo_2x4(tmp_path_factory):
     return path, exits
 
 
-def test_demo_as_2_processes_equals_1_process_on_the_same_mesh(demo, demo_2x4):
+def folder_relative(a, b) -> float:
+    """Largest per-tensor max|a-b| / max|a| between two HF folders."""
+    import jax
+
+    from c2f_jax import hf
+
+    (_, pa), (_, pb) = hf.load_pretrained(a), hf.load_pretrained(b)
+    return max(float(np.abs(np.asarray(x) - np.asarray(y)).max() / np.abs(np.asarray(x)).max())
+               for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb), strict=True))
+
+
+def test_demo_as_2_processes_matches_1_process_on_the_same_mesh(demo, demo_2x4):
+    """The whole demo, inline base and reward model included. Process 0 trains the base on one of its
+    devices (4 here, 8 in one process: XLA:CPU splits the matmuls differently, 5e-7 apart after 30 steps)
+    and the reward job is sharded over both processes (1e-5 apart after 20 steps). A sampled rollout is not
+    continuous in the weights, so from there on the runs are alike, not equal: the next test starts both
+    topologies from the same models and gets equality to 1e-5."""
     one, rows = demo
     two, exits = demo_2x4
     logged = metrics.read_metrics(two)
     assert [r["step"] for r in logged] == [1, 2, 3]
-    # After the first iteration: metrics and the actor to 1e-5. Later steps drift (reductions summed in
-    # another order, amplified by Adam at the demo's learning rates); the bound there only says "same run".
-    assert worst_relative(logged[0], rows[0])[0] < 1e-5, worst_relative(logged[0], rows[0])
-    assert weights_relative(one, two, step=1) < 1e-5
-    for later, ref in zip(logged[1:], rows[1:3]):
-        assert worst_relative(later, ref)[0] < 1e-2, worst_relative(later, ref)
-    print("drift by step:", [worst_relative(a, b) for a, b in zip(logged, rows)])
+    base, rm = (folder_relative(a, b) for a, b in zip(models_of(one), models_of(two)))
+    print(f"inline base {base:.2e}, reward model {rm:.2e}; first step {worst_relative(logged[0], rows[0])}")
+    assert base < 1e-5 and rm < 1e-4
+    assert abs(logged[0]["reward/mean"] - rows[0]["reward/mean"]) < 1e-2
     # Process 0 made the inline models, once, and nothing was left half-written.
     assert all((m / "config.json").exists() for m in models_of(two))
     assert not [p.name for p in two.iterdir() if p.name.startswith(".")]
     assert all("error" not in e.log.lower() for e in exits)
 
 
-def test_ppo_as_4_processes_of_2_devices_equals_1_process(demo, tmp_path):
-    """One task per pair of devices, as a job with one task per GPU runs; the demo's base and reward model."""
+@pytest.mark.parametrize("processes, devices", [(2, 4), (4, 2)])
+def test_ppo_as_several_processes_equals_1_process(demo, tmp_path, processes, devices):
+    """From the same base and reward model; 4 x 2 is one task per pair of devices, as a job with one task
+    per GPU runs. After the first iteration metrics and the actor agree to 1e-5."""
     one, rows = demo
     base, rm = models_of(one)
-    path = tmp_path / "ppo_4x2"
+    path = tmp_path / "ppo"
     exits = run_job([*TRAIN, "--config.steps=1", f"--config.model.base={base}", f"--config.reward_model.path={rm}",
-                     "--workdir", path], 4, 2)
+                     "--workdir", path], processes, devices)
     assert_all_succeeded(exits)
-    assert worst_relative(metrics.read_metrics(path)[0], rows[0])[0] < 1e-5
+    assert worst_relative(metrics.read_metrics(path)[0], rows[0])[0] < 1e-5, worst_relative(
+        metrics.read_metrics(path)[0], rows[0])
     assert weights_relative(one, path, step=1) < 1e-5
 
 
