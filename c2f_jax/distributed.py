@@ -128,7 +128,7 @@ def _announce(client, message: str) -> None:
         pass
 
 
-def _acknowledge_and_exit(client, me: int, n: int, line: str | None) -> None:
+def _acknowledge_and_exit(client, me: int, n: int, line: str | None, code: int = EXIT_PEER_FAILED) -> None:
     try:
         client.key_value_set(f"{ACK_KEY}{me}", "1", allow_overwrite=True)
         if me == 0:  # the store must outlive the others' last look at it
@@ -137,7 +137,7 @@ def _acknowledge_and_exit(client, me: int, n: int, line: str | None) -> None:
                 time.sleep(0.1)
     except Exception:
         pass
-    _exit_now(line)
+    _exit_now(line, code)
 
 
 def _exit_now(line: str | None, code: int = EXIT_PEER_FAILED) -> None:
@@ -171,7 +171,7 @@ def fail(message: str, code: int) -> None:
         _acknowledge_and_exit(client, me, process_count(), f"error: stopping: {first}")
     print(f"[process {me}] error: {message}", file=sys.stderr, flush=True)
     _announce(client, f"process {me} failed: {message}")
-    _acknowledge_and_exit(client, me, process_count(), None)
+    _acknowledge_and_exit(client, me, process_count(), None, code)
 
 
 def barrier(name: str) -> None:

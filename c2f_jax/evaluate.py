@@ -175,7 +175,7 @@ def reward_scores(rm: Loaded, prompts: Sequence[str], responses: Sequence[str], 
     scores = []
     for chunk, padded in _batches(seqs, batch_size):
         ids, mask = data.left_pad(padded, buckets, tok.pad_token_id, truncate=True)
-        scores.extend(np.asarray(ppo.reward_scores(rm.params, ids, mask, config=rm.config))[:len(chunk)].tolist())
+        scores.extend(np.asarray(ppo.score_sequences(rm.params, ids, mask, config=rm.config))[:len(chunk)].tolist())
     return np.asarray(scores, np.float64)
 
 

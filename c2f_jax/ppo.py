@@ -209,12 +209,10 @@ def join(prompt_ids, prompt_mask, tokens, response_mask) -> tuple[jax.Array, jax
             jnp.concatenate([prompt_mask, response_mask], axis=1).astype(jnp.int32))
 
 
+@functools.partial(jax.jit, static_argnames=("config",))
 def score_sequences(params: Params, seq_ids, seq_mask, *, config: MistralConfig) -> jax.Array:
     """Reward-model score at each sequence's last real token, float32 [B]."""
     return model.sequence_scores(config, params, seq_ids, seq_mask)[:, 0]
-
-
-reward_scores = jax.jit(score_sequences, static_argnames=("config",))
 
 
 def experience(actor: Params, reference: Params, critic: Params, seq_ids, seq_mask, response_mask, score, *,

@@ -39,7 +39,7 @@ def ours(config, actor, critic_config, critic, ids, mask, new_tokens, iterations
         jax.block_until_ready(out.tokens)
         t1 = time.perf_counter()
         seq, seq_mask = ppo.join(ids, mask, out.tokens, out.mask)
-        score = jax.block_until_ready(ppo.reward_scores(critic, seq, seq_mask, config=critic_config))
+        score = jax.block_until_ready(ppo.score_sequences(critic, seq, seq_mask, config=critic_config))
         t2 = time.perf_counter()
         # Old/reference logprobs, values, advantages and the update: one program (ppo.iteration).
         actor_state, critic_state, _, _ = jax.block_until_ready(ppo.ppo_iteration(
