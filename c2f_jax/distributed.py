@@ -75,8 +75,8 @@ def initialize() -> None:
             where = dict(coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
                          num_processes=int(env["JAX_NUM_PROCESSES"]), process_id=int(env["JAX_PROCESS_ID"]))
         except (KeyError, ValueError):
-            raise RuntimeError("JAX_COORDINATOR_ADDRESS is set: JAX_NUM_PROCESSES and JAX_PROCESS_ID must be "
-                               "integers too") from None
+            raise ValueError("JAX_COORDINATOR_ADDRESS is set: JAX_NUM_PROCESSES and JAX_PROCESS_ID must be "
+                             "integers too") from None
     elif int(env.get("SLURM_NTASKS", "1")) > 1 and env.get("SLURM_STEP_ID") is not None:
         where = {}  # inside `srun` with several tasks: JAX reads SLURM's variables
     else:

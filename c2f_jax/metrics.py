@@ -36,8 +36,11 @@ class MetricsWriter:
 
     def __init__(self, path: str | os.PathLike, resume_step: int = 0):
         self.path = Path(path) / workdir.METRICS
-        kept = [m for m in read_metrics(path) if m["step"] <= resume_step]
-        workdir.write_text(self.path, "".join(json.dumps(m) + "\n" for m in kept))
+
+        def keep_until_resume(tmp: Path) -> None:
+            tmp.write_text("".join(json.dumps(m) + "\n" for m in read_metrics(path) if m["step"] <= resume_step))
+
+        workdir.write(self.path, keep_until_resume, overwrite=True)
         self.enabled, self.tb = distributed.writes_here(), None
         if not self.enabled:
             return

@@ -72,6 +72,14 @@ SHORT = ["--config.steps=8", "--config.checkpoint_every=1", "--config.keep_check
          "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"]  # sharded over 8 fake devices
 
 
+TIMING_KEYS = ("time/", "compilations")
+
+
+def comparable(rows):
+    """Metrics rows without the wall-clock and compile-count entries, which differ between equal runs."""
+    return [{k: v for k, v in r.items() if not k.startswith(TIMING_KEYS)} for r in rows]
+
+
 def cli_env():
     env = dict(os.environ)
     env.setdefault("JAX_COMPILATION_CACHE_DIR", str(ROOT / ".jax_cache"))

@@ -16,11 +16,10 @@ import pytest
 from c2f_jax import metrics, train
 from c2f_jax import workdir as c2f_workdir
 from c2f_jax.local_job import LocalJob
-from conftest import ROOT, SHORT, cli_env
+from conftest import ROOT, SHORT, TIMING_KEYS, cli_env, comparable
 
 TRAIN = [sys.executable, "-m", "c2f_jax.train", "--config", "tiny_coarse.py", *SHORT]
 STEPS = ["--config.steps=3"]
-TIMING_KEYS = ("time/", "compilations")
 NO_CPP_TRACES = ("Check failure stack trace", "*** SIG", "terminate called")
 
 
@@ -32,10 +31,6 @@ def run_job(command, processes, devices, timeout=600):
 def assert_all_succeeded(exits):
     for e in exits:
         assert e.returncode == 0, f"process {e.index} exited {e.returncode}:\n{e.log[-3000:]}"
-
-
-def comparable(rows):
-    return [{k: v for k, v in r.items() if not k.startswith(TIMING_KEYS)} for r in rows]
 
 
 def worst_relative(a: dict, b: dict, floor=1e-6) -> tuple[float, str]:

@@ -16,18 +16,11 @@ import transformers
 
 from c2f_jax import checkpoint, hf, metrics, model, train
 from c2f_jax import workdir as c2f_workdir
-from conftest import ROOT, SHORT, cli_env
-
-TIMING_KEYS = ("time/", "compilations")
-
+from conftest import ROOT, SHORT, cli_env, comparable
 
 def run_cli(*args, timeout=600):
     return subprocess.run([sys.executable, "-m", "c2f_jax.train", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT, env=cli_env())
-
-
-def comparable(rows):
-    return [{k: v for k, v in r.items() if not k.startswith(TIMING_KEYS)} for r in rows]
 
 
 def test_demo_logs_every_metric_and_advances_cm(demo):
