@@ -21,6 +21,8 @@ Param tree (leading L on everything under `layers`, which are scanned):
 from __future__ import annotations
 
 import functools
+import itertools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -138,10 +140,11 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x, sin, cos, bias, kv, write_index, layer):
-        """x [B, T, D]; bias [B, T, S]; kv None or the whole cache {'k','v': [L, B, S, K, H]}.
+        """x [B, T, D]; bias [B, T, S]; kv None or the whole cache in blocks (see `apply`).
 
-        With a cache, this layer's new keys/values are written in place at
-        (layer, :, write_index) and attention reads this layer's slice.
+        With a cache, this layer's new keys/values are written in place into the last of the
+        blocks that make up the first S positions, at `write_index` within it, and attention
+        reads those blocks: decoding reads the filled part of the cache, not every allocated position.
         """
         c = self.config
         N, K, H, D = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.hidden_size
@@ -155,23 +158,62 @@ class Attention(nn.Module):
         q = shard_as(apply_rope(project(wq), sin, cos), BATCH, None, "tensor", None)
         k = shard_as(apply_rope(project(wk), sin, cos), BATCH, None, "tensor", None)
         v = shard_as(project(wv), BATCH, None, "tensor", None)
-        if kv is not None:
-            # The cache rides in the layer scan's carry, so XLA updates it in place
-            # instead of restacking a copy of every layer each step.
-            at = (layer, 0, write_index, 0, 0)
-            kv = {
-                name: shard_as(jax.lax.dynamic_update_slice(kv[name], new[None].astype(kv[name].dtype), at),
-                               None, BATCH, None, "tensor", None)
-                for name, new in (("k", k), ("v", v))
-            }
-            k, v = kv["k"][layer], kv["v"][layer]  # [B, S, K, H]
         B, T = x.shape[:2]
         q = q.reshape(B, T, K, N // K, H)  # [B, T, K, G, H]
+        if kv is not None:
+            kv, out = _cached_attention(kv, q, k, v, bias, write_index, layer, cdt)
+            return dense(out.reshape(B, T, N * H), wo.reshape(N * H, D)), kv
         scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k.astype(cdt), preferred_element_type=jnp.float32)
         scores = shard_as(scores * H**-0.5 + bias[:, None, None, :, :], BATCH, "tensor", None, None, None)
         probs = jax.nn.softmax(scores, axis=-1).astype(cdt)
         out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v.astype(cdt)).reshape(B, T, N * H)
         return dense(out, wo.reshape(N * H, D)), kv  # BT(NH),(NH)D->BTD
+
+
+def _cached_attention(kv, q, k, v, bias, write_index, layer, cdt):
+    """Attention over the cache blocks that make up the first S = bias.shape[-1] positions, after writing
+    k, v [B, T, K, H] into the last of them at `write_index`. q [B, T, K, G, H]; returns (kv, out [B, T, K, G, H]).
+
+    Blocks, not one buffer sliced to the filled length: XLA:CPU copies a slice before a matmul reads it, and
+    the copy cost more than the products. Keys are stored [.., K, n, H] and values [.., K, H, n], the
+    operand layouts XLA's batched matmuls read in place (values the other way round were transposed by a
+    copy per layer and step). The last block is read as it was before the write, with the written slots'
+    scores and values patched in: read after the write, XLA:CPU copied the block three times per step to
+    update it in place.
+    """
+    ends = list(itertools.accumulate(b.shape[3] for b in kv["k"]))  # key blocks [L, B, K, n, H]
+    if bias.shape[-1] not in ends:
+        raise ValueError(f"attention over {bias.shape[-1]} cache positions must end at a block end, one of {ends}")
+    last = ends.index(bias.shape[-1])
+    H, T = q.shape[-1], q.shape[1]
+    new_k, new_v = k.transpose(0, 2, 1, 3).astype(cdt), v.transpose(0, 2, 3, 1).astype(cdt)  # [B,K,T,H], [B,K,H,T]
+    keys = [b[layer].astype(cdt) for b in kv["k"][:last + 1]]
+    values = [b[layer].astype(cdt) for b in kv["v"][:last + 1]]
+    whole = keys[-1].shape[2] == T  # the write fills the block (prefill): read the new keys themselves
+    if whole:
+        keys[-1], values[-1] = new_k, new_v
+    scores = [jnp.einsum("BTKGH,BKSH->BKGTS", q, b, preferred_element_type=jnp.float32) for b in keys]
+    if not whole:
+        written = jnp.einsum("BTKGH,BKSH->BKGTS", q, new_k, preferred_element_type=jnp.float32)  # [.., T, T]
+        scores[-1] = jax.lax.dynamic_update_slice_in_dim(scores[-1], written, write_index, axis=4)
+    scores = shard_as(jnp.concatenate(scores, axis=-1) * H**-0.5 + bias[:, None, None, :, :],
+                      BATCH, "tensor", None, None, None)
+    probs = jax.nn.softmax(scores, axis=-1).astype(cdt)
+    out, start = 0.0, 0
+    for b in values:
+        n = b.shape[-1]
+        out = out + jnp.einsum("BKGTS,BKHS->BTKGH", probs[..., start:start + n], b, preferred_element_type=jnp.float32)
+        start += n
+    if not whole:  # the written slots held the block's old values in the product above
+        p_new = jax.lax.dynamic_slice_in_dim(probs[..., start - values[-1].shape[-1]:], write_index, T, axis=4)
+        v_old = jax.lax.dynamic_slice_in_dim(values[-1], write_index, T, axis=3)
+        out = out + jnp.einsum("BKGTS,BKHS->BTKGH", p_new, new_v - v_old, preferred_element_type=jnp.float32)
+    at = {"k": (layer, 0, 0, write_index, 0), "v": (layer, 0, 0, 0, write_index)}
+    new = {"k": new_k, "v": new_v}
+    kv = {name: [shard_as(jax.lax.dynamic_update_slice(b, new[name][None].astype(b.dtype), at[name]), None, BATCH,
+                          "tensor", None, None) if i == last else b for i, b in enumerate(blocks)]
+          for name, blocks in kv.items()}
+    return kv, out.astype(cdt)
 
 
 class MLP(nn.Module):
@@ -314,9 +356,10 @@ def apply(config: MistralConfig, params: Params, input_ids, positions, key_pos, 
     """The general entry point (forward and cached decoding).
 
     input_ids, positions int [B, T]; key_pos, key_mask [B, S] describe every key the
-    queries may see (S = T without a cache, the cache length with one); kv is None, or
-    the cache: {'k','v': [L, B, S, K, H]} with scan_layers, else a list of L
-    {'k','v': [1, B, S, K, H]}; new keys/values are written at `write_index`.
+    queries may see (S = T without a cache; with one, the first S positions of the cache, which must end
+    at a block end); kv is None, or the cache as consecutive blocks of positions (`rollout.init_kv`):
+    {'k': [[L, B, K, n_i, H], ...], 'v': [[L, B, K, H, n_i], ...]} with scan_layers, else a list of L
+    such dicts with L = 1; new keys/values are written into the last block read, at `write_index` in it.
     Returns (head output float32 [B, T, V or num_labels] or hidden [B, T, D], kv).
     """
     bias = attention_bias(positions, key_pos, key_mask, config.sliding_window)

@@ -1,11 +1,13 @@
 """Sampling as one compiled program per (prompt bucket, response bucket).
 
-Prefill the left-padded prompt into a KV cache sized prompt + response, then a
-`lax.scan` decodes one token per step with no host round trip. The cache is a
-loop-carried buffer inside that one program, so XLA updates it in place (there
-is no second program to donate it to). Lengths come from the configured
-buckets, never from the data, so a new batch of the same bucket never
-recompiles.
+Prefill the left-padded prompt into a KV cache, then decode one token per step in
+chunks of `lax.scan`s with no host round trip. Each chunk is compiled at its own
+static attention length, so a step reads the cache as filled so far, not every
+allocated position; where EOS may be sampled, a chunk whose rows have all stopped
+is skipped. The cache is a loop-carried buffer inside that one program, so XLA
+updates it in place (there is no second program to donate it to). Lengths come
+from the configured buckets, never from the data, so a new batch of the same
+bucket never recompiles.
 """
 
 from __future__ import annotations
@@ -52,16 +54,17 @@ class Rollout:
     mask: jax.Array
 
 
-def init_kv(config: MistralConfig, batch: int, length: int):
-    """Empty KV cache in compute dtype: {'k','v': [L, B, S, K, H]} for stacked layers,
-    else a list of L {'k','v': [1, B, S, K, H]} (one buffer per layer, updated in place)."""
+def init_kv(config: MistralConfig, batch: int, lengths: Sequence[int]):
+    """An empty KV cache in compute dtype, in blocks of `lengths` consecutive positions (see `model.apply`):
+    {'k': [[L, B, K, n, H] per block], 'v': [[L, B, K, H, n] per block]} for stacked layers, else a list of
+    L such dicts with L = 1 (one buffer per layer and block, updated in place)."""
     c = config
     L = c.num_hidden_layers if c.scan_layers else 1
-    zeros = lambda: shard_as(jnp.zeros((L, batch, length, c.num_key_value_heads, c.head_dim), c.compute_dtype),
-                             None, BATCH, None, "tensor", None)
-    if c.scan_layers:
-        return {"k": zeros(), "v": zeros()}
-    return [{"k": zeros(), "v": zeros()} for _ in range(c.num_hidden_layers)]
+    K, H = c.num_key_value_heads, c.head_dim
+    block = lambda shape: shard_as(jnp.zeros(shape, c.compute_dtype), None, BATCH, "tensor", None, None)
+    layer = lambda: {"k": [block((L, batch, K, n, H)) for n in lengths],
+                     "v": [block((L, batch, K, H, n)) for n in lengths]}
+    return layer() if c.scan_layers else [layer() for _ in range(c.num_hidden_layers)]
 
 
 def rollout_layout(config: MistralConfig, backend: str) -> MistralConfig:
@@ -147,43 +150,93 @@ def sample_token(logits: jax.Array, rng: jax.Array, sampling: SamplingConfig) ->
 _SAMPLE_BLOCK = 256
 
 
-def sample(params, prompt_ids, prompt_mask, rng, *, config, max_new_tokens, sampling, eos_token_ids, pad_id) -> Rollout:
-    """The compiled body of `generate` (validated arguments; SamplingConfig static)."""
+# Decode steps run in chunks, each one scan compiled at its own static attention length (the cache as filled by
+# its last step), so a step reads the filled part of the cache plus under a chunk, not every allocated position.
+# More chunks read less but compile the decode step once more each: at most MAX_DECODE_CHUNKS of them.
+DECODE_CHUNK = 128
+MAX_DECODE_CHUNKS = 8
+
+
+def decode_chunks(new_tokens: int, chunk: int = DECODE_CHUNK) -> list[tuple[int, int]]:
+    """The decode steps 1 .. new_tokens - 1 (step t feeds token t - 1 back and samples token t) as chunks
+    [first, end) of `chunk` steps, or of new_tokens / MAX_DECODE_CHUNKS where that is more."""
+    size = max(chunk, -(-(new_tokens - 1) // MAX_DECODE_CHUNKS))
+    return [(first, min(first + size, new_tokens)) for first in range(1, new_tokens, size)]
+
+
+def decode(params, prompt_ids, prompt_mask, rng, *, config, max_new_tokens, sampling, eos_token_ids, pad_id,
+           chunk=DECODE_CHUNK) -> tuple[Rollout, jax.Array]:
+    """`sample`, plus the number of decode steps that ran the model: int32 [], max_new_tokens - 1 unless every
+    row had stopped (EOS not suppressed) before a chunk began, which then runs no model step."""
     B, P = prompt_ids.shape
     R = max_new_tokens
+    chunks = decode_chunks(R, chunk)
+    S = P + R - 1  # the last sampled token is never fed back
     prompt_pos = model.positions_from_mask(prompt_mask)
-    key_mask = jnp.zeros((B, P + R), jnp.int32).at[:, :P].set(prompt_mask)  # [B, S]
-    key_pos = jnp.zeros((B, P + R), jnp.int32).at[:, :P].set(prompt_pos)
-    hidden, kv = model.apply(config, params, prompt_ids, prompt_pos, key_pos, key_mask,
-                             init_kv(config, B, P + R), 0, head=False)
+    key_mask = jnp.zeros((B, S), jnp.int32).at[:, :P].set(prompt_mask)  # [B, S]
+    key_pos = jnp.zeros((B, S), jnp.int32).at[:, :P].set(prompt_pos)
+    # One cache block for the prompt and one per chunk, holding the keys that chunk's steps write.
+    kv = init_kv(config, B, [P] + [end - begin for begin, end in chunks])
+    hidden, kv = model.apply(config, params, prompt_ids, prompt_pos, prompt_pos, prompt_mask, kv, 0, head=False)
     # Left padding puts every row's last real token in the last column.
     logits = model.head_output(config, params, hidden[:, -1])  # [B, V]
     rngs = jax.random.split(rng, R)
     eos = jnp.asarray(eos_token_ids or (-1,), jnp.int32)
+    # With every EOS id suppressed no row can stop: then no test between chunks (PPO's rollout).
+    can_stop = any(e not in sampling.suppress_token_ids for e in eos_token_ids)
 
-    first = sample_token(logits, rngs[0], sampling)
-    alive = jnp.ones((B,), jnp.int32)
-
-    def step(carry, t):
+    def step(carry, t, begin, end):
+        """Feeds token t - 1 back and samples token t, in the chunk [begin, end) of steps: its keys go into
+        that chunk's cache block, and attention reads the blocks up to that one (P + end - 1 positions)."""
         token, alive, next_pos, key_mask, key_pos, kv = carry
         alive_after = alive * (1 - jnp.isin(token, eos).astype(jnp.int32))
         slot = P + t - 1  # where the previous token's keys go
         key_mask = jax.lax.dynamic_update_slice(key_mask, jnp.ones((B, 1), jnp.int32), (0, slot))
         key_pos = jax.lax.dynamic_update_slice(key_pos, next_pos[:, None], (0, slot))
-        hidden, kv = model.apply(config, params, token[:, None], next_pos[:, None], key_pos, key_mask, kv, slot,
-                                 head=False)
+        attend = P + end - 1
+        hidden, kv = model.apply(config, params, token[:, None], next_pos[:, None], key_pos[:, :attend],
+                                 key_mask[:, :attend], kv, t - begin, head=False)
         new = sample_token(model.head_output(config, params, hidden[:, 0]), rngs[t], sampling)
         return (new, alive_after, next_pos + 1, key_mask, key_pos, kv), (token, alive)
 
-    carry = (first, alive, prompt_pos[:, -1] + 1, key_mask, key_pos, kv)
-    carry, (tokens, mask) = jax.lax.scan(step, carry, jnp.arange(1, R))
-    last, last_alive = carry[0], carry[1]
-    tokens = jnp.concatenate([tokens, last[None]], axis=0).T  # [B, R]
-    mask = jnp.concatenate([mask, last_alive[None]], axis=0).T
-    return Rollout(tokens=jnp.where(mask > 0, tokens, pad_id), mask=mask)
+    def stopped(carry, t):
+        """Every row has stopped: the last token keeps its flag, the slots after it are masked; no model call."""
+        token, alive, *rest = carry
+        return (token, alive * 0, *rest), (token, alive)
+
+    carry = (sample_token(logits, rngs[0], sampling), jnp.ones((B,), jnp.int32), prompt_pos[:, -1] + 1,
+             key_mask, key_pos, kv)
+    tokens, mask, ran = [], [], jnp.int32(0)
+    for begin, end in chunks:
+        steps = jnp.arange(begin, end)
+        run = lambda c, steps=steps, begin=begin, end=end: jax.lax.scan(lambda c, t: step(c, t, begin, end), c, steps)
+        if can_stop:
+            token, alive = carry[0], carry[1]
+            running = jnp.any(alive * (1 - jnp.isin(token, eos).astype(jnp.int32)) > 0)
+            carry, (chunk_tokens, chunk_mask) = jax.lax.cond(
+                running, run, lambda c, steps=steps: jax.lax.scan(stopped, c, steps), carry)
+            ran += jnp.where(running, end - begin, 0)
+        else:
+            carry, (chunk_tokens, chunk_mask) = run(carry)
+            ran += end - begin
+        tokens.append(chunk_tokens)
+        mask.append(chunk_mask)
+    tokens = jnp.concatenate([*tokens, carry[0][None]], axis=0).T  # [B, R]
+    mask = jnp.concatenate([*mask, carry[1][None]], axis=0).T
+    return Rollout(tokens=jnp.where(mask > 0, tokens, pad_id), mask=mask), ran
 
 
-_generate = jax.jit(sample, static_argnames=("config", "max_new_tokens", "sampling", "eos_token_ids", "pad_id"))
+def sample(params, prompt_ids, prompt_mask, rng, **settings) -> Rollout:
+    """The compiled body of `generate` (validated arguments; `settings` are decode's keyword arguments, static).
+
+    Decoding reads only the filled part of the KV cache (give or take a chunk) and, where EOS may be sampled,
+    ends once every row has stopped; the outputs keep their static shape [B, max_new_tokens].
+    """
+    return decode(params, prompt_ids, prompt_mask, rng, **settings)[0]
+
+
+_generate = jax.jit(sample, static_argnames=("config", "max_new_tokens", "sampling", "eos_token_ids", "pad_id",
+                                            "chunk"))
 
 
 def generate(config: MistralConfig, params: Params, prompt_ids, prompt_mask, rng, *, max_new_tokens: int,

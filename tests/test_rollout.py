@@ -61,6 +61,57 @@ def test_greedy_matches_transformers_with_eos_suppressed(tiny, prompts, layout):
     assert np.asarray(ours.mask).all()
 
 
+STATIC = ("config", "max_new_tokens", "sampling", "eos_token_ids", "pad_id", "chunk")
+decode = jax.jit(rollout.decode, static_argnames=STATIC)
+
+
+def decode_greedy(config, params, ids, mask, *, chunk, eos=(2,), suppress=()):
+    """rollout.decode at temperature 0 with a given chunk size: (tokens, mask, decode steps run) as numpy."""
+    out, ran = decode(params, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32), jax.random.key(0),
+                      config=config, max_new_tokens=R, sampling=SamplingConfig(0.0, 0, 1.0, tuple(suppress)),
+                      eos_token_ids=tuple(eos), pad_id=0, chunk=chunk)
+    return np.asarray(out.tokens), np.asarray(out.mask), int(ran)
+
+
+def test_decode_chunks_cover_every_step_once():
+    for new, chunk in [(1, 128), (2, 128), (20, 4), (129, 128), (1024, 128), (4096, 128), (20, 1)]:
+        chunks = rollout.decode_chunks(new, chunk)
+        steps = [t for first, end in chunks for t in range(first, end)]
+        assert steps == list(range(1, new)), (new, chunk)
+        assert len(chunks) <= rollout.MAX_DECODE_CHUNKS
+    assert rollout.decode_chunks(1024) == [(1 + 128 * i, min(129 + 128 * i, 1024)) for i in range(8)]
+
+
+@pytest.mark.parametrize("layout", ["stacked", "per-layer"])
+def test_chunked_decode_matches_transformers(tiny, prompts, layout):
+    """Chunks of 4 steps attend over 16, 20, .. 31 cache positions: sliding window 8, left pads, 2 kv heads."""
+    hm, config, params = tiny
+    if layout == "per-layer":
+        config = rollout.rollout_layout(config, jax.default_backend())
+        params = rollout.rollout_params(config, params)
+    tokens, mask, ran = decode_greedy(config, params, *prompts, chunk=4, suppress=(2,))
+    np.testing.assert_array_equal(tokens, hf_generate(hm, *prompts, min_new_tokens=R, suppress_tokens=[2]))
+    assert mask.all() and ran == R - 1
+
+
+def test_decoding_stops_between_chunks_once_every_row_has_stopped(tiny, prompts):
+    _, config, params = tiny
+    free, _, _ = decode_greedy(config, params, *prompts, chunk=4, eos=())  # nothing stops it
+    eos = tuple(sorted({int(free[0, 2]), int(free[1, 5]), int(free[2, 8])}))  # rows stop by tokens 2, 5 and 8
+    alive = np.cumsum(np.isin(free, eos), axis=1) - np.isin(free, eos) == 0  # [B, R]: no EOS before t
+    for chunk in (1, 2, 4, 1000):
+        tokens, mask, ran = decode_greedy(config, params, *prompts, chunk=chunk, eos=eos)
+        np.testing.assert_array_equal(mask, alive.astype(np.int32))
+        np.testing.assert_array_equal(tokens, np.where(alive, free, 0))
+        expected = sum(end - first for first, end in rollout.decode_chunks(R, chunk) if alive[:, first].any())
+        assert ran == expected, chunk
+    assert ran == R - 1  # one chunk: it had begun before any row stopped
+    assert decode_greedy(config, params, *prompts, chunk=2, eos=eos)[2] <= 9 < R - 1
+    everything = tuple(range(config.vocab_size))  # every row stops at its first token: no decode step at all
+    tokens, mask, ran = decode_greedy(config, params, *prompts, chunk=4, eos=everything)
+    assert ran == 0 and (mask[:, 0] == 1).all() and not mask[:, 1:].any() and not tokens[:, 1:].any()
+
+
 def test_rollout_copy_computes_the_same_logits(tiny, prompts):
     _, config, params = tiny
     expected = model.forward(config, params, *prompts)

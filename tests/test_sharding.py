@@ -1,5 +1,7 @@
 """Sharded programs on fake CPU devices (conftest sets 8) match one device, really shard, and do not recompile."""
 
+import functools
+
 import jax
 import numpy as np
 import pytest
@@ -120,3 +122,27 @@ def test_mesh_must_fit_devices_and_batch():
         sharding.make_mesh(2, 8, 1)
     with pytest.raises(sharding.ShardingError, match="batch size 6 does not split"):
         sharding.batch_size_check(sharding.make_mesh(4, 1, 1), 6)
+
+
+def test_chunked_decode_with_early_stop_matches_one_device():
+    """Decode in chunks of 2 steps, with EOS allowed so rows stop, on a 2x2x2 mesh (kv cache split over
+    tensor): the same tokens, mask and decode steps as one device."""
+    config = model.TINY.replace(vocab_size=256, num_key_value_heads=2)
+    layout = rollout.rollout_layout(config, "cpu")
+    params = rollout.rollout_params(layout, model.init_params(config, jax.random.key(0)))
+    ids = np.random.default_rng(0).integers(3, 256, (B, P)).astype(np.int32)
+    mask = np.ones((B, P), np.int32)
+    mask[:3, :4] = 0  # left padding
+    settings = dict(config=layout, max_new_tokens=12, sampling=rollout.SamplingConfig(temperature=0.0),
+                    eos_token_ids=tuple(range(3, 80)), pad_id=0, chunk=2)
+    want, want_ran = jax.jit(functools.partial(rollout.decode, **settings))(params, ids, mask, jax.random.key(0))
+    mesh = sharding.make_mesh(2, 2, 2)
+    param_sh = sharding.param_shardings(mesh, params, "rollout")
+    batch2, repl = sharding.batch_sharding(mesh, 2), sharding.replicated(mesh)
+    sharded = programs._jit(mesh, rollout.decode, (param_sh, batch2, batch2, repl),
+                            (rollout.Rollout(batch2, batch2), repl), **settings)
+    out, ran = sharded(sharding.place(params, param_sh), sharding.global_batch(mesh, ids),
+                       sharding.global_batch(mesh, mask), jax.random.key(0))
+    np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(want.tokens))
+    np.testing.assert_array_equal(np.asarray(out.mask), np.asarray(want.mask))
+    assert int(ran) == int(want_ran) < 11  # every row stopped before the last chunks, which did not run
