@@ -53,6 +53,6 @@ def test_topology_without_libtpu_is_a_usage_error(monkeypatch):
     spec.loader.exec_module(tool)
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "libtpu" else find_spec(name))
-    with pytest.raises(cli.UsageError, match=r"^--topology v5p:2x2x1: libtpu is not installed \(pip install "
-                                             r"'c2f-jax\[tpu\]'\)$"):
+    with pytest.raises(cli.UsageError, match=r"^--topology v5p:2x2x1: libtpu is not installed \(the tpu extra: "
+                                             r"pip install -e '\.\[tpu\]'\)$"):
         tool.tpu_devices("v5p:2x2x1")

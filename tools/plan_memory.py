@@ -8,7 +8,7 @@ each program (train -> rollout reshard, rollout at the largest response bucket,
 reward scoring, PPO iteration) is lowered and compiled for the config's mesh, and
 XLA's memory analysis is read per device. The devices are N fake CPU devices
 (--devices), or with --topology the chips of a TPU topology, compiled ahead of time
-by libtpu's compiler with no TPU present (`pip install 'c2f-jax[tpu]'`). When
+by libtpu's compiler with no TPU present (the tpu extra: `pip install -e '.[tpu]'`). When
 model.base is neither a local folder nor a preset name ("tiny") the Mistral-7B
 v0.1 architecture is used. With --json the last line is a JSON object
 {program: {argument_bytes, output_bytes, temp_bytes, total_bytes}}.
@@ -60,7 +60,7 @@ def tpu_devices(name: str) -> list:
     from c2f_jax import cli
 
     if importlib.util.find_spec("libtpu") is None:
-        raise cli.UsageError(f"--topology {name}: libtpu is not installed (pip install 'c2f-jax[tpu]')")
+        raise cli.UsageError(f"--topology {name}: libtpu is not installed (the tpu extra: pip install -e '.[tpu]')")
     try:
         with quiet_stderr():  # libtpu warns that this machine is no TPU VM, which it need not be to compile
             return list(topologies.get_topology_desc(platform="tpu", topology_name=name).devices)
