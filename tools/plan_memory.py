@@ -1,40 +1,80 @@
-"""Per-device memory of a coarse job's compiled programs, from abstract shapes on fake CPU devices.
+"""Per-device memory of a coarse job's compiled programs, from abstract shapes, on fake CPU devices or a TPU slice.
 
   python tools/plan_memory.py --config configs/coarse.py --devices 16 [--json] [--config.key=value ...]
+  python tools/plan_memory.py --config configs/coarse.py --topology v5p:2x2x4 [--json] [...]
 
 Nothing is allocated: params, optimizer states and batches are ShapeDtypeStructs;
 each program (train -> rollout reshard, rollout at the largest response bucket,
-reward scoring, PPO iteration) is lowered and compiled for the config's mesh on N fake CPU
-devices, and XLA's memory analysis is read per device. When model.base is not a
-local folder the Mistral-7B v0.1 architecture is used. With --json the last line
-is a JSON object {program: {argument_bytes, output_bytes, temp_bytes, total_bytes}}.
+reward scoring, PPO iteration) is lowered and compiled for the config's mesh, and
+XLA's memory analysis is read per device. The devices are N fake CPU devices
+(--devices), or with --topology the chips of a TPU topology, compiled ahead of time
+by libtpu's compiler with no TPU present (the tpu extra: `pip install -e '.[tpu]'`). When
+model.base is neither a local folder nor a preset name ("tiny") the Mistral-7B
+v0.1 architecture is used. With --json the last line is a JSON object
+{program: {argument_bytes, output_bytes, temp_bytes, total_bytes}}.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
 import json
 import os
 import sys
 import time
 
 GB = 1e9
+A100S = (("a 40 GB A100", 40 * GB), ("an 80 GB A100", 80 * GB))
+# HBM per chip by device kind, as the Cloud TPU docs give it (v5p, v5e, v6e; read as GB, the lower reading).
+TPU_HBM = {"TPU v5": 95 * GB, "TPU v5 lite": 16 * GB, "TPU v6 lite": 32 * GB}
 
 
 def parse(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--devices", type=int, default=16)
+    p.add_argument("--devices", type=int, default=16, help="fake CPU devices to compile for (default 16)")
+    p.add_argument("--topology", help="a TPU topology name (v5p:2x2x4, v5e:4x4, ...): compile for its chips instead")
     p.add_argument("--json", action="store_true")
     args, rest = p.parse_known_args(argv)
     return args, rest
 
 
+@contextlib.contextmanager
+def quiet_stderr():
+    """Silences C++ logging on file descriptor 2 (sys.stderr alone would not reach it)."""
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
+
+
+def tpu_devices(name: str) -> list:
+    """The compile-only devices of TPU topology `name`: libtpu compiles for them with no TPU present."""
+    import jax
+    from jax.experimental import topologies
+
+    from c2f_jax import cli
+
+    if importlib.util.find_spec("libtpu") is None:
+        raise cli.UsageError(f"--topology {name}: libtpu is not installed (the tpu extra: pip install -e '.[tpu]')")
+    try:
+        with quiet_stderr():  # libtpu warns that this machine is no TPU VM, which it need not be to compile
+            return list(topologies.get_topology_desc(platform="tpu", topology_name=name).devices)
+    except jax.errors.JaxRuntimeError as e:
+        raise cli.UsageError(f"--topology {name}: {cli.one_line(e)}") from None
+
+
 def main(argv=None) -> int:
     args, rest = parse(sys.argv[1:] if argv is None else argv)
     # Fake devices must be requested before JAX starts.
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               f" --xla_force_host_platform_device_count={args.devices}").strip()
-    os.environ["JAX_PLATFORMS"] = "cpu"
+    if not args.topology:
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   f" --xla_force_host_platform_device_count={args.devices}").strip()
+    os.environ["JAX_PLATFORMS"] = "cpu"  # TPU topologies compile through libtpu without a TPU backend
     os.environ.setdefault("C2F_SHARDING_HINTS", "1")  # plan the programs the GPUs run (hints on)
     import jax
     import jax.numpy as jnp
@@ -42,14 +82,21 @@ def main(argv=None) -> int:
 
     from c2f_jax import cli, hf, model, optim, programs, rollout, settings, sharding, train
 
+    if args.topology:  # compile-only executables go into the persistent cache but cannot be read back
+        jax.config.update("jax_enable_compilation_cache", False)
     config, _ = train.parse_args(rest)
     if config.job != "coarse":
         raise cli.UsageError(f"plan_memory plans the coarse job; this config's job is {config.job!r}")
-    base = hf.read_config(config.model.base) if os.path.isdir(config.model.base) else model.MISTRAL_7B_V01
+    folder = config.model.base
+    base = hf.read_config(folder) if os.path.isdir(folder) else model.PRESETS.get(folder, model.MISTRAL_7B_V01)
     # The job's own settings: Mistral's stop tokens (bos 1, eos 2, unk 0) stand in for its tokenizer's.
     job, roles = settings.coarse(config, (0, 1, 2)), settings.coarse_models(config, base)
     pc, actor_config, mc = job.ppo, roles.actor, config.model
-    mesh = sharding.make_mesh(**settings.mesh_shape(config))
+    devices = tpu_devices(args.topology) if args.topology else jax.devices()
+    mesh = sharding.make_mesh(**settings.mesh_shape(config), devices=devices)
+    kind = devices[0].device_kind
+    hbm = TPU_HBM.get(kind, 0)
+    capacity = A100S if not args.topology else ((f"a {kind} chip's {hbm / GB:.0f} GB", hbm),) if hbm else ()
 
     shapes = model.param_shapes(actor_config)
     actor_state = jax.eval_shape(lambda s: optim.create_state(s, pc.actor), shapes)
@@ -74,9 +121,9 @@ def main(argv=None) -> int:
                                             i32(B, R), f32(B), key)),
     }
     n_params = sum(x.size for x in jax.tree.leaves(shapes))
-    print(f"{n_params / 1e9:.2f}B params, mesh data={config.mesh.data} fsdp={config.mesh.fsdp} "
-          f"tensor={config.mesh.tensor}, batch {B}, prompt {P}, response {R}, compute {mc.compute_dtype}, "
-          f"remat {mc.remat}\n")
+    print(f"{n_params / 1e9:.2f}B params on {mesh.size} {kind} devices, mesh data={config.mesh.data} "
+          f"fsdp={config.mesh.fsdp} tensor={config.mesh.tensor}, batch {B}, prompt {P}, response {R}, "
+          f"compute {mc.compute_dtype}, remat {mc.remat}\n")
     print("| program | arguments GB | outputs GB | temporaries GB | total GB | compile s |")
     print("|---|---|---|---|---|---|")
     result = {}
@@ -94,14 +141,18 @@ def main(argv=None) -> int:
         return sum(int(np.prod(sh.shard_shape(x.shape))) * x.dtype.itemsize
                    for x, sh in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)))
 
-    frozen = per_device(reference, reference) + per_device(rm_params, rm_params)
+    ref, rm = per_device(reference, reference), per_device(rm_params, rm_params)
     trained = per_device(actor_state, actor_state.params) + per_device(critic_state, critic_state.params)
-    # Whatever is not an argument of a program stays resident beside it.
-    peak = max(trained + frozen + result[f"rollout_{P}+{R}"]["total_bytes"],
-               per_device(rm_params, rm_params) + result["ppo_iteration"]["total_bytes"])
-    print(f"\nresident per device: train states {trained / GB:.2f} GB, reference + reward model {frozen / GB:.2f} GB")
-    print(f"\npeak per device (estimate, largest program plus what stays resident): {peak / GB:.1f} GB; "
-          f"fits 40 GB A100: {'yes' if peak < 40 * GB else 'no'}; fits 80 GB A100: {'yes' if peak < 80 * GB else 'no'}")
+    # Beside each program stays whatever of the job's state is not its argument (the rollout copy lives
+    # from the reshard to the end of the rollout).
+    beside = {"reshard_to_rollout": trained + ref + rm - result["reshard_to_rollout"]["argument_bytes"],
+              f"rollout_{P}+{R}": trained + ref + rm, "reward_score": trained + ref, "ppo_iteration": rm}
+    peak = max(result[name]["total_bytes"] + beside[name] for name in plan)
+    print(f"\nresident per device: train states {trained / GB:.2f} GB, "
+          f"reference + reward model {(ref + rm) / GB:.2f} GB")
+    fits = "".join(f"; fits {what}: {'yes' if peak < size else 'no'}" for what, size in capacity)
+    print(f"\npeak per device (estimate, largest program plus what stays resident): {peak / GB:.1f} GB"
+          f"{fits or f'; HBM of a {kind} not known here'}")
     if args.json:
         print(json.dumps(result))
     return 0
