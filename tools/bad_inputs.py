@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import importlib.util
 import json
 import os
@@ -56,7 +55,17 @@ class Env:
         return str(self.fixtures / name)
 
     def copy_run(self) -> str:
-        shutil.copytree(self.run, self.box / "w", symlinks=True)
+        """A copy of `run` with its last two checkpoints only (all a resume reads), as box/w."""
+        keep = {p.name for p in _steps(self.run)[-2:]}
+
+        def skip(folder, names):
+            if Path(folder) == self.run:
+                return [n for n in names if n == "reward_run"]  # the demo's inline reward job: done, not read
+            if Path(folder) == self.run / "checkpoints":
+                return [n for n in names if n.isdigit() and n not in keep]
+            return []
+
+        shutil.copytree(self.run, self.box / "w", symlinks=True, ignore=skip)
         return str(self.box / "w")
 
 
@@ -305,14 +314,12 @@ def _entry(tool: str):
 
 
 def snapshot(folder: Path) -> dict:
-    """Every path under `folder` with its size and content digest (files) or None (folders)."""
+    """Every path under `folder` with its size and modification time (files) or None (folders): a write
+    changes one of them, a read neither."""
     out = {}
     for p in sorted(folder.rglob("*")):
         rel = str(p.relative_to(folder))
-        if p.is_file() and not p.is_symlink():
-            out[rel] = (p.stat().st_size, p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
-        else:
-            out[rel] = None
+        out[rel] = (p.stat().st_size, p.stat().st_mtime_ns) if p.is_file() and not p.is_symlink() else None
     return out
 
 
@@ -411,10 +418,10 @@ BAD_FILES = {
 }
 
 
-def make_fixtures(folder: Path) -> tuple[Path, list[str]]:
-    """hf/ and sft/ (tiny random causal LMs), rm/ (a reward model), the bad files, and a coarse workdir
-    run/ with two checkpoints; returns (run, the overrides that made it). Run in its own process:
-    it starts JAX's backend, after which this process may not fork."""
+def make_fixtures(folder: Path, with_run: bool = True) -> None:
+    """hf/ and sft/ (tiny random causal LMs), rm/ (a reward model), the bad files, and (`with_run`) a coarse
+    workdir run/ with two checkpoints and run_args.json, the overrides that made it. In a process of its own:
+    it starts JAX's backend, after which this process could not fork safely."""
     code = f"""
 import json, sys
 from pathlib import Path
@@ -430,15 +437,13 @@ rm_config, rm_params = reward.init_from_base(model.TINY, params, jax.random.key(
 hf.save_pretrained(folder / "rm", rm_config, rm_params, tokenizer_source=tok)
 args = ["--config.steps=2", "--config.checkpoint_every=1", f"--config.model.base={{folder / 'hf'}}",
         f"--config.reward_model.path={{folder / 'rm'}}", "--config.cm.buckets=(4,)", "--config.data.prompt_buckets=(128,)"]
-config, _ = train.parse_args(["--config", "tiny_coarse.py", *args])
-train.run_coarse(config, folder / "run", show_progress=False)
-(folder / "run_args.json").write_text(json.dumps(args))
+if {with_run!r}:
+    config, _ = train.parse_args(["--config", "tiny_coarse.py", *args])
+    train.run_coarse(config, folder / "run", show_progress=False)
+    (folder / "run_args.json").write_text(json.dumps(args))
 """
     folder.mkdir(parents=True, exist_ok=True)
-    for name, text in BAD_FILES.items():
-        (folder / name).write_text(text)
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
-    return folder / "run", json.loads((folder / "run_args.json").read_text())
 
 
 def write_bad_files(folder: Path) -> None:
@@ -451,7 +456,7 @@ def main(argv=None) -> int:
     p.add_argument("--fixtures", help="folder with hf/, sft/, rm/ (made when missing)")
     p.add_argument("--run", help="a coarse workdir with two or more checkpoints (default FIXTURES/run)")
     p.add_argument("--run-args", help="JSON list of the overrides that made --run (default FIXTURES/run_args.json)")
-    p.add_argument("--only", help="run the cases whose name contains this")
+    p.add_argument("--only", action="append", help="run the cases whose name contains this (repeatable)")
     p.add_argument("--subprocess", action="store_true", help="a fresh interpreter per case instead of a fork")
     p.add_argument("--timeout", type=float, default=90, help="seconds a case may take before it counts as accepted")
     p.add_argument("--json", help="write the results here")
@@ -459,7 +464,7 @@ def main(argv=None) -> int:
     fixtures = Path(args.fixtures or tempfile.mkdtemp(prefix="c2f-bad-fixtures-")).absolute()
     if not (fixtures / "hf").is_dir():
         print(f"making fixtures in {fixtures} ...", file=sys.stderr)
-        make_fixtures(fixtures)
+        make_fixtures(fixtures, with_run=args.run is None)
     write_bad_files(fixtures)
     run = Path(args.run).absolute() if args.run else fixtures / "run"
     run_args = json.loads(Path(args.run_args or fixtures / "run_args.json").read_text())
@@ -469,7 +474,7 @@ def main(argv=None) -> int:
         _entry(tool)
     scratch = Path(tempfile.mkdtemp(prefix="c2f-bad-"))
     results = []
-    for i, case in enumerate(c for c in CASES if not args.only or args.only in c.name):
+    for i, case in enumerate(c for c in CASES if not args.only or any(o in c.name for o in args.only)):
         env = Env(scratch / f"case{i}", fixtures, run, run_args)
         r = run_case(case, env, "subprocess" if args.subprocess else "fork", args.timeout)
         results.append(r)
