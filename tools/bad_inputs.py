@@ -88,6 +88,14 @@ def truncate_latest(env: Env) -> None:
         fh.truncate(f.stat().st_size // 2)
 
 
+def truncate_latest_arrays(env: Env) -> None:
+    """Cuts every array file of the latest checkpoint in half: whichever part a command reads is broken."""
+    env.copy_run()
+    for f in (_steps(env.box / "w")[-1] / "state").rglob("d/*"):
+        with open(f, "r+b") as fh:
+            fh.truncate(f.stat().st_size // 2)
+
+
 def truncate_all(env: Env) -> None:
     env.copy_run()
     for step in _steps(env.box / "w"):
@@ -237,7 +245,7 @@ CASES = [
          lambda env: ["--checkpoint", str(env.box / "w"), "--out", str(env.box / "w" / "checkpoints" / "x")],
          lambda env: env.copy_run()),
     Case("export truncated checkpoint", "export_hf",
-         lambda env: ["--checkpoint", str(env.box / "w"), "--out", str(env.box / "o")], truncate_latest),
+         lambda env: ["--checkpoint", str(env.box / "w"), "--out", str(env.box / "o")], truncate_latest_arrays),
     Case("export checkpoint _METADATA deleted", "export_hf",
          lambda env: ["--checkpoint", str(env.box / "w"), "--out", str(env.box / "o")], delete_in_latest("_METADATA")),
     # generate
@@ -270,7 +278,7 @@ CASES = [
     Case("merge --max-shard-size abc", "merge", _merge("--max-shard-size", "abc")),
     Case("merge truncated coarse checkpoint", "merge",
          lambda env: ["--coarse", str(env.box / "w"), "--sft", env.f("sft"), "--gamma", "0.5", "--out",
-                      str(env.box / "o")], truncate_latest),
+                      str(env.box / "o")], truncate_latest_arrays),
     # sweep
     Case("sweep --out inside the coarse workdir", "sweep",
          _sweep(out=lambda env: str(env.box / "w" / "sweep"), coarse=lambda env: str(env.box / "w")),
