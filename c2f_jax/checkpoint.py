@@ -8,7 +8,10 @@ mesh, which may differ from the one that saved it.
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +22,97 @@ import orbax.checkpoint as ocp
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing or does not fit the run."""
+
+
+def _drop_closed_loop_echoes(unraisable, previous=sys.unraisablehook) -> None:
+    # A failed restore closes Orbax's event loop while TensorStore still completes the other reads in flight;
+    # each completion reports "Event loop is closed" here, a traceback apiece. The restore's own error says
+    # what failed (see `unreadable`).
+    if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
+        previous(unraisable)
+
+
+sys.unraisablehook = _drop_closed_loop_echoes
+
+# Files every step Checkpointer.save writes holds, relative to the step folder.
+STEP_FILES = ("_CHECKPOINT_METADATA", "state/_METADATA", "state/manifest.ocdbt", "meta/metadata")
+
+
+def step_dirs(workdir: str | os.PathLike) -> dict[int, Path]:
+    """The committed step folders of WORKDIR/checkpoints, read without opening a manager (which would create
+    the folder); Orbax names an uncommitted step `<step>.orbax-checkpoint-tmp-...`, never a bare number."""
+    folder = Path(workdir) / "checkpoints"
+    if not folder.is_dir():
+        return {}
+    return dict(sorted((int(p.name), p) for p in folder.iterdir() if p.name.isdigit() and p.is_dir()))
+
+
+def check_files(step_dir: Path) -> None:
+    """A CheckpointError naming the step and the file when one of a step's own files is missing or garbled.
+    Cheap (metadata only); a truncated array file shows only when read (see `unreadable`)."""
+    step = step_dir.name
+    for name in STEP_FILES:
+        if not (step_dir / name).is_file():
+            raise CheckpointError(f"checkpoint step {step}: {step_dir / name} is missing (a partial copy?)")
+    for name in ("state/_METADATA", "meta/metadata", "_CHECKPOINT_METADATA"):
+        try:
+            json.loads((step_dir / name).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise CheckpointError(f"checkpoint step {step}: {step_dir / name} is not valid JSON (truncated?)") from None
+    if not any((step_dir / "state").glob("ocdbt.process_*/manifest.ocdbt")):
+        raise CheckpointError(f"checkpoint step {step}: {step_dir / 'state'} holds no ocdbt.process_*/manifest.ocdbt")
+
+
+def unreadable(step_dir: Path, error: BaseException) -> CheckpointError:
+    """A one-line CheckpointError for a failure reading `step_dir`'s arrays, naming the tensor and, for a file
+    cut short, the file (TensorStore names the tensor and the size it found; the data file of that size is
+    the one)."""
+    chain, e = [], error
+    while e is not None and len(chain) < 5:  # Orbax wraps TensorStore's error, which says what went wrong
+        chain.append(str(e))
+        e = e.__cause__ or e.__context__
+    text = " ".join(" ".join(chain).split())
+    tensor = re.search(r'Error reading "([^"/]+)', text)
+    what = f"tensor {tensor.group(1).replace('.', '/')}" if tensor else "its arrays"
+    size = re.search(r"value of size (\d+)", text)
+    cut = [p for p in (step_dir / "state").rglob("*") if size and p.is_file() and p.stat().st_size == int(size.group(1))]
+    if cut:
+        return CheckpointError(f"checkpoint step {step_dir.name}: {what} cannot be read: {cut[0]} is truncated "
+                               f"({size.group(1)} bytes)")
+    return CheckpointError(f"checkpoint step {step_dir.name}: {what} cannot be read from {step_dir / 'state'} "
+                           f"({type(error).__name__}: {text[:200]})")
+
+
+def latest_checked(workdir: str | os.PathLike) -> int | None:
+    """The latest step on disk (None without checkpoints), once its files are all there; else a CheckpointError
+    saying what is broken and how to go on (`with_hint`). No folder is created."""
+    steps = step_dirs(workdir)
+    if not steps:
+        return None
+    latest = max(steps)
+    try:
+        check_files(steps[latest])
+    except CheckpointError as e:
+        raise with_hint(workdir, latest, e) from None
+    return latest
+
+
+def with_hint(workdir: str | os.PathLike, step: int, error: CheckpointError) -> CheckpointError:
+    """`error` (about `step`) with what to do: resume from the latest earlier step that reads back whole, by
+    moving the broken one aside, or start over. Never a silent fallback: the run would lose steps unseen."""
+    ckpt = Checkpointer(workdir)
+    try:
+        for earlier in sorted((s for s in step_dirs(workdir) if s < step), reverse=True):
+            try:
+                ckpt.restore_subtree((), earlier)
+            except CheckpointError:
+                continue
+            broken = ckpt.directory / str(step)
+            return CheckpointError(f"{error}; step {earlier} is intact: to resume from it, move the broken step "
+                                   f"aside (mv {broken} {ckpt.directory.parent / f'broken-step-{step}'}) and rerun")
+    finally:
+        ckpt.close()
+    return CheckpointError(f"{error}; no earlier checkpoint is intact: use another --workdir to start over")
 
 
 class Checkpointer:
@@ -47,8 +141,13 @@ class Checkpointer:
         if target is not None:
             target = jax.tree.map(
                 lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), target)
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+        step_dir = self.directory / str(step)
+        check_files(step_dir)
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+        except Exception as e:  # TensorStore's and Orbax's errors (of several types) for a file cut short or garbled
+            raise unreadable(step_dir, e) from None
         return restored["state"], restored["meta"]
 
     def restore_subtree(self, keys: tuple[str, ...], step: int | None = None) -> tuple[Any, dict]:
@@ -59,6 +158,7 @@ class Checkpointer:
         """
         step = self._existing(step)
         state_dir = self.directory / str(step) / "state"  # the manager's default step naming, as `save` uses it
+        check_files(state_dir.parent)
         try:
             saved = ocp.StandardCheckpointHandler().metadata(state_dir).tree
         except (FileNotFoundError, ValueError) as e:
@@ -77,11 +177,16 @@ class Checkpointer:
             lambda path, m: jax.ShapeDtypeStruct(m.shape, m.dtype) if inside(path) else ocp.PLACEHOLDER, saved)
         args = jax.tree_util.tree_map_with_path(
             lambda path, m: ocp.RestoreArgs(restore_type=np.ndarray) if inside(path) else ocp.PLACEHOLDER, saved)
-        restored = ocp.PyTreeCheckpointHandler().restore(state_dir, args=ocp.args.PyTreeRestore(item=item,
-                                                                                               restore_args=args))
+        handler = ocp.PyTreeCheckpointHandler()
+        try:
+            restored = handler.restore(state_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=args))
+            meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        except Exception as e:
+            raise unreadable(state_dir.parent, e) from None
+        finally:
+            handler.close()
         for key in keys:
             restored = restored[key]
-        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         return restored, meta
 
     def _existing(self, step: int | None) -> int:

@@ -48,13 +48,15 @@ class CMConfig:
 
     def __post_init__(self):
         if self.mode not in MODES:
-            raise CMError(f"cm.mode={self.mode!r}; expected one of {MODES}")
+            raise CMError(f"mode={self.mode!r}; expected one of {MODES}")
         if not self.buckets or list(self.buckets) != sorted(set(self.buckets)) or self.buckets[0] < 1:
-            raise CMError(f"cm.buckets={self.buckets} must be positive and strictly increasing")
+            raise CMError(f"buckets={self.buckets} must be positive and strictly increasing")
         if self.window < 2:
-            raise CMError(f"cm.window={self.window} must be >= 2")
+            raise CMError(f"window={self.window} must be >= 2")
         if not 0 < self.threshold < 1:
-            raise CMError(f"cm.threshold={self.threshold} must be in (0, 1)")
+            raise CMError(f"threshold={self.threshold} must be in (0, 1)")
+        if self.min_steps < 0:
+            raise CMError(f"min_steps={self.min_steps} must be >= 0")
 
 
 def init_state() -> dict:

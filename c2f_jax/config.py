@@ -28,6 +28,14 @@ def np_dtype(dtype, field: str = "dtype") -> np.dtype:
     return d
 
 
+def float_dtype(dtype, field: str = "dtype") -> np.dtype:
+    """np_dtype, for the places only a floating-point type can go (weights, compute, exports)."""
+    d = np_dtype(dtype, field)
+    if d.kind != "f" and not (d.type.__module__ == ml_dtypes.__name__ and d.name.startswith(("bfloat", "float"))):
+        raise ConfigError(f"{field}={dtype!r} is not a floating-point dtype (float32, bfloat16, float16, ...)")
+    return d
+
+
 def dtype_name(dtype, field: str = "dtype") -> str:
     """The one spelling we store and write to files: "float32", "bfloat16", ..."""
     return np_dtype(dtype, field).name
@@ -92,7 +100,7 @@ class MistralConfig:
         if self.remat not in REMAT_POLICIES:
             raise ConfigError(f"remat={self.remat!r}; expected one of {REMAT_POLICIES}")
         for field in ("param_dtype", "compute_dtype"):  # stored by name, so equal configs hash equal
-            object.__setattr__(self, field, dtype_name(getattr(self, field), field))
+            object.__setattr__(self, field, float_dtype(getattr(self, field), field).name)
 
     @property
     def has_lm_head(self) -> bool:

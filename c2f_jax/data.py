@@ -8,6 +8,7 @@ the answer. Rows that do not parse are skipped and counted, never fatal.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
 from typing import Sequence
@@ -62,6 +63,29 @@ def parse_row(row: dict) -> Pair | None:
     return Pair(chosen[0], chosen[1], rejected[1])
 
 
+def _first_line(e: BaseException) -> str:
+    """The most telling line of a `datasets` error: its cause's (the parser's), else its own."""
+    inner = e.__cause__ or e
+    text = str(inner).strip() or str(e).strip()
+    return f"{type(inner).__name__}: {text.splitlines()[0][:200]}" if text else type(inner).__name__
+
+
+@contextlib.contextmanager
+def _quiet_datasets():
+    """No progress bars or ERROR logging from `datasets` for a local file: a failure is our one line."""
+    import datasets
+
+    verbosity, bars = datasets.logging.get_verbosity(), datasets.is_progress_bar_enabled()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL + 1)
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        datasets.logging.set_verbosity(verbosity)
+        if bars:
+            datasets.enable_progress_bars()
+
+
 def _read_rows(source: str, data_dir: str | None, split: str):
     import datasets
 
@@ -71,19 +95,22 @@ def _read_rows(source: str, data_dir: str | None, split: str):
     if path.suffix in LOCAL_SUFFIXES or path.exists():
         if not path.exists():
             raise DataError(f"{path}: dataset file not found")
-        if path.suffix not in LOCAL_SUFFIXES:
+        if path.suffix not in LOCAL_SUFFIXES or not path.is_file():
             raise DataError(f"{path}: expected a .jsonl, .json or .parquet file")
+        if path.stat().st_size == 0:
+            raise DataError(f"{path}: the file is empty")
         try:
-            ds = datasets.load_dataset(LOCAL_SUFFIXES[path.suffix], data_files=str(path), split="train")
+            with _quiet_datasets():
+                ds = datasets.load_dataset(LOCAL_SUFFIXES[path.suffix], data_files=str(path), split="train")
         except Exception as e:  # datasets raises many types for a malformed file
-            raise DataError(f"{path}: cannot read ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+            raise DataError(f"{path}: cannot read ({_first_line(e)})") from None
         where = str(path)
     else:
         try:
             ds = datasets.load_dataset(source, data_dir=data_dir, split=split)
         except Exception as e:
             raise DataError(f"dataset {source!r} (data_dir={data_dir!r}, split={split!r}) cannot be loaded: "
-                            f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+                            f"{_first_line(e)}") from None
         where = source
     missing = {"chosen", "rejected"} - set(ds.column_names)
     if missing:

@@ -380,16 +380,7 @@ def _check_out(plan: MergePlan, out: Path, overwrite: bool) -> None:
         raise MergeError(f"{out}: already exists (pass --overwrite to replace it)")
     if not out.parent.is_dir():
         raise MergeError(f"{out.parent}: parent folder does not exist")
-    refuse_output_over_inputs(out, {"--coarse": plan.coarse, "--sft": plan.sft})
-
-
-def refuse_output_over_inputs(out, inputs: dict) -> None:
-    """A MergeError when `out` is, or contains, one of the named input paths (replacing it would delete it)."""
-    out = Path(out).resolve()
-    for name, src in inputs.items():
-        src = Path(src).resolve()
-        if src == out or out in src.parents:
-            raise MergeError(f"{out}: is or contains the input {name} {src}; choose another output")
+    workdir.check_output(out, {"--coarse": plan.coarse, "--sft": plan.sft})
 
 
 def _copy_sft_files(plan: MergePlan, folder: Path) -> None:

@@ -17,6 +17,10 @@ import optax
 from c2f_jax.model import Params
 
 
+class OptimError(ValueError):
+    """An optimizer setting out of range."""
+
+
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
     """AdamW with linear warmup to a constant lr and global-norm clipping (hashable: a jit static)."""
@@ -28,6 +32,18 @@ class OptimConfig:
     b1: float = 0.9
     b2: float = 0.95
     eps: float = 1e-8
+
+    def __post_init__(self):
+        bad = next((f"{k}={v!r} must be {rule}" for k, v, ok, rule in (
+            ("lr", self.lr, self.lr > 0, "> 0"),
+            ("warmup_steps", self.warmup_steps, self.warmup_steps >= 0, ">= 0"),
+            ("weight_decay", self.weight_decay, self.weight_decay >= 0, ">= 0"),
+            ("max_grad_norm", self.max_grad_norm, self.max_grad_norm > 0, "> 0"),
+            ("b1", self.b1, 0 <= self.b1 < 1, "in [0, 1)"),
+            ("b2", self.b2, 0 <= self.b2 < 1, "in [0, 1)"),
+            ("eps", self.eps, self.eps > 0, "> 0")) if not ok), None)
+        if bad:
+            raise OptimError(bad)
 
     def make(self) -> optax.GradientTransformation:
         schedule = optax.linear_schedule(0.0, self.lr, self.warmup_steps) if self.warmup_steps else self.lr

@@ -52,6 +52,11 @@ class PPOConfig:
             raise PPOError(f"epochs={self.epochs} and minibatches={self.minibatches} must be >= 1")
         if self.temperature <= 0:
             raise PPOError(f"temperature={self.temperature} must be > 0 (greedy rollouts have no policy ratio)")
+        for name, ok, rule in (("kl_coef", self.kl_coef >= 0, ">= 0"), ("reward_clip", self.reward_clip > 0, "> 0"),
+                               ("gamma", 0 <= self.gamma <= 1, "in [0, 1]"), ("lam", 0 <= self.lam <= 1, "in [0, 1]"),
+                               ("clip_ratio", self.clip_ratio > 0, "> 0"), ("value_clip", self.value_clip > 0, "> 0")):
+            if not ok:
+                raise PPOError(f"{name}={getattr(self, name)!r} must be {rule}")
 
 
 @jax.tree_util.register_dataclass

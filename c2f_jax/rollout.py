@@ -13,6 +13,7 @@ bucket never recompiles.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Sequence
 
 import jax
@@ -239,6 +240,25 @@ _generate = jax.jit(sample, static_argnames=("config", "max_new_tokens", "sampli
                                             "chunk"))
 
 
+def check_lengths(config: MistralConfig, batch: int, prompt_len: int, max_new_tokens: int) -> None:
+    """A RolloutError, before anything compiles, when prompt + response is longer than the model's positions
+    or its KV cache alone would not fit in one device's memory (XLA would abort the process instead)."""
+    import numpy as np
+
+    total = prompt_len + max_new_tokens
+    if total > config.max_position_embeddings:
+        raise RolloutError(f"max_new_tokens={max_new_tokens}: prompt ({prompt_len}) + response = {total} tokens is "
+                           f"more than the model's {config.max_position_embeddings} positions")
+    cache = (2 * config.num_hidden_layers * batch * total * config.num_key_value_heads * config.head_dim
+             * np.dtype(config.compute_dtype).itemsize)
+    device = jax.local_devices()[0]
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    limit = (stats or {}).get("bytes_limit") or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if cache > limit:
+        raise RolloutError(f"max_new_tokens={max_new_tokens}: the KV cache for {batch} x {total} tokens needs "
+                           f"{cache / 2**30:.1f} GiB, more than the {limit / 2**30:.1f} GiB of {device.platform} memory")
+
+
 def generate(config: MistralConfig, params: Params, prompt_ids, prompt_mask, rng, *, max_new_tokens: int,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              suppress_token_ids: Sequence[int] = (), eos_token_ids: Sequence[int] | None = None,
@@ -256,6 +276,7 @@ def generate(config: MistralConfig, params: Params, prompt_ids, prompt_mask, rng
         raise RolloutError(f"prompt_ids {prompt_ids.shape} and prompt_mask {prompt_mask.shape} must be equal [B, P]")
     if max_new_tokens < 1:
         raise RolloutError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    check_lengths(config, *prompt_ids.shape, max_new_tokens)
     if not bool(jnp.all(prompt_mask[:, -1] == 1)):
         raise RolloutError("prompts must be left-padded: every row's last column must be a real token")
     sampling = SamplingConfig(float(temperature), int(top_k), float(top_p),

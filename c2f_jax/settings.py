@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 
 from c2f_jax import cm, optim, ppo, rollout, sharding
-from c2f_jax.config import SEQ_CLS, MistralConfig
+from c2f_jax.config import REMAT_POLICIES, SEQ_CLS, ConfigError, MistralConfig, float_dtype
 
 
 class SettingsError(ValueError):
@@ -28,17 +28,66 @@ def _plain(section) -> dict:
 
 
 def _fields(cls, section, where: str, **fixed) -> object:
+    """cls built from a config section; its own range checks come back naming the config key."""
     known = {f.name for f in dataclasses.fields(cls)}
     kw = _plain(section)
     unknown = sorted(set(kw) - known)
     if unknown:
         raise SettingsError(f"{where}.{unknown[0]}: not a {cls.__name__} field (known: {', '.join(sorted(known))})")
-    return cls(**{**kw, **fixed})
+    try:
+        return cls(**{**kw, **fixed})
+    except (ValueError, TypeError) as e:
+        raise SettingsError(f"{where}.{e}") from None
+
+
+def _at(config, key: str):
+    node = config
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def _number(config, key: str, ok, rule: str, kind=int):
+    """The value at `key`, or a SettingsError unless it is a `kind` (bool is no number) with ok(value)."""
+    value = _at(config, key)
+    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int) or not ok(value):
+        raise SettingsError(f"{key}={value!r} must be {rule}")
+    return value
+
+
+def _buckets(config, key: str) -> tuple[int, ...]:
+    value = tuple(_at(config, key))
+    if not value or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in value):
+        raise SettingsError(f"{key}={value!r} must be positive integers")
+    return value
+
+
+def _float_dtype(config, key: str) -> None:
+    try:
+        float_dtype(_at(config, key), key)
+    except ConfigError as e:
+        raise SettingsError(str(e)) from None
 
 
 def mesh_shape(config) -> dict:
-    """{'data', 'fsdp', 'tensor'} sizes (c2f_jax.sharding.make_mesh's arguments)."""
-    return {axis: int(config.mesh[axis]) for axis in ("data", "fsdp", "tensor")}
+    """{'data', 'fsdp', 'tensor'} sizes (c2f_jax.sharding.make_mesh's arguments), checked against the devices."""
+    shape = {axis: config.mesh[axis] for axis in ("data", "fsdp", "tensor")}
+    sharding.check_mesh(**shape)
+    return shape
+
+
+def _run(config) -> None:
+    """What every job needs of its config: a number of steps, checkpoints, a seed, a mesh, a model to train."""
+    _number(config, "steps", lambda v: v >= 1, "an integer >= 1")
+    _number(config, "checkpoint_every", lambda v: v >= 1, "an integer >= 1")
+    if "keep_checkpoints" in config:
+        _number(config, "keep_checkpoints", lambda v: v >= 1, "an integer >= 1")
+    _number(config, "seed", lambda v: v >= 0, "an integer >= 0")
+    for key in ("model.param_dtype", "model.compute_dtype"):
+        _float_dtype(config, key)
+    if config.model.remat not in REMAT_POLICIES:
+        raise SettingsError(f"model.remat={config.model.remat!r}; expected one of {REMAT_POLICIES}")
+    mesh_shape(config)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,20 +103,36 @@ class Coarse:
 
 
 def coarse(config, stop_token_ids: tuple[int, ...] = ()) -> Coarse:
-    """The Coarse Actor's settings; `stop_token_ids` are suppressed when rollout.suppress_stop_tokens."""
+    """The Coarse Actor's settings, every one checked (the inline reward job's too, when there is one);
+    `stop_token_ids` are suppressed when rollout.suppress_stop_tokens."""
+    _run(config)
+    for key in ("model.reference_dtype", "reward_model.dtype"):
+        _float_dtype(config, key)
+    if "pretrain_steps" in config.model:
+        _number(config, "model.pretrain_steps", lambda v: v >= 0, "an integer >= 0")
+    if not config.reward_model.path:
+        if "train" not in config.reward_model:
+            raise SettingsError("reward_model.path is empty and there is no reward_model.train: no reward model")
+        try:
+            reward(inline_reward_config(config))
+        except ValueError as e:
+            raise SettingsError(f"reward_model.train.{e}") from None
     r = _plain(config.rollout)
     suppress = tuple(sorted(stop_token_ids)) if r.pop("suppress_stop_tokens") else ()
     sampling = _fields(rollout.SamplingConfig, r, "rollout", suppress_token_ids=suppress)
+    if sampling.temperature <= 0:
+        raise SettingsError(f"rollout.temperature={sampling.temperature} must be > 0 (greedy rollouts have no "
+                            "policy ratio for PPO)")
     p = _plain(config.ppo)
     actor = _fields(optim.OptimConfig, p.pop("actor"), "ppo.actor")
     critic = _fields(optim.OptimConfig, p.pop("critic"), "ppo.critic")
     pc = _fields(ppo.PPOConfig, p, "ppo", actor=actor, critic=critic, temperature=sampling.temperature)
-    batch, mesh = int(config.data.batch_size), mesh_shape(config)
+    batch, mesh = _number(config, "data.batch_size", lambda v: v >= 1, "an integer >= 1"), mesh_shape(config)
     sharding.batch_size_check(mesh, batch, "data.batch_size")
     minibatch = ppo.minibatch_size(batch, pc.minibatches, ("data.batch_size", "ppo.minibatches"))
     sharding.batch_size_check(mesh, minibatch, "PPO minibatch (data.batch_size / ppo.minibatches)")
     return Coarse(ppo=pc, cm=_fields(cm.CMConfig, config.cm, "cm"), sampling=sampling,
-                  prompt_buckets=tuple(config.data.prompt_buckets), batch_size=batch, minibatch_size=minibatch)
+                  prompt_buckets=_buckets(config, "data.prompt_buckets"), batch_size=batch, minibatch_size=minibatch)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,7 +173,21 @@ class Reward:
 
 
 def reward(config) -> Reward:
-    batch = int(config.data.batch_size)
+    """The reward job's settings, every one checked."""
+    _run(config)
+    _number(config, "eval_every", lambda v: v >= 1, "an integer >= 1")
+    _number(config, "data.eval_fraction", lambda v: 0 < v < 1, "in (0, 1)", kind=float)
+    batch = _number(config, "data.batch_size", lambda v: v >= 1, "an integer >= 1")
     sharding.batch_size_check(mesh_shape(config), batch, "data.batch_size")
     return Reward(optim=_fields(optim.OptimConfig, config.optim, "optim"),
-                  seq_buckets=tuple(config.data.seq_buckets), batch_size=batch)
+                  seq_buckets=_buckets(config, "data.seq_buckets"), batch_size=batch)
+
+
+def inline_reward_config(config):
+    """The demo's reward job (reward_model.train) with the coarse run's base, data, mesh and seed."""
+    rc = config.reward_model.train.copy_and_resolve_references()
+    rc.seed = config.seed
+    rc.model.update(base=config.model.base, param_dtype="float32", compute_dtype=config.model.compute_dtype)
+    rc.data.update(source=config.data.source, data_dir=config.data.data_dir, split=config.data.split)
+    rc.mesh.update(config.mesh)
+    return rc

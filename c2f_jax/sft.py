@@ -33,14 +33,26 @@ def train_step(state: optim.TrainState, ids, mask, *, config: MistralConfig,
     return state, loss
 
 
+def optim_config(lr: float, steps: int) -> optim.OptimConfig:
+    """AdamW at `lr` after a short warmup (OptimConfig checks the numbers)."""
+    return optim.OptimConfig(lr=lr, warmup_steps=min(10, steps))
+
+
 def fine_tune(config: MistralConfig, params: Params, token_lists: Sequence[Sequence[int]], *, steps: int,
-              batch_size: int, lr: float, buckets: Sequence[int], pad_id: int, seed: int = 0) -> tuple[Params, float]:
-    """`steps` AdamW steps over shuffled token lists (left-padded into buckets); returns (params, last loss)."""
-    oc = optim.OptimConfig(lr=lr, warmup_steps=min(10, steps))
+              batch_size: int, lr: float, buckets: Sequence[int], pad_id: int, seed: int = 0,
+              progress: str | None = None) -> tuple[Params, float]:
+    """`steps` AdamW steps over shuffled token lists (left-padded into buckets); returns (params, last loss).
+    `progress`: a progress bar with this label."""
+    from c2f_jax import metrics
+
+    oc = optim_config(lr, steps)
     state = optim.create_state(params, oc)
     it = data.BatchIterator(len(token_lists), batch_size, seed)
     loss = jnp.nan
+    bar = metrics.progress(steps, 0, progress is not None, desc=progress or "")
     for _ in range(steps):
         ids, mask = data.left_pad([token_lists[i] for i in it.next()], buckets, pad_id, truncate=True)
         state, loss = train_step(state, ids, mask, config=config, optim_config=oc)
+        bar.update(1)
+    bar.close()
     return state.params, float(loss)

@@ -101,6 +101,19 @@ def shard_as(x: jax.Array, *axes) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(*spec)))
 
 
+def check_mesh(data: int, fsdp: int, tensor: int, devices: int | None = None) -> None:
+    """A ShardingError unless the axis sizes are positive integers that fit the devices (all of them when
+    several processes share the mesh; on one host a smaller mesh takes the first ones)."""
+    for axis, size in zip(AXES, (data, fsdp, tensor)):
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ShardingError(f"mesh.{axis}={size!r} must be an integer >= 1")
+    devices = jax.device_count() if devices is None else devices
+    n = data * fsdp * tensor
+    if n > devices or (jax.process_count() > 1 and n != devices):
+        raise ShardingError(f"mesh data={data} x fsdp={fsdp} x tensor={tensor} = {n} devices, "
+                            f"but {devices} are available")
+
+
 def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
     """A ('data', 'fsdp', 'tensor') mesh over all devices of all hosts (or the given ones).
 
@@ -109,12 +122,10 @@ def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices=None) -> Me
     (Auto: GSPMD propagation), since newer JAX defaults differ.
     """
     devices = jax.devices() if devices is None else devices
+    check_mesh(data, fsdp, tensor, len(devices))
     n = data * fsdp * tensor
     if jax.process_count() == 1 and n < len(devices):
         devices = devices[:n]
-    if n != len(devices):
-        raise ShardingError(f"mesh data={data} x fsdp={fsdp} x tensor={tensor} = {data * fsdp * tensor} devices, "
-                            f"but {len(devices)} are available")
     return jax.make_mesh((data, fsdp, tensor), AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,
                          devices=devices)
 
@@ -181,6 +192,8 @@ def batch_size_check(mesh, batch: int, what: str = "batch") -> None:
     `mesh`: a Mesh, or its axis sizes as a mapping (before devices are touched)."""
     shape = getattr(mesh, "shape", mesh)
     n = shape["data"] * shape["fsdp"]
+    if batch < 1:
+        raise ShardingError(f"{what}={batch} must be >= 1")
     if batch % n:
         raise ShardingError(f"{what} size {batch} does not split over data x fsdp = {n} devices")
 

@@ -5,12 +5,17 @@ Also the prompt format the Coarse Actor samples with, and the stop tokens it sup
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
 from pathlib import Path
 
-import transformers
+if importlib.util.find_spec("torch") is None:
+    # We use transformers for tokenizers only; without torch it warns on import that models are unavailable.
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+import transformers  # noqa: E402
 
 from c2f_jax.hf import TOKENIZER_FILES
 

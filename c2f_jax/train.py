@@ -9,6 +9,7 @@ runs as several processes (see c2f_jax.distributed and launch/).
 
 from __future__ import annotations
 
+import ast
 import json
 import sys
 import time
@@ -43,6 +44,32 @@ def resolve_config_path(value: str) -> str:
     raise TrainError(f"config file {path} not found (nor in ./configs or {CONFIG_DIR})")
 
 
+def _message(e: BaseException) -> str:
+    """An absl/ml_collections error as plain text: some arrive as the repr of a repr of a multi-line string."""
+    text = str(e)
+    for _ in range(3):
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            break
+        if not isinstance(value, str):
+            break
+        text = value
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _bad_override(e: BaseException, argv: list[str]) -> str:
+    """'--config.ppo.kl_coeff: no such key (Did you mean ...)' for ml_collections' KeyError on an override."""
+    text = _message(e)
+    first, _, rest = text.partition(" ")
+    name = first.strip("'\"")
+    overrides = [a.split("=", 1)[0] for a in argv if a.startswith("--config.")]
+    flag = next((o for o in overrides if o.rsplit(".", 1)[-1] == name), None)
+    if flag is None:
+        return text
+    return f"{flag}: no such key in the config" + (f"; {rest[0].lower()}{rest[1:]}" if rest else "")
+
+
 def parse_args(argv: list[str]):
     """(config, workdir) from `--config FILE [--config.key=value ...] [--workdir DIR]`.
 
@@ -52,15 +79,15 @@ def parse_args(argv: list[str]):
     from absl import flags
     from ml_collections import config_flags
 
-    joined, i = [], 0
+    joined, i, file = [], 0, None
     while i < len(argv):  # `--config X` -> `--config=X`, which overrides need
         arg = argv[i]
         if arg == "--config" and i + 1 < len(argv):
             arg, i = f"--config={argv[i + 1]}", i + 1
         if arg.startswith("--config="):
             path = resolve_config_path(arg.split("=", 1)[1])
-            arg = "--config=" + path
-            folder = str(Path(path.split(":")[0]).resolve().parent)
+            arg, file = "--config=" + path, path.split(":")[0]
+            folder = str(Path(file).resolve().parent)
             if folder not in sys.path:
                 sys.path.insert(0, folder)
         joined.append(arg)
@@ -72,8 +99,14 @@ def parse_args(argv: list[str]):
     flags.DEFINE_string("workdir", None, "run directory (default runs/<config name>)", flag_values=fv)
     try:
         fv(argv)
+    except SyntaxError as e:
+        raise TrainError(f"config file {file}: syntax error at line {e.lineno}: {e.msg}") from None
     except (flags.Error, AttributeError, KeyError, ValueError, TypeError, ImportError) as e:
-        raise TrainError(f"bad command line: {str(e).splitlines()[0]}") from None
+        if "has no attribute 'get_config'" in str(e):
+            raise TrainError(f"config file {file}: defines no get_config()") from None
+        raise TrainError(f"bad command line: {_bad_override(e, argv)}") from None
+    except Exception as e:  # the config file's own code raised
+        raise TrainError(f"config file {file}: {type(e).__name__}: {_message(e)}") from None
     if fv.config is None:
         raise TrainError("--config is required (e.g. --config configs/tiny_coarse.py)")
     config = fv.config
@@ -87,26 +120,80 @@ def parse_args(argv: list[str]):
     return config, Path(fv.workdir or Path("runs") / name)
 
 
+FLAGS_HELP = """flags:
+  --config FILE          an ml_collections config file (a bare name such as tiny_coarse.py is looked up in
+                         ./configs and the checkout's configs/); required
+  --config.KEY=VALUE     override one config key (repeatable); `--config FILE --help` lists every key
+  --workdir DIR          the run folder (default runs/<config name>); an existing one is resumed
+  -h, --help             this text"""
+
+
+def help_text(argv: list[str]) -> str:
+    """The usage, the flags and, when a --config is given, every config key with its value."""
+    text = f"{__doc__.strip()}\n\n{FLAGS_HELP}"
+    rest = [a for a in argv if a not in ("-h", "--help")]
+    if any(a == "--config" or a.startswith("--config=") for a in rest):
+        config, _ = parse_args(rest)
+        keys = workdir.flatten(config_dict(config))
+        width = max(map(len, keys))
+        text += "\n\nconfig keys (override with --config.KEY=VALUE):\n" + "\n".join(
+            f"  {k.ljust(width)}  {json.dumps(v)}" for k, v in keys.items())
+    return text
+
+
 def config_dict(config) -> dict:
     return json.loads(config.to_json())
 
 
+def check_inputs(config, path: Path) -> None:
+    """What a run reads, checked before it creates or changes anything: the workdir, the model folders and,
+    on a resume, the config the workdir was started with and the files of its latest checkpoint."""
+    if path.exists() and not path.is_dir():
+        raise TrainError(f"workdir {path}: is a file, not a folder")
+    if config.model.base != "tiny":
+        check_model_folder("model.base", config.model.base, causal=True)
+    if config.job == "coarse" and config.reward_model.path:
+        check_model_folder("reward_model.path", config.reward_model.path, causal=False)
+    if checkpoint.step_dirs(path):
+        workdir.check_resumable(path, config_dict(config))
+        checkpoint.latest_checked(path)
+
+
+def check_model_folder(key: str, folder: str, causal: bool) -> None:
+    """An HF folder with a readable config.json and safetensors headers, of the right architecture."""
+    if not Path(folder).is_dir():
+        raise TrainError(f"{key}={str(folder)!r}: model folder not found")
+    try:
+        found = hf.read_config(folder)
+        hf.CheckpointReader(folder)
+    except hf.HFError as e:
+        raise TrainError(f"{key}: {e}") from None
+    if found.has_lm_head != causal:
+        want = model.CAUSAL_LM if causal else model.SEQ_CLS
+        raise TrainError(f"{key}={str(folder)!r} is a {found.architecture}; it must be a {want}")
+
+
 def prepare_workdir(config, path: Path) -> checkpoint.Checkpointer:
-    """Creates the workdir, or checks that its checkpoints came from a compatible config; writes run_config.json."""
+    """Creates the workdir (check_inputs has passed) and opens its checkpoints."""
     if distributed.writes_here():
         path.mkdir(parents=True, exist_ok=True)
     distributed.barrier("workdir")
-    ckpt = checkpoint.Checkpointer(path, keep=config.get("keep_checkpoints", 3))
-    if ckpt.latest_step() is not None and workdir.is_workdir(path):
-        workdir.check_resumable(path, config_dict(config))
-    workdir.write_json(path / workdir.RUN_CONFIG, config_dict(config), overwrite=True)
-    return ckpt
+    return checkpoint.Checkpointer(path, keep=config.get("keep_checkpoints", 3))
+
+
+def restore(ckpt: checkpoint.Checkpointer, path: Path, target: dict) -> tuple[dict, dict]:
+    """The latest checkpoint onto `target`; a broken one is an error that says how to go on."""
+    step = ckpt.latest_step()
+    try:
+        return ckpt.restore(step, target=target)
+    except checkpoint.CheckpointError as e:
+        raise checkpoint.with_hint(path, step, e) from None
 
 
 # ----------------------------------------------------------------------------- models
 
 
-def tiny_base(config, path: Path) -> Path:
+def tiny_base(config, path: Path, show_progress: bool = True) -> Path:
     """The demo's base model: the tiny preset, taught some language on the run's dialogues
     (model.pretrain_steps of next-token training), saved once as WORKDIR/base_model."""
     out = path / workdir.BASE_MODEL
@@ -120,7 +207,8 @@ def tiny_base(config, path: Path) -> Path:
         pairs, _ = data.load_pairs(config.data.source, config.data.data_dir or None, config.data.split)
         texts = [tok(pair.prompt + " " + pair.chosen).input_ids for pair in pairs]
         params, loss = sft.fine_tune(base, params, texts, steps=config.model.pretrain_steps, batch_size=16,
-                                     lr=3e-3, buckets=(128,), pad_id=tok.pad_token_id, seed=config.seed)
+                                     lr=3e-3, buckets=(128,), pad_id=tok.pad_token_id, seed=config.seed,
+                                     progress="base" if show_progress else None)
         print(f"tiny base: {config.model.pretrain_steps} next-token steps on {len(texts)} dialogues, loss {loss:.3f}")
         hf.save_pretrained(tmp, base, params, tokenizer_source=tok, overwrite=True)
 
@@ -134,11 +222,8 @@ def load_base(config):
     if folder == "tiny":
         base = model.TINY.replace(**runtime)
         return base, model.init_params(base, jax.random.key(config.seed)), tokenizer.load_tokenizer(None)
-    if not Path(folder).is_dir():
-        raise TrainError(f"model.base={folder!r}: model folder not found")
+    check_model_folder("model.base", folder, causal=True)
     base, params = hf.load_pretrained(folder, dtype=runtime.pop("param_dtype"), **runtime)
-    if not base.has_lm_head:
-        raise TrainError(f"model.base={folder!r} is a {base.architecture}; the base must be MistralForCausalLM")
     return base, params, tokenizer.load_tokenizer(folder)
 
 
@@ -155,12 +240,7 @@ def inline_reward_model(config, path: Path, show_progress: bool) -> Path:
     out = path / workdir.REWARD_MODEL
     if out.exists():
         return out
-    rc = config.reward_model.train.copy_and_resolve_references()
-    rc.seed = config.seed
-    rc.model.update(base=config.model.base, param_dtype="float32", compute_dtype=config.model.compute_dtype)
-    rc.data.update(source=config.data.source, data_dir=config.data.data_dir, split=config.data.split)
-    rc.mesh.update(config.mesh)
-    run_reward(rc, path / workdir.REWARD_RUN, show_progress)
+    run_reward(settings.inline_reward_config(config), path / workdir.REWARD_RUN, show_progress)
     return workdir.export(path / workdir.REWARD_RUN, out)
 
 
@@ -204,23 +284,28 @@ def _reward_eval(margins_fn, params, mesh, tok, pairs, buckets, batch_size, syst
 
 def run_reward(config, path: Path, show_progress: bool = True) -> dict:
     """Trains the reward model; returns the last eval metrics."""
-    job = settings.reward(config)
-    ckpt = prepare_workdir(config, path)
-    mesh = sharding.make_mesh(**settings.mesh_shape(config))
-    base_config, base_params, tok = load_base(config)
-    rm_config, rm_params = reward.init_from_base(base_config, base_params, jax.random.key(config.seed + 1))
-    save_run_model(path, rm_config, tok)
+    # --- every input checked before the workdir is touched
+    job, resolved = settings.reward(config), config_dict(config)
+    check_inputs(config, path)
     pairs, skipped = data.load_pairs(config.data.source, config.data.data_dir or None, config.data.split)
     train_pairs, eval_pairs = data.train_eval_split(pairs, config.data.eval_fraction, config.seed)
-    system = config.data.system_prompt or None
     order = data.BatchIterator(len(train_pairs), job.batch_size, config.seed)
+    mesh = sharding.make_mesh(**settings.mesh_shape(config))
+
+    ckpt = prepare_workdir(config, path)
+    base_config, base_params, tok = load_base(config)
+    rm_config, rm_params = reward.init_from_base(base_config, base_params, jax.random.key(config.seed + 1))
+    system = config.data.system_prompt or None
     state = _placed_state(mesh, rm_params, job.optim)
     progs = programs.reward_programs(mesh, config=rm_config, optim_config=job.optim, state=state)
     start = 0
     if ckpt.latest_step() is not None:
-        restored, meta = ckpt.restore(target={"reward": state})
+        restored, meta = restore(ckpt, path, {"reward": state})
         state, start = restored["reward"], meta["step"]
         order.restore(meta["data"])
+    # Written once the checkpoint has read back: a refused resume changes nothing.
+    workdir.write_json(path / workdir.RUN_CONFIG, resolved, overwrite=True)
+    save_run_model(path, rm_config, tok)
     writer = metrics.MetricsWriter(path, resume_step=start)
     bar = metrics.progress(config.steps, start, show_progress and distributed.writes_here(), desc="reward")
     last_eval = {}
@@ -258,27 +343,25 @@ def _prompt_batch(mesh, token_lists, buckets, pad_id, truncate):
 def run_coarse(config, path: Path, show_progress: bool = True) -> list[dict]:
     """PPO with Continuous Maximization; returns the metrics rows of this process's steps."""
     # --- set up: settings, workdir, models, data, compiled programs, and a resumed state
-    settings.coarse(config)  # every bad setting fails here, before the workdir is touched
-    ckpt = prepare_workdir(config, path)
+    settings.coarse(config)  # every bad setting and input fails here, before the workdir is touched
+    resolved = config_dict(config)
+    check_inputs(config, path)
+    pairs, skipped = data.load_pairs(config.data.source, config.data.data_dir or None, config.data.split)
+    prompts = sorted({pair.prompt for pair in pairs})
+    order = data.BatchIterator(len(prompts), int(config.data.batch_size), config.seed)
     mesh = sharding.make_mesh(**settings.mesh_shape(config))
+
+    ckpt = prepare_workdir(config, path)
     if config.model.base == "tiny" and config.model.get("pretrain_steps", 0) > 0:
         config.unlock()
-        config.model.base = str(tiny_base(config, path))
+        config.model.base = str(tiny_base(config, path, show_progress and distributed.writes_here()))
         config.lock()
     base_config, base_params, tok = load_base(config)
     job = settings.coarse(config, tokenizer.stop_token_ids(tok))
-    save_run_model(path, base_config, tok)
 
-    rm_path = config.reward_model.path
-    if not rm_path:
-        if "train" not in config.reward_model:
-            raise TrainError("reward_model.path is empty and there is no reward_model.train: no reward model")
-        rm_path = inline_reward_model(config, path, show_progress)
-    if not Path(rm_path).is_dir():
-        raise TrainError(f"reward_model.path={str(rm_path)!r}: model folder not found")
+    rm_path = config.reward_model.path or inline_reward_model(config, path, show_progress)
+    check_model_folder("reward_model.path", rm_path, causal=False)
     rm_file_config = hf.read_config(rm_path, param_dtype=config.reward_model.dtype)
-    if rm_file_config.has_lm_head:
-        raise TrainError(f"reward_model.path={str(rm_path)!r} is a causal LM, not MistralForSequenceClassification")
     roles = settings.coarse_models(config, base_config, rm_file_config)
     _, rm_params = hf.load_pretrained(rm_path, dtype=config.reward_model.dtype,
                                       shardings=sharding.param_shardings(mesh, model.param_shapes(roles.reward)),
@@ -292,17 +375,17 @@ def run_coarse(config, path: Path, show_progress: bool = True) -> list[dict]:
         pad_id=tok.pad_token_id, actor_state=actor_state, critic_state=critic_state, reference=reference,
         rm_params=rm_params)
 
-    pairs, skipped = data.load_pairs(config.data.source, config.data.data_dir or None, config.data.split)
-    prompts = sorted({pair.prompt for pair in pairs})
     actor_prompts = [data.tokenize_prompt(tok, q, config.data.system_prompt or None) for q in prompts]
     rm_prompts = [data.tokenize_prompt(tok, q, None) for q in prompts]  # the reward model never saw the system prompt
-    order = data.BatchIterator(len(prompts), job.batch_size, config.seed)
     cm_state, start = cm.init_state(), 0
     if ckpt.latest_step() is not None:
-        restored, meta = ckpt.restore(target={"actor": actor_state, "critic": critic_state})
+        restored, meta = restore(ckpt, path, {"actor": actor_state, "critic": critic_state})
         actor_state, critic_state = restored["actor"], restored["critic"]
         start, cm_state = meta["step"], meta["cm"]
         order.restore(meta["data"])
+    # Written once the checkpoint has read back: a refused resume changes nothing.
+    workdir.write_json(path / workdir.RUN_CONFIG, resolved, overwrite=True)
+    save_run_model(path, base_config, tok)
     writer = metrics.MetricsWriter(path, resume_step=start)
     bar = metrics.progress(config.steps, start, show_progress and distributed.writes_here(), desc="coarse")
     key, rows = jax.random.key(config.seed), []
@@ -364,7 +447,11 @@ def run_coarse(config, path: Path, show_progress: bool = True) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    config, path = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if "-h" in argv or "--help" in argv:
+        print(help_text(argv))
+        return 0
+    config, path = parse_args(argv)
     if config.job == "reward":
         run_reward(config, path)
     elif config.job == "coarse":

@@ -106,6 +106,22 @@ def write(path: str | os.PathLike, fill: Callable[[Path], object], overwrite: bo
     return path
 
 
+def check_output(out: str | os.PathLike, inputs, flag: str = "--out") -> None:
+    """A WorkdirError when `out` is, is inside, or contains one of `inputs` ({flag or key: path}, or such
+    pairs; None and names that are no path, such as a hub dataset, are skipped): writing it would mix the
+    output into what the command reads, or (with --overwrite) replace it. Every tool checks its outputs here,
+    before any work."""
+    target = Path(out).absolute().resolve()
+    for name, src in (inputs.items() if hasattr(inputs, "items") else inputs):
+        if src is None or not Path(src).exists():
+            continue
+        source = Path(src).absolute().resolve()
+        relation = ("is" if target == source else "is inside" if source in target.parents
+                    else "contains" if target in source.parents else None)
+        if relation:
+            raise WorkdirError(f"{flag} {out}: {relation} the input {name} {src}; choose another output")
+
+
 def write_text(path: str | os.PathLike, text: str, overwrite: bool = True) -> Path:
     return write(path, lambda tmp: tmp.write_text(text), overwrite)
 
@@ -188,7 +204,17 @@ def export(path: str | os.PathLike, out: str | os.PathLike, step: int | None = N
     """Writes a workdir's trained model as an HF folder: the actor of a coarse run (MistralForCausalLM)
     or the reward model of a reward run (MistralForSequenceClassification), with the run's tokenizer."""
     from c2f_jax import hf
+    from c2f_jax.config import ConfigError, float_dtype
 
+    try:
+        dtype = None if dtype is None else float_dtype(dtype, "dtype").name
+    except ConfigError as e:
+        raise WorkdirError(str(e)) from None
+    check_output(out, {"workdir": path})
+    if Path(out).exists() and not overwrite:
+        raise WorkdirError(f"{out}: already exists (pass overwrite=True / --overwrite to replace it)")
+    if not Path(out).absolute().parent.is_dir():
+        raise WorkdirError(f"{Path(out).absolute().parent}: parent folder does not exist")
     config, params, tokenizer_dir = load_model(path, step)
     hf.save_pretrained(out, config, params, dtype=dtype, tokenizer_source=tokenizer_dir, overwrite=overwrite)
     return Path(out)

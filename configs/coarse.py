@@ -1,7 +1,7 @@
 """Coarse Actor PPO on Mistral-7B v0.1 with Continuous Maximization: the paper's settings, 16 A100s.
 
   python -m c2f_jax.train --config configs/coarse.py --workdir runs/coarse \
-      --config.model.base=/models/Mistral-7B-v0.1 --config.reward_model.path=runs/reward/export
+      --config.model.base=/models/Mistral-7B-v0.1 --config.reward_model.path=runs/reward-hf
 """
 
 import ml_collections
@@ -25,7 +25,7 @@ def get_config():
     )
     # An HF MistralForSequenceClassification folder (tools/export_hf.py of a reward run). The tiny demo
     # instead gives no path and a reward job config as reward_model.train, run first in WORKDIR/reward_run.
-    c.reward_model = dict(path="runs/reward/export", dtype="bfloat16")
+    c.reward_model = dict(path="runs/reward-hf", dtype="bfloat16")
     c.data = dict(
         source="Anthropic/hh-rlhf",  # or a local .jsonl/.json/.parquet, or "bundled"
         data_dir="helpful-base",

@@ -353,7 +353,7 @@ def test_missing_input_and_existing_output(fp32, tmp_path):
     (tmp_path / "out" / "old").write_text("x")
     with pytest.raises(MergeError, match="already exists"):
         run("--coarse", fp32[0], "--sft", fp32[1], "--gamma", "0.5", "--out", tmp_path / "out")
-    with pytest.raises(MergeError, match="is or contains the input"):
+    with pytest.raises(ValueError, match="is the input --sft"):
         run("--coarse", fp32[0], "--sft", fp32[1], "--gamma", "0.5", "--out", fp32[1], "--overwrite")
     with pytest.raises(MergeError, match="not a size"):
         run("--coarse", fp32[0], "--sft", fp32[1], "--gamma", "0.5", "--out", tmp_path / "x", "--max-shard-size", "big")

@@ -45,11 +45,22 @@ def settings_from(args) -> evaluate.EvalSettings:
     if min(args.batch_size, args.max_new_tokens, args.limit) < 1:
         raise cli.UsageError(f"--batch-size={args.batch_size}, --max-new-tokens={args.max_new_tokens} and "
                              f"--limit={args.limit} must be >= 1")
+    if args.mc_shots < 0:
+        raise cli.UsageError(f"--mc-shots={args.mc_shots} must be >= 0")
+    cli.float_dtype(args.dtype, "--dtype")
     system = tokenizer.system_prompt(args.system_prompt)
     return evaluate.EvalSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                                  top_p=args.top_p, suppress_eos=args.suppress_eos, system_prompt=system,
                                  batch_size=args.batch_size, seed=args.seed, mc_shots=args.mc_shots,
                                  mc_style=args.mc_style)
+
+
+def input_paths(args) -> list[tuple[str, str]]:
+    """Every path the evaluation (or sweep) reads, with its flag: no output may be, be inside or contain one."""
+    flags = [("--model", m) for m in getattr(args, "model", None) or ()]
+    flags += [(f"--{k.replace('_', '-')}", getattr(args, k, None))
+              for k in ("coarse", "sft", "reward_model", "prompts", "preferences", "mc")]
+    return [(flag, path) for flag, path in flags if path]
 
 
 def inputs_from(args):
@@ -76,6 +87,9 @@ def main(argv=None) -> int:
     p.add_argument("--generations", help="write {model: [{prompt, response, ended_with_eos}]} here")
     args = p.parse_args(argv)
     settings = settings_from(args)
+    for flag in ("json", "generations"):
+        if getattr(args, flag):
+            workdir.check_output(getattr(args, flag), input_paths(args), f"--{flag}")
     for path in args.model:
         if not Path(path).is_dir():
             raise cli.UsageError(f"--model {path}: model folder not found")

@@ -16,7 +16,7 @@ import sys
 
 import jax
 
-from c2f_jax import cli, evaluate, model, tokenizer, workdir
+from c2f_jax import cli, evaluate, model, rollout, tokenizer, workdir
 
 
 def parse_args(argv=None):
@@ -51,9 +51,13 @@ def load_model(args) -> evaluate.Loaded:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.batch_size < 1:
-        raise cli.UsageError(f"--batch-size={args.batch_size} must be >= 1")
-    buckets = [int(b) for b in args.prompt_buckets.split(",")]
+    if min(args.batch_size, args.max_new_tokens) < 1:
+        raise cli.UsageError(f"--batch-size={args.batch_size} and --max-new-tokens={args.max_new_tokens} must be >= 1")
+    cli.float_dtype(args.dtype, "--dtype")
+    buckets = cli.positive_ints(args.prompt_buckets, "--prompt-buckets")
+    rollout.SamplingConfig(args.temperature, args.top_k, args.top_p)  # its range checks, before the model loads
+    if args.out:
+        workdir.check_output(args.out, {"--model": args.model, "--prompts-file": args.prompts_file})
     system = tokenizer.system_prompt(args.system_prompt)
     prompts = [args.prompt] if args.prompt is not None else evaluate.read_prompts(args.prompts_file)
     gens = evaluate.sample_responses(

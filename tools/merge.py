@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from c2f_jax import cli, merge
+from c2f_jax import cli, merge, workdir
 
 
 def parse_args(argv=None):
@@ -48,6 +48,7 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     gammas = merge.parse_gammas(args.gamma)
     merge.resolve_input(args.sft)  # a bad SFT folder or an existing --out fails before a workdir export runs
+    workdir.check_output(args.out, {"--coarse": args.coarse, "--sft": args.sft})
     if Path(args.out).exists() and not args.overwrite:
         raise merge.MergeError(f"{args.out}: already exists (pass --overwrite to replace it)")
     with merge.hf_folder(args.coarse, Path(args.out).absolute().parent, args.coarse_step) as coarse:

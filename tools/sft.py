@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a checkout without installing
 
-from c2f_jax import cli, data, evaluate, hf, sft, tokenizer  # noqa: E402
+from c2f_jax import cli, data, evaluate, hf, sft, tokenizer, workdir  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -38,17 +38,25 @@ def main(argv=None) -> int:
     if min(args.steps, args.batch_size, args.max_length) < 1:
         raise cli.UsageError(f"--steps={args.steps}, --batch-size={args.batch_size} and "
                              f"--max-length={args.max_length} must be >= 1")
+    try:
+        sft.optim_config(args.lr, args.steps)
+    except ValueError as e:
+        raise cli.UsageError(f"--{e}") from None
+    workdir.check_output(args.out, {"--base": args.base, "--data": args.data})
+    if not Path(args.base).is_dir():
+        raise cli.UsageError(f"--base {args.base}: model folder not found")
+    pairs, _ = data.load_pairs(args.data)
+    pairs, _ = data.train_eval_split(pairs, evaluate.EVAL_FRACTION, evaluate.EVAL_SEED)
+    data.BatchIterator(len(pairs), args.batch_size, args.seed)  # a batch larger than the data fails here
     config, params = hf.load_pretrained(args.base)
     if not config.has_lm_head:
         raise cli.UsageError(f"--base {args.base}: is a {config.architecture}; SFT needs MistralForCausalLM")
     tok = tokenizer.load_tokenizer(args.base)
-    pairs, _ = data.load_pairs(args.data)
-    pairs, _ = data.train_eval_split(pairs, evaluate.EVAL_FRACTION, evaluate.EVAL_SEED)
     texts = [data.tokenize_prompt(tok, pair.prompt) + data.tokenize_answer(tok, pair.chosen) + [tok.eos_token_id]
              for pair in pairs]
     buckets = sorted({min(b, args.max_length) for b in (64, 128, 256, 512, 1024, 2048)})
     params, loss = sft.fine_tune(config, params, texts, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                                 buckets=buckets, pad_id=tok.pad_token_id, seed=args.seed)
+                                 buckets=buckets, pad_id=tok.pad_token_id, seed=args.seed, progress="sft")
     hf.save_pretrained(args.out, config, params, tokenizer_source=tok, overwrite=args.overwrite)
     print(f"{args.steps} steps on {len(texts)} examples, last loss {loss:.3f} -> {args.out}")
     return 0

@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a checkout without installing
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from evaluate import add_eval_args, inputs_from, settings_from  # noqa: E402  (tools/evaluate.py)
+from evaluate import add_eval_args, input_paths, inputs_from, settings_from  # noqa: E402  (tools/evaluate.py)
 
 from c2f_jax import cli, distributed, evaluate, merge, workdir  # noqa: E402
 
@@ -96,8 +96,7 @@ def main(argv=None) -> int:
         raise cli.UsageError(f"--out {out}: already exists (pass --overwrite to replace it)")
     if not args.reward_model:
         raise cli.UsageError("--reward-model is required: the sweep's first column is the reward score")
-    merge.refuse_output_over_inputs(out, {"--coarse": args.coarse, "--sft": args.sft,
-                                          "--reward-model": args.reward_model})
+    workdir.check_output(out, input_paths(args))
     settings = settings_from(args)
     sft = merge.resolve_input(args.sft)
     prompts, pairs, items, rm = inputs_from(args)

@@ -1,0 +1,50 @@
+"""Every bad input of tools/bad_inputs.py, run through the CLIs: exit 2, one `error:` line, no traceback, nothing
+created or changed. The table runs in one process that forks a child per case (the CLIs imported once); the
+cases that once ended in a traceback, a native abort or library logging also run as real subprocesses."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, SHORT, cli_env
+
+sys.path.insert(0, str(ROOT / "tools"))
+import bad_inputs  # noqa: E402
+
+# Each once printed a traceback, aborted, or logged above our line.
+AS_SUBPROCESS = ("train truncated checkpoint file", "train garbage .jsonl", "train config syntax error",
+                 "generate --max-new-tokens 1000000000", "export --dtype abc")
+
+
+def _run_table(demo, tmp_path_factory, *extra):
+    workdir, _ = demo
+    folder = tmp_path_factory.mktemp("bad_inputs")
+    (folder / "run_args.json").write_text(json.dumps(SHORT))
+    out = folder / "results.json"
+    done = subprocess.run([sys.executable, str(ROOT / "tools" / "bad_inputs.py"), "--fixtures", str(folder / "fx"),
+                           "--run", str(workdir), "--run-args", str(folder / "run_args.json"), "--json", str(out),
+                           *extra], capture_output=True, text=True, cwd=ROOT, env=cli_env(), timeout=1200)
+    print(done.stdout[-5000:])
+    assert out.exists(), done.stderr[-3000:]
+    return {r["name"]: r for r in json.loads(out.read_text())}
+
+
+@pytest.fixture(scope="module")
+def table(demo, tmp_path_factory):
+    return _run_table(demo, tmp_path_factory)
+
+
+@pytest.mark.parametrize("name", [c.name for c in bad_inputs.CASES])
+def test_refused_cleanly(table, name):
+    r = table[name]
+    assert not r["problem"], f"{r['problem']}: {r['argv']}\n{r['output']}"
+
+
+def test_as_real_subprocesses(demo, tmp_path_factory):
+    only = [arg for name in AS_SUBPROCESS for arg in ("--only", name)]
+    results = _run_table(demo, tmp_path_factory, "--subprocess", *only)
+    assert sorted(results) == sorted(AS_SUBPROCESS)
+    for r in results.values():
+        assert not r["problem"], f"{r['name']}: {r['problem']}\n{r['output']}"
