@@ -243,14 +243,12 @@ _generate = jax.jit(sample, static_argnames=("config", "max_new_tokens", "sampli
 def check_lengths(config: MistralConfig, batch: int, prompt_len: int, max_new_tokens: int) -> None:
     """A RolloutError, before anything compiles, when prompt + response is longer than the model's positions
     or its KV cache alone would not fit in one device's memory (XLA would abort the process instead)."""
-    import numpy as np
-
     total = prompt_len + max_new_tokens
     if total > config.max_position_embeddings:
         raise RolloutError(f"max_new_tokens={max_new_tokens}: prompt ({prompt_len}) + response = {total} tokens is "
                            f"more than the model's {config.max_position_embeddings} positions")
     cache = (2 * config.num_hidden_layers * batch * total * config.num_key_value_heads * config.head_dim
-             * np.dtype(config.compute_dtype).itemsize)
+             * jnp.dtype(config.compute_dtype).itemsize)
     device = jax.local_devices()[0]
     stats = device.memory_stats() if device.platform != "cpu" else None
     limit = (stats or {}).get("bytes_limit") or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

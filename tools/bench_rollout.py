@@ -138,7 +138,7 @@ def length_table(config, params, batch: int, prompt: int, lengths: tuple[int, in
         print(f"| EOS suppressed | {prompt} + {n} | {per_token[n] * n:.3f} | {batch / per_token[n]:,.0f} | {vs} | "
               f"{allow} | - | - |")
     print(f"| every row stops at its first token | {prompt} + {full} | {stop:.3f} | - | "
-          f"{stop / (per_token[full] * full):.2f} of the full decode | - | - | - |")
+          f"{stop / (per_token[full] * full):.3f} of the full decode | - | - | - |")
     print(f"| long context, EOS suppressed | {long_prompt} + {long_new} | {long_s:.3f} | {long_tps:,.0f} | - | - | "
           f"{long_bound:,.0f} | {long_tps / long_bound:.0%} |", flush=True)
     print("\nbytes per step: every weight but the embedding table plus the KV cache filled on average "
