@@ -69,14 +69,15 @@ def _float_dtype(config, key: str) -> None:
         raise SettingsError(str(e)) from None
 
 
-def mesh_shape(config) -> dict:
-    """{'data', 'fsdp', 'tensor'} sizes (c2f_jax.sharding.make_mesh's arguments), checked against the devices."""
+def mesh_shape(config, devices: int | None = None) -> dict:
+    """{'data', 'fsdp', 'tensor'} sizes (c2f_jax.sharding.make_mesh's arguments), checked against `devices`
+    (default: this job's devices; tools/plan_memory passes a TPU topology's)."""
     shape = {axis: config.mesh[axis] for axis in ("data", "fsdp", "tensor")}
-    sharding.check_mesh(**shape)
+    sharding.check_mesh(**shape, devices=devices)
     return shape
 
 
-def _run(config) -> None:
+def _run(config, devices: int | None) -> None:
     """What every job needs of its config: a number of steps, checkpoints, a seed, a mesh, a model to train."""
     _number(config, "steps", lambda v: v >= 1, "an integer >= 1")
     _number(config, "checkpoint_every", lambda v: v >= 1, "an integer >= 1")
@@ -87,7 +88,7 @@ def _run(config) -> None:
         _float_dtype(config, key)
     if config.model.remat not in REMAT_POLICIES:
         raise SettingsError(f"model.remat={config.model.remat!r}; expected one of {REMAT_POLICIES}")
-    mesh_shape(config)
+    mesh_shape(config, devices)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,10 +103,11 @@ class Coarse:
     minibatch_size: int
 
 
-def coarse(config, stop_token_ids: tuple[int, ...] = ()) -> Coarse:
+def coarse(config, stop_token_ids: tuple[int, ...] = (), devices: int | None = None) -> Coarse:
     """The Coarse Actor's settings, every one checked (the inline reward job's too, when there is one);
-    `stop_token_ids` are suppressed when rollout.suppress_stop_tokens."""
-    _run(config)
+    `stop_token_ids` are suppressed when rollout.suppress_stop_tokens; the mesh must fit `devices`
+    (default: this job's)."""
+    _run(config, devices)
     for key in ("model.reference_dtype", "reward_model.dtype"):
         _float_dtype(config, key)
     if "pretrain_steps" in config.model:
@@ -114,7 +116,7 @@ def coarse(config, stop_token_ids: tuple[int, ...] = ()) -> Coarse:
         if "train" not in config.reward_model:
             raise SettingsError("reward_model.path is empty and there is no reward_model.train: no reward model")
         try:
-            reward(inline_reward_config(config))
+            reward(inline_reward_config(config), devices)
         except ValueError as e:
             raise SettingsError(f"reward_model.train.{e}") from None
     r = _plain(config.rollout)
@@ -127,7 +129,8 @@ def coarse(config, stop_token_ids: tuple[int, ...] = ()) -> Coarse:
     actor = _fields(optim.OptimConfig, p.pop("actor"), "ppo.actor")
     critic = _fields(optim.OptimConfig, p.pop("critic"), "ppo.critic")
     pc = _fields(ppo.PPOConfig, p, "ppo", actor=actor, critic=critic, temperature=sampling.temperature)
-    batch, mesh = _number(config, "data.batch_size", lambda v: v >= 1, "an integer >= 1"), mesh_shape(config)
+    batch = _number(config, "data.batch_size", lambda v: v >= 1, "an integer >= 1")
+    mesh = mesh_shape(config, devices)
     sharding.batch_size_check(mesh, batch, "data.batch_size")
     minibatch = ppo.minibatch_size(batch, pc.minibatches, ("data.batch_size", "ppo.minibatches"))
     sharding.batch_size_check(mesh, minibatch, "PPO minibatch (data.batch_size / ppo.minibatches)")
@@ -172,13 +175,13 @@ class Reward:
     batch_size: int
 
 
-def reward(config) -> Reward:
-    """The reward job's settings, every one checked."""
-    _run(config)
+def reward(config, devices: int | None = None) -> Reward:
+    """The reward job's settings, every one checked (the mesh against `devices`, default this job's)."""
+    _run(config, devices)
     _number(config, "eval_every", lambda v: v >= 1, "an integer >= 1")
     _number(config, "data.eval_fraction", lambda v: 0 < v < 1, "in (0, 1)", kind=float)
     batch = _number(config, "data.batch_size", lambda v: v >= 1, "an integer >= 1")
-    sharding.batch_size_check(mesh_shape(config), batch, "data.batch_size")
+    sharding.batch_size_check(mesh_shape(config, devices), batch, "data.batch_size")
     return Reward(optim=_fields(optim.OptimConfig, config.optim, "optim"),
                   seq_buckets=_buckets(config, "data.seq_buckets"), batch_size=batch)
 

@@ -90,10 +90,11 @@ def main(argv=None) -> int:
     folder = config.model.base
     base = hf.read_config(folder) if os.path.isdir(folder) else model.PRESETS.get(folder, model.MISTRAL_7B_V01)
     # The job's own settings: Mistral's stop tokens (bos 1, eos 2, unk 0) stand in for its tokenizer's.
-    job, roles = settings.coarse(config, (0, 1, 2)), settings.coarse_models(config, base)
-    pc, actor_config, mc = job.ppo, roles.actor, config.model
     devices = tpu_devices(args.topology) if args.topology else jax.devices()
-    mesh = sharding.make_mesh(**settings.mesh_shape(config), devices=devices)
+    job = settings.coarse(config, (0, 1, 2), devices=len(devices))
+    roles = settings.coarse_models(config, base)
+    pc, actor_config, mc = job.ppo, roles.actor, config.model
+    mesh = sharding.make_mesh(**settings.mesh_shape(config, len(devices)), devices=devices)
     kind = devices[0].device_kind
     hbm = TPU_HBM.get(kind, 0)
     capacity = A100S if not args.topology else ((f"a {kind} chip's {hbm / GB:.0f} GB", hbm),) if hbm else ()
