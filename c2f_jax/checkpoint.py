@@ -9,9 +9,11 @@ mesh, which may differ from the one that saved it.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,15 +26,29 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing or does not fit the run."""
 
 
-def _drop_closed_loop_echoes(unraisable, previous=sys.unraisablehook) -> None:
-    # A failed restore closes Orbax's event loop while TensorStore still completes the other reads in flight;
-    # each completion reports "Event loop is closed" here, a traceback apiece. The restore's own error says
-    # what failed (see `unreadable`).
-    if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
+# A failed restore closes Orbax's event loop while TensorStore still completes the other reads in flight; each
+# reports back, a traceback apiece: "Event loop is closed" from a callback thread, a read task's exception that
+# asyncio logs, or a read coroutine never awaited. The restore's own error says what failed (`unreadable`), and
+# the command ends with it, so these echoes (and only these: Orbax's reads) are dropped.
+def _from_orbax(tb) -> bool:
+    while tb is not None:
+        if "orbax" in tb.tb_frame.f_code.co_filename:
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def _drop_read_echoes(unraisable, previous=sys.unraisablehook) -> None:
+    closed = isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"
+    code = getattr(unraisable.object, "cr_code", None)
+    if not (closed or (code is not None and "orbax" in code.co_filename) or _from_orbax(unraisable.exc_traceback)):
         previous(unraisable)
 
 
-sys.unraisablehook = _drop_closed_loop_echoes
+sys.unraisablehook = _drop_read_echoes
+logging.getLogger("asyncio").addFilter(lambda r: not (r.exc_info and _from_orbax(r.exc_info[2])))
+warnings.filterwarnings("ignore", message="coroutine '_read_array_index_and_device_put' was never awaited")
+
 
 # Files every step Checkpointer.save writes holds, relative to the step folder.
 STEP_FILES = ("_CHECKPOINT_METADATA", "state/_METADATA", "state/manifest.ocdbt", "meta/metadata")
