@@ -185,12 +185,12 @@ def decode(params, prompt_ids, prompt_mask, rng, *, config, max_new_tokens, samp
     eos = jnp.asarray(eos_token_ids or (-1,), jnp.int32)
     # With every EOS id suppressed no row can stop: then no test between chunks (PPO's rollout).
     can_stop = any(e not in sampling.suppress_token_ids for e in eos_token_ids)
+    alive_after = lambda token, alive: alive * (1 - jnp.isin(token, eos).astype(jnp.int32))  # past token [B]
 
     def step(carry, t, begin, end):
         """Feeds token t - 1 back and samples token t, in the chunk [begin, end) of steps: its keys go into
         that chunk's cache block, and attention reads the blocks up to that one (P + end - 1 positions)."""
         token, alive, next_pos, key_mask, key_pos, kv = carry
-        alive_after = alive * (1 - jnp.isin(token, eos).astype(jnp.int32))
         slot = P + t - 1  # where the previous token's keys go
         key_mask = jax.lax.dynamic_update_slice(key_mask, jnp.ones((B, 1), jnp.int32), (0, slot))
         key_pos = jax.lax.dynamic_update_slice(key_pos, next_pos[:, None], (0, slot))
@@ -198,7 +198,7 @@ def decode(params, prompt_ids, prompt_mask, rng, *, config, max_new_tokens, samp
         hidden, kv = model.apply(config, params, token[:, None], next_pos[:, None], key_pos[:, :attend],
                                  key_mask[:, :attend], kv, t - begin, head=False)
         new = sample_token(model.head_output(config, params, hidden[:, 0]), rngs[t], sampling)
-        return (new, alive_after, next_pos + 1, key_mask, key_pos, kv), (token, alive)
+        return (new, alive_after(token, alive), next_pos + 1, key_mask, key_pos, kv), (token, alive)
 
     def stopped(carry, t):
         """Every row has stopped: the last token keeps its flag, the slots after it are masked; no model call."""
@@ -212,8 +212,7 @@ def decode(params, prompt_ids, prompt_mask, rng, *, config, max_new_tokens, samp
         steps = jnp.arange(begin, end)
         run = lambda c, steps=steps, begin=begin, end=end: jax.lax.scan(lambda c, t: step(c, t, begin, end), c, steps)
         if can_stop:
-            token, alive = carry[0], carry[1]
-            running = jnp.any(alive * (1 - jnp.isin(token, eos).astype(jnp.int32)) > 0)
+            running = jnp.any(alive_after(carry[0], carry[1]) > 0)
             carry, (chunk_tokens, chunk_mask) = jax.lax.cond(
                 running, run, lambda c, steps=steps: jax.lax.scan(stopped, c, steps), carry)
             ran += jnp.where(running, end - begin, 0)
@@ -236,8 +235,7 @@ def sample(params, prompt_ids, prompt_mask, rng, **settings) -> Rollout:
     return decode(params, prompt_ids, prompt_mask, rng, **settings)[0]
 
 
-_generate = jax.jit(sample, static_argnames=("config", "max_new_tokens", "sampling", "eos_token_ids", "pad_id",
-                                            "chunk"))
+_generate = jax.jit(sample, static_argnames=("config", "max_new_tokens", "sampling", "eos_token_ids", "pad_id"))
 
 
 def check_lengths(config: MistralConfig, batch: int, prompt_len: int, max_new_tokens: int) -> None:

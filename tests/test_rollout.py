@@ -46,12 +46,19 @@ def greedy(config, params, ids, mask, **kw):
     return rollout.generate(config, params, ids, mask, jax.random.key(0), max_new_tokens=R, temperature=0.0, **kw)
 
 
+def laid_out(config, params, layout):
+    """(config, params) as loaded ("stacked") or as the rollout copy ("per-layer")."""
+    if layout == "stacked":
+        return config, params
+    config = rollout.rollout_layout(config, jax.default_backend())
+    return config, rollout.rollout_params(config, params)
+
+
 @pytest.mark.parametrize("layout", ["stacked", "per-layer"])
 def test_greedy_matches_transformers_with_eos_suppressed(tiny, prompts, layout):
     hm, config, params = tiny
+    config, params = laid_out(config, params, layout)
     if layout == "per-layer":
-        config = rollout.rollout_layout(config, jax.default_backend())
-        params = rollout.rollout_params(config, params)
         assert "layers" not in params and params["layers_1"]["mlp"]["up"].shape == (64, 96)
         down = "down_t" if config.transposed_down else "down"  # transposed on CPU only
         assert set(params["layers_1"]["mlp"]) == {"gate", "up", down}
@@ -86,10 +93,7 @@ def test_decode_chunks_cover_every_step_once():
 def test_chunked_decode_matches_transformers(tiny, prompts, layout):
     """Chunks of 4 steps attend over 16, 20, .. 31 cache positions: sliding window 8, left pads, 2 kv heads."""
     hm, config, params = tiny
-    if layout == "per-layer":
-        config = rollout.rollout_layout(config, jax.default_backend())
-        params = rollout.rollout_params(config, params)
-    tokens, mask, ran = decode_greedy(config, params, *prompts, chunk=4, suppress=(2,))
+    tokens, mask, ran = decode_greedy(*laid_out(config, params, layout), *prompts, chunk=4, suppress=(2,))
     np.testing.assert_array_equal(tokens, hf_generate(hm, *prompts, min_new_tokens=R, suppress_tokens=[2]))
     assert mask.all() and ran == R - 1
 
