@@ -28,14 +28,23 @@ class CheckpointError(ValueError):
 
 # A failed restore closes Orbax's event loop while TensorStore still completes the other reads in flight; each
 # reports back, a traceback apiece: "Event loop is closed" from a callback thread, a read task's exception that
-# asyncio logs, or a read coroutine never awaited. The restore's own error says what failed (`unreadable`), and
-# the command ends with it, so these echoes (and only these: Orbax's reads) are dropped.
+# asyncio logs, a TensorStore read future's exception that asyncio logs when the future is collected (it carries
+# no traceback, only TensorStore's "<STATUS>: Error reading ..." text), or a read coroutine never awaited. The
+# restore's own error says what failed (`unreadable`), and the command ends with it, so these echoes (and only
+# these: Orbax's and TensorStore's reads) are dropped.
 def _from_orbax(tb) -> bool:
     while tb is not None:
         if "orbax" in tb.tb_frame.f_code.co_filename:
             return True
         tb = tb.tb_next
     return False
+
+
+def _read_echo(record: logging.LogRecord) -> bool:
+    if not record.exc_info:
+        return False
+    _, exc, tb = record.exc_info
+    return _from_orbax(tb) or bool(re.match(r"[A-Z_]+: Error reading ", str(exc)))
 
 
 def _drop_read_echoes(unraisable, previous=sys.unraisablehook) -> None:
@@ -46,7 +55,7 @@ def _drop_read_echoes(unraisable, previous=sys.unraisablehook) -> None:
 
 
 sys.unraisablehook = _drop_read_echoes
-logging.getLogger("asyncio").addFilter(lambda r: not (r.exc_info and _from_orbax(r.exc_info[2])))
+logging.getLogger("asyncio").addFilter(lambda r: not _read_echo(r))
 warnings.filterwarnings("ignore", message="coroutine '_read_array_index_and_device_put' was never awaited")
 
 
