@@ -150,17 +150,35 @@ def check_inputs(config, path: Path) -> None:
     on a resume, the config the workdir was started with and the files of its latest checkpoint."""
     if path.exists() and not path.is_dir():
         raise TrainError(f"workdir {path}: is a file, not a folder")
-    if config.model.base != "tiny":
-        check_model_folder("model.base", config.model.base, causal=True)
-    if config.job == "coarse" and config.reward_model.path:
-        check_model_folder("reward_model.path", config.reward_model.path, causal=False)
+    base = model.TINY if config.model.base == "tiny" else check_model_folder("model.base", config.model.base, True)
+    if config.job == "coarse":
+        longest = ("data.prompt_buckets + cm.buckets", max(config.data.prompt_buckets) + max(config.cm.buckets))
+        fits = [(*longest, "model.base", base)]
+        if config.reward_model.path:
+            rm = check_model_folder("reward_model.path", config.reward_model.path, causal=False)
+            fits.append((*longest, "reward_model.path", rm))
+        else:
+            fits.append(("reward_model.train.data.seq_buckets", max(config.reward_model.train.data.seq_buckets),
+                         "model.base", base))
+    else:
+        fits = [("data.seq_buckets", max(config.data.seq_buckets), "model.base", base)]
+    for fit in fits:
+        check_positions(*fit)
     if checkpoint.step_dirs(path):
         workdir.check_resumable(path, config_dict(config))
         checkpoint.latest_checked(path)
 
 
-def check_model_folder(key: str, folder: str, causal: bool) -> None:
-    """An HF folder with a readable config.json and safetensors headers, of the right architecture."""
+def check_positions(key: str, longest: int, model_key: str, found: model.MistralConfig) -> None:
+    """The longest sequence the buckets make must fit the model's positions (the rollout would refuse it only
+    after the base and reward model had trained)."""
+    if longest > found.max_position_embeddings:
+        raise TrainError(f"{key}: the longest sequence, {longest} tokens, is more than the "
+                         f"{found.max_position_embeddings} positions of {model_key}")
+
+
+def check_model_folder(key: str, folder: str, causal: bool) -> model.MistralConfig:
+    """An HF folder with a readable config.json and safetensors headers, of the right architecture; its config."""
     if not Path(folder).is_dir():
         raise TrainError(f"{key}={str(folder)!r}: model folder not found")
     try:
@@ -171,6 +189,7 @@ def check_model_folder(key: str, folder: str, causal: bool) -> None:
     if found.has_lm_head != causal:
         want = model.CAUSAL_LM if causal else model.SEQ_CLS
         raise TrainError(f"{key}={str(folder)!r} is a {found.architecture}; it must be a {want}")
+    return found
 
 
 def prepare_workdir(config, path: Path) -> checkpoint.Checkpointer:

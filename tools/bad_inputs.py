@@ -124,6 +124,13 @@ def truncate_safetensors(env: Env) -> None:
         fh.truncate(f.stat().st_size // 2)
 
 
+def short_reward_model(env: Env) -> None:
+    """fixtures/rm with 64 positions: shorter than the demo's 128-token prompt bucket."""
+    shutil.copytree(env.fixtures / "rm", env.box / "rm")
+    config = json.loads((env.box / "rm" / "config.json").read_text())
+    (env.box / "rm" / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 64}))
+
+
 def copy_hf(env: Env) -> None:
     shutil.copytree(env.fixtures / "hf", env.box / "m")
 
@@ -183,6 +190,7 @@ CASES = [
         "--config.ppo.kl_coef=-0.1", "--config.ppo.gamma=1.5", "--config.ppo.lam=-0.1", "--config.ppo.clip_ratio=0",
         "--config.ppo.value_clip=-1", "--config.ppo.reward_clip=0", "--config.ppo.epochs=0",
         "--config.ppo.kl_estimator=k9", "--config.cm.window=1", "--config.cm.buckets=(16,8)",
+        "--config.cm.buckets=(8,4096)", "--config.reward_model.train.data.seq_buckets=(8192,)",
         "--config.cm.threshold=2", "--config.cm.mode=bogus", "--config.cm.min_steps=-1",
         "--config.rollout.temperature=0", "--config.rollout.top_p=0", "--config.rollout.top_k=-1",
         "--config.data.batch_size=0", "--config.data.batch_size=-4", "--config.data.prompt_buckets=(0,)",
@@ -219,6 +227,8 @@ CASES = [
     Case("train reward_model.path not found", "train", _train("--config.reward_model.path=/nowhere/rm")),
     Case("train reward_model.path is a causal LM", "train",
          lambda env: _train(f"--config.reward_model.path={env.f('hf')}")(env)),
+    Case("train reward model with fewer positions than the buckets", "train",
+         lambda env: _train(f"--config.reward_model.path={env.box / 'rm'}")(env), short_reward_model),
     # train: the workdir and its checkpoints
     Case("train incompatible workdir", "train", _resume("--config.ppo.kl_coef=0.5"), lambda env: env.copy_run()),
     Case("train truncated checkpoint file", "train", _resume(), truncate_latest),
@@ -230,6 +240,7 @@ CASES = [
     # the reward job
     *[Case(f"train reward {o}", "train", _reward(o)) for o in (
         "--config.optim.lr=-1", "--config.eval_every=0", "--config.data.seq_buckets=(0,)",
+        "--config.data.seq_buckets=(8192,)",
         "--config.data.eval_fraction=0", "--config.steps=-1")],
     # export
     Case("export --dtype int8", "export_hf", _export("--dtype", "int8")),
