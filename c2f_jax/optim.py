@@ -23,10 +23,13 @@ class OptimError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-    """AdamW with linear warmup to a constant lr and global-norm clipping (hashable: a jit static)."""
+    """AdamW with linear warmup to lr, then constant or, with decay_steps > 0, falling linearly to 0 over that
+    many updates (and 0 after), and global-norm clipping (hashable: a jit static). Steps count optimizer
+    updates: a PPO iteration makes epochs x minibatches of them."""
 
     lr: float
     warmup_steps: int = 0
+    decay_steps: int = 0
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     b1: float = 0.9
@@ -37,6 +40,7 @@ class OptimConfig:
         bad = next((f"{k}={v!r} must be {rule}" for k, v, ok, rule in (
             ("lr", self.lr, self.lr > 0, "> 0"),
             ("warmup_steps", self.warmup_steps, self.warmup_steps >= 0, ">= 0"),
+            ("decay_steps", self.decay_steps, self.decay_steps >= 0, ">= 0 (0: a constant lr after warmup)"),
             ("weight_decay", self.weight_decay, self.weight_decay >= 0, ">= 0"),
             ("max_grad_norm", self.max_grad_norm, self.max_grad_norm > 0, "> 0"),
             ("b1", self.b1, 0 <= self.b1 < 1, "in [0, 1)"),
@@ -45,8 +49,16 @@ class OptimConfig:
         if bad:
             raise OptimError(bad)
 
+    def schedule(self):
+        """The lr at each update: a float when constant, else an optax schedule."""
+        warmup = optax.linear_schedule(0.0, self.lr, self.warmup_steps) if self.warmup_steps else None
+        if not self.decay_steps:
+            return warmup or self.lr
+        decay = optax.linear_schedule(self.lr, 0.0, self.decay_steps)
+        return optax.join_schedules([warmup, decay], [self.warmup_steps]) if warmup else decay
+
     def make(self) -> optax.GradientTransformation:
-        schedule = optax.linear_schedule(0.0, self.lr, self.warmup_steps) if self.warmup_steps else self.lr
+        schedule = self.schedule()
         return optax.chain(
             optax.clip_by_global_norm(self.max_grad_norm),
             optax.adamw(schedule, b1=self.b1, b2=self.b2, eps=self.eps, weight_decay=self.weight_decay),

@@ -7,6 +7,12 @@ prompt bucket, responses [B, R] with R the current CM length bucket.
 
 Per-token reward (as in InstructGPT / DeepSpeed-Chat):
     r_t = -kl_coef * KL_t  (+ clip(score, -reward_clip, reward_clip) on the last response token)
+
+Logprobs (actor, old, reference) are those of the distribution the sampler draws
+from: at its temperature, with the tokens it suppresses removed and the rest
+renormalised. With gamma = lam = 1 and the k1 estimator the expected return is
+then exactly E[score] - kl_coef * KL(pi || pi_ref) over whole responses, the
+objective whose optimum is pi_ref * exp(score / kl_coef) (tests/test_optimum.py).
 """
 
 from __future__ import annotations
@@ -42,6 +48,11 @@ class PPOConfig:
     epochs: int = 1
     minibatches: int = 1
     temperature: float = 1.0  # logprobs are taken at the sampling temperature
+    suppress_token_ids: tuple[int, ...] = ()  # ... and without the tokens the sampler never draws
+    # Adaptive KL coefficient (Ziegler et al. 2019): kl_target > 0 steers the per-token KL to it, kl_coef is then
+    # only the starting value. 0 keeps kl_coef fixed (the paper's config).
+    kl_target: float = 0.0
+    kl_horizon: int = 10000
     actor: optim.OptimConfig = optim.OptimConfig(lr=5e-6, warmup_steps=10)
     critic: optim.OptimConfig = optim.OptimConfig(lr=5e-7, warmup_steps=10)
 
@@ -54,9 +65,14 @@ class PPOConfig:
             raise PPOError(f"temperature={self.temperature} must be > 0 (greedy rollouts have no policy ratio)")
         for name, ok, rule in (("kl_coef", self.kl_coef >= 0, ">= 0"), ("reward_clip", self.reward_clip > 0, "> 0"),
                                ("gamma", 0 <= self.gamma <= 1, "in [0, 1]"), ("lam", 0 <= self.lam <= 1, "in [0, 1]"),
-                               ("clip_ratio", self.clip_ratio > 0, "> 0"), ("value_clip", self.value_clip > 0, "> 0")):
+                               ("clip_ratio", self.clip_ratio > 0, "> 0"), ("value_clip", self.value_clip > 0, "> 0"),
+                               ("kl_target", self.kl_target >= 0, ">= 0 (0: a fixed kl_coef)"),
+                               ("kl_horizon", self.kl_horizon >= 1, ">= 1")):
             if not ok:
                 raise PPOError(f"{name}={getattr(self, name)!r} must be {rule}")
+        if self.kl_target and not self.kl_coef:
+            raise PPOError(f"kl_coef=0 with kl_target={self.kl_target}: the adaptive coefficient scales kl_coef, "
+                           "so it must start > 0")
 
 
 @jax.tree_util.register_dataclass
@@ -151,23 +167,27 @@ def value_loss(values, old_values, returns, mask, value_clip: float) -> jax.Arra
 
 
 def response_logprobs(config: MistralConfig, params: Params, seq_ids, seq_mask, response_len: int,
-                      temperature: float = 1.0) -> tuple[jax.Array, jax.Array]:
+                      temperature: float = 1.0, suppress: tuple[int, ...] = ()) -> tuple[jax.Array, jax.Array]:
     """(logprob of each response token, entropy of the policy there), float32 [B, R].
 
     Position P-1+t predicts response token t, so the logits used are [:, P-1:-1].
+    The policy is the sampler's: logits / temperature with the `suppress` ids removed.
     The entropy is a metric: no gradient flows through it.
     """
     # The LM head only where response tokens are predicted: [B, R, V] logits, not [B, P+R, V].
     hidden = model.hidden_states(config, params, seq_ids, seq_mask)[:, -response_len - 1:-1]  # [B, R, D]
-    logp, entropy = token_logprobs(hidden, model.head_weight(config, params), seq_ids[:, -response_len:], temperature)
+    logp, entropy = token_logprobs(hidden, model.head_weight(config, params), seq_ids[:, -response_len:], temperature,
+                                   suppress)
     return logp, jax.lax.stop_gradient(entropy)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def token_logprobs(hidden, head, tokens, temperature: float = 1.0) -> tuple[jax.Array, jax.Array]:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def token_logprobs(hidden, head, tokens, temperature: float = 1.0,
+                   suppress: tuple[int, ...] = ()) -> tuple[jax.Array, jax.Array]:
     """(log softmax(hidden @ head / temperature) at tokens, entropy), float32 [B, R].
 
-    hidden [B, R, D], head [D, V], tokens int [B, R]. One pass over the [B, R, V]
+    hidden [B, R, D], head [D, V], tokens int [B, R]; the `suppress` ids (static) get
+    probability 0, as the sampler never draws them. One pass over the [B, R, V]
     logits serves logsumexp, the token's logit and the entropy, and the backward pass
     is written out: d logits = g * (onehot(token) - softmax) / temperature in one
     fused elementwise op, then the two head matmuls. Left to autodiff, XLA:CPU
@@ -176,25 +196,28 @@ def token_logprobs(hidden, head, tokens, temperature: float = 1.0) -> tuple[jax.
     into a zeroed [V, D] one) and copied d logits into a transposed [V, B*R] layout
     for the head's weight gradient. The entropy gets no gradient.
     """
-    return _token_logprobs_fwd(hidden, head, tokens, temperature)[0]
+    return _token_logprobs_fwd(hidden, head, tokens, temperature, suppress)[0]
 
 
-def _token_logprobs_fwd(hidden, head, tokens, temperature):
+def _token_logprobs_fwd(hidden, head, tokens, temperature, suppress):
     logits = jnp.einsum("BRD,DV->BRV", hidden, head, preferred_element_type=jnp.float32) / temperature
+    if suppress:  # -inf where the sampler suppresses; exp() makes them exact zeros below
+        logits = logits.at[..., jnp.asarray(suppress)].set(-jnp.inf)
     top = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
     exp = jnp.exp(logits - top)
     total = jnp.sum(exp, axis=-1, keepdims=True)
     lse = (top + jnp.log(total))[..., 0]
     token_logit = jnp.take_along_axis(logits, tokens[..., None], axis=-1)[..., 0]
-    entropy = lse - jnp.sum(exp * logits, axis=-1) / total[..., 0]
+    weighted = exp * logits if not suppress else jnp.where(exp > 0, exp * logits, 0.0)  # 0 * -inf is nan
+    entropy = lse - jnp.sum(weighted, axis=-1) / total[..., 0]
     return (token_logit - lse, entropy), (hidden, head, tokens, exp, total)
 
 
-def _token_logprobs_bwd(temperature, res, cotangents):
+def _token_logprobs_bwd(temperature, suppress, res, cotangents):
     hidden, head, tokens, exp, total = res
     g = cotangents[0][..., None] / temperature  # [B, R, 1]; the entropy's cotangent is dropped
     onehot = jnp.arange(exp.shape[-1], dtype=tokens.dtype) == tokens[..., None]
-    d_logits = jnp.where(onehot, g, 0.0) - g * (exp / total)  # [B, R, V]
+    d_logits = jnp.where(onehot, g, 0.0) - g * (exp / total)  # [B, R, V]; 0 at suppressed ids (exp is 0 there)
     d_hidden = jnp.einsum("BRV,DV->BRD", d_logits, head).astype(hidden.dtype)
     d_head = jnp.einsum("BRD,BRV->DV", hidden, d_logits).astype(head.dtype)  # tokens contracted directly: no copy
     return d_hidden, d_head, None
@@ -220,27 +243,62 @@ def score_sequences(params: Params, seq_ids, seq_mask, *, config: MistralConfig)
     return model.sequence_scores(config, params, seq_ids, seq_mask)[:, 0]
 
 
-def experience(actor: Params, reference: Params, critic: Params, seq_ids, seq_mask, response_mask, score, *,
-                    actor_config: MistralConfig, ref_config: MistralConfig, critic_config: MistralConfig,
-                    ppo: PPOConfig) -> Experience:
-    """Scores a rollout: old and reference logprobs, values, shaped rewards, whitened advantages, returns."""
+def policy_logprobs(config: MistralConfig, params: Params, seq_ids, seq_mask, response_len: int,
+                    ppo: PPOConfig) -> tuple[jax.Array, jax.Array]:
+    """`response_logprobs` under the sampler's policy as `ppo` records it (temperature, suppressed ids)."""
+    return response_logprobs(config, params, seq_ids, seq_mask, response_len, ppo.temperature, ppo.suppress_token_ids)
+
+
+def experience(actor: Params, reference: Params, critic: Params, seq_ids, seq_mask, response_mask, score,
+               kl_coef=None, *, actor_config: MistralConfig, ref_config: MistralConfig, critic_config: MistralConfig,
+               ppo: PPOConfig) -> Experience:
+    """Scores a rollout: old and reference logprobs, values, shaped rewards, whitened advantages, returns.
+    kl_coef: float32 [] (the adaptive controller's value), default ppo.kl_coef."""
     R = response_mask.shape[1]
-    old, _ = response_logprobs(actor_config, actor, seq_ids, seq_mask, R, ppo.temperature)
-    ref, _ = response_logprobs(ref_config, reference, seq_ids, seq_mask, R, ppo.temperature)
+    old, _ = policy_logprobs(actor_config, actor, seq_ids, seq_mask, R, ppo)
+    ref, _ = policy_logprobs(ref_config, reference, seq_ids, seq_mask, R, ppo)
     values = response_values(critic_config, critic, seq_ids, seq_mask, R)
-    return _scored(seq_ids, seq_mask, response_mask, old, ref, values, score, ppo)
+    return _scored(seq_ids, seq_mask, response_mask, old, ref, values, score, kl_coef, ppo)
 
 
-def _scored(seq_ids, seq_mask, response_mask, old, ref, values, score, ppo: PPOConfig) -> Experience:
+def _scored(seq_ids, seq_mask, response_mask, old, ref, values, score, kl_coef, ppo: PPOConfig) -> Experience:
     """Shaped rewards, GAE and whitened advantages from the forward passes' outputs."""
     mask = response_mask.astype(jnp.float32)
-    rewards = shaped_rewards(kl_penalty(old, ref, ppo.kl_estimator), score, mask, ppo.kl_coef, ppo.reward_clip)
+    kl_coef = ppo.kl_coef if kl_coef is None else kl_coef
+    rewards = shaped_rewards(kl_penalty(old, ref, ppo.kl_estimator), score, mask, kl_coef, ppo.reward_clip)
     advantages, returns = gae(rewards, values, mask, ppo.gamma, ppo.lam)
     return Experience(seq_ids, seq_mask, mask, old * mask, ref * mask, values * mask, rewards,
                       whiten(advantages, mask), returns, score)
 
 
 make_experience = jax.jit(experience, static_argnames=("actor_config", "ref_config", "critic_config", "ppo"))
+
+
+def experience_metrics(exp: Experience) -> dict:
+    """What an RL engineer reads off a scored batch, float32 scalars: the KL to the reference per token and per
+    response (k1, the sampled-token estimate), the raw advantage (returns - values, before whitening) and
+    return means and spreads, and the critic's explained variance 1 - Var(returns - values) / Var(returns)."""
+    mask = exp.response_mask
+    kl = (exp.old_logprobs - exp.ref_logprobs) * mask
+    advantages = (exp.returns - exp.values) * mask
+
+    def spread(x):
+        return jnp.sqrt(masked_mean((x - masked_mean(x, mask)) ** 2, mask))
+
+    return {"kl": masked_mean(kl, mask), "kl/per_response": jnp.mean(jnp.sum(kl, axis=-1)),
+            "advantages/mean": masked_mean(advantages, mask), "advantages/std": spread(advantages),
+            "returns/mean": masked_mean(exp.returns, mask), "returns/std": spread(exp.returns),
+            "value/explained_variance": 1.0 - spread(advantages) ** 2 / jnp.maximum(spread(exp.returns) ** 2, 1e-12)}
+
+
+def adapt_kl_coef(kl_coef: float, kl_per_token: float, batch: int, ppo: PPOConfig) -> float:
+    """The next KL coefficient (host floats). Fixed unless ppo.kl_target > 0; then Ziegler et al.'s proportional
+    controller: coef * (1 + clip(kl / target - 1, -0.2, 0.2) * batch / horizon). The target is per token, not per
+    response as in Ziegler's fixed-length setting: CM changes the response length, the per-token KL stays comparable."""
+    if not ppo.kl_target:
+        return kl_coef
+    error = min(max(kl_per_token / ppo.kl_target - 1.0, -0.2), 0.2)
+    return kl_coef * (1.0 + error * batch / ppo.kl_horizon)
 
 
 # ----------------------------------------------------------------------------- the update
@@ -263,15 +321,18 @@ def _split(tree, count: int):
     return jax.tree.map(lambda x: shard_as(x.reshape(count, -1, *x.shape[1:]), None, BATCH), tree)
 
 
-def _actor_forward(config: MistralConfig, params: Params, seq_ids, seq_mask, response_len: int, temperature: float):
-    """`response_logprobs` kept for its backward pass: (logprobs, pullback of their cotangent to params, entropy)."""
-    return jax.vjp(lambda p: response_logprobs(config, p, seq_ids, seq_mask, response_len, temperature), params,
-                   has_aux=True)
+def _actor_forward(config: MistralConfig, params: Params, seq_ids, seq_mask, response_len: int, ppo: PPOConfig):
+    """`policy_logprobs` kept for its backward pass: (logprobs, pullback of their cotangent to params, entropy)."""
+    return jax.vjp(lambda p: policy_logprobs(config, p, seq_ids, seq_mask, response_len, ppo), params, has_aux=True)
 
 
 def _critic_forward(config: MistralConfig, params: Params, seq_ids, seq_mask, response_len: int):
     """`response_values` kept for its backward pass: (values, pullback of their cotangent to params)."""
     return jax.vjp(lambda p: response_values(config, p, seq_ids, seq_mask, response_len), params)
+
+
+# Metrics reduced over minibatches by their maximum; every other one by the mean.
+MAX_METRICS = ("ratio/max",)
 
 
 def _minibatch_step(states, mb: Experience, *, actor_config, critic_config, ppo: PPOConfig, forwards=None):
@@ -285,7 +346,7 @@ def _minibatch_step(states, mb: Experience, *, actor_config, critic_config, ppo:
     actor_state, critic_state = states
     R = mb.response_mask.shape[1]
     logp, actor_pullback, entropy = (forwards[0] if forwards else _actor_forward(
-        actor_config, actor_state.params, mb.seq_ids, mb.seq_mask, R, ppo.temperature))
+        actor_config, actor_state.params, mb.seq_ids, mb.seq_mask, R, ppo))
     (p_loss, info), d_logp = jax.value_and_grad(policy_loss, has_aux=True)(
         logp, mb.old_logprobs, mb.advantages, mb.response_mask, ppo.clip_ratio)
     actor_state, a_info = optim.apply_gradients(actor_state, actor_pullback(d_logp)[0], p_loss, ppo.actor)
@@ -296,8 +357,10 @@ def _minibatch_step(states, mb: Experience, *, actor_config, critic_config, ppo:
                                                       ppo.value_clip)
     critic_state, c_info = optim.apply_gradients(critic_state, critic_pullback(d_values)[0], v_loss, ppo.critic)
 
+    ratio = jnp.where(mb.response_mask > 0, jnp.exp(logp - mb.old_logprobs), 0.0)
     metrics = {"loss/policy": p_loss, "loss/value": v_loss, "clipfrac": info["clipfrac"],
-               "approx_kl": info["approx_kl"], "entropy": masked_mean(entropy, mb.response_mask),
+               "approx_kl": info["approx_kl"], "ratio/max": jnp.max(ratio),
+               "entropy": masked_mean(entropy, mb.response_mask),
                "grad_norm/actor": a_info["grad_norm"], "grad_norm/critic": c_info["grad_norm"]}
     return (actor_state, critic_state), metrics
 
@@ -311,7 +374,7 @@ def update(actor_state: optim.TrainState, critic_state: optim.TrainState, exp: E
     gradient skips that model's step. `first_forwards`: both models' forward passes on
     the first epoch's first minibatch (rows `_epoch_orders(rng, B, ppo.epochs)[0, :B / M]`)
     at the states' params, which that step then reuses (see `iteration`). Returns the
-    new states and metrics averaged over all minibatches.
+    new states and metrics over all minibatches (the mean; the maximum for MAX_METRICS).
     """
     B = exp.seq_ids.shape[0]
     minibatch_size(B, ppo.minibatches)  # a PPOError when the batch does not split evenly
@@ -327,15 +390,17 @@ def update(actor_state: optim.TrainState, critic_state: optim.TrainState, exp: E
     if minibatches.seq_ids.shape[0]:  # none left after the first in whole-batch PPO
         states, rest = jax.lax.scan(step, states, minibatches)
         metrics.append(rest)
-    return *states, jax.tree.map(lambda *m: jnp.mean(jnp.concatenate(m)), *metrics)
+    reduced = {k: (jnp.max if k in MAX_METRICS else jnp.mean)(jnp.concatenate([m[k] for m in metrics]))
+               for k in metrics[0]}
+    return *states, reduced
 
 
 ppo_update = jax.jit(update, static_argnames=("actor_config", "critic_config", "ppo"), donate_argnums=(0, 1))
 
 
 def iteration(actor_state: optim.TrainState, critic_state: optim.TrainState, reference: Params, seq_ids, seq_mask,
-              response_mask, score, rng: jax.Array, *, actor_config: MistralConfig, ref_config: MistralConfig,
-              critic_config: MistralConfig,
+              response_mask, score, rng: jax.Array, kl_coef=None, *, actor_config: MistralConfig,
+              ref_config: MistralConfig, critic_config: MistralConfig,
               ppo: PPOConfig) -> tuple[optim.TrainState, optim.TrainState, Experience, dict]:
     """`experience` then `update` as one program, with one forward pass of actor and critic fewer.
 
@@ -346,9 +411,10 @@ def iteration(actor_state: optim.TrainState, critic_state: optim.TrainState, ref
     forward pass of the iteration; with M minibatches, 1/M of one. The kept activations
     of both models' first minibatch are live together while the reference is scored; in
     the 7B plan that costs under 2% more than the update alone. Inputs as `experience`,
-    `score` float32 [B] from the reward model; the result (new states, the experience,
-    mean metrics) equals `experience` followed by `update` with the same rng up to
-    float rounding.
+    `score` float32 [B] from the reward model, `kl_coef` float32 [] (default
+    ppo.kl_coef); the result (new states, the experience, the update's metrics and
+    `experience_metrics`) equals `experience` followed by `update` with the same rng up
+    to float rounding.
     """
     B, R = response_mask.shape
     size = minibatch_size(B, ppo.minibatches)
@@ -358,20 +424,19 @@ def iteration(actor_state: optim.TrainState, critic_state: optim.TrainState, ref
     def take(rows):  # those rows, spread over the data axes (as `update` places a minibatch)
         return shard_as(seq_ids[rows], BATCH, None), shard_as(seq_mask[rows], BATCH, None)
 
-    actor_first = _actor_forward(actor_config, actor_state.params, *take(first), R, ppo.temperature)
+    actor_first = _actor_forward(actor_config, actor_state.params, *take(first), R, ppo)
     critic_first = _critic_forward(critic_config, critic_state.params, *take(first), R)
     old, values = actor_first[0], critic_first[0]
     if size < B:
-        old = jnp.concatenate([old, response_logprobs(actor_config, actor_state.params, *take(rest), R,
-                                                      ppo.temperature)[0]])
+        old = jnp.concatenate([old, policy_logprobs(actor_config, actor_state.params, *take(rest), R, ppo)[0]])
         values = jnp.concatenate([values, response_values(critic_config, critic_state.params, *take(rest), R)])
     in_order = jnp.argsort(order)  # rows [first, rest] back to input order
-    ref, _ = response_logprobs(ref_config, reference, seq_ids, seq_mask, R, ppo.temperature)
-    exp = _scored(seq_ids, seq_mask, response_mask, old[in_order], ref, values[in_order], score, ppo)
+    ref, _ = policy_logprobs(ref_config, reference, seq_ids, seq_mask, R, ppo)
+    exp = _scored(seq_ids, seq_mask, response_mask, old[in_order], ref, values[in_order], score, kl_coef, ppo)
     actor_state, critic_state, metrics = update(actor_state, critic_state, exp, rng, actor_config=actor_config,
                                                 critic_config=critic_config, ppo=ppo,
                                                 first_forwards=(actor_first, critic_first))
-    return actor_state, critic_state, exp, metrics
+    return actor_state, critic_state, exp, {**metrics, **experience_metrics(exp)}
 
 
 ppo_iteration = jax.jit(iteration, static_argnames=("actor_config", "ref_config", "critic_config", "ppo"),

@@ -31,7 +31,8 @@ def _jit(mesh, fn, in_shardings, out_shardings, donate=(), **static):
 @dataclasses.dataclass
 class CoarsePrograms:
     """to_rollout (train -> rollout layout), generate(length) -> the sampling program for that
-    response bucket, score (reward model), iteration (experience and PPO update, `ppo.iteration`)."""
+    response bucket, score (reward model), iteration (experience and PPO update, `ppo.iteration`, with the
+    KL coefficient as its last argument)."""
 
     to_rollout: object
     generate: object
@@ -63,7 +64,7 @@ def coarse_programs(mesh: Mesh, *, actor_config: MistralConfig, ref_config: Mist
 
     @functools.lru_cache(maxsize=None)
     def generate(length: int):
-        return _jit(mesh, rollout.sample, (rollout_sh, batch2, batch2, repl), rollout.Rollout(batch2, batch2),
+        return _jit(mesh, rollout.sample, (rollout_sh, batch2, batch2, repl), rollout.Rollout(batch2, batch2, batch2),
                     config=layout, max_new_tokens=length, sampling=sampling,
                     eos_token_ids=eos_token_ids, pad_id=pad_id)
 
@@ -72,7 +73,7 @@ def coarse_programs(mesh: Mesh, *, actor_config: MistralConfig, ref_config: Mist
         to_rollout=to_rollout,
         generate=generate,
         score=_jit(mesh, ppo.score_sequences, (rm_sh, batch2, batch2), batch1, config=rm_config),
-        iteration=_jit(mesh, ppo.iteration, (actor_sh, critic_sh, ref_sh, batch2, batch2, batch2, batch1, repl),
+        iteration=_jit(mesh, ppo.iteration, (actor_sh, critic_sh, ref_sh, batch2, batch2, batch2, batch1, repl, repl),
                        (actor_sh, critic_sh, exp_sh, repl), donate=(0, 1), actor_config=actor_config,
                        ref_config=ref_config, critic_config=critic_config, ppo=pc),
     )

@@ -49,10 +49,13 @@ class SamplingConfig:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class Rollout:
-    """tokens int32 [B, R]; mask int32 [B, R]: 1 for generated tokens up to and including the first EOS."""
+    """tokens int32 [B, R]; mask int32 [B, R]: 1 for generated tokens up to and including the first EOS;
+    logprobs float32 [B, R]: each token's log probability under the distribution it was drawn from (after
+    suppression, temperature, top-k and top-p; 0 where the mask is 0), for the sampler-vs-trainer check."""
 
     tokens: jax.Array
     mask: jax.Array
+    logprobs: jax.Array
 
 
 def init_kv(config: MistralConfig, batch: int, lengths: Sequence[int]):
@@ -124,9 +127,16 @@ def filter_logits(logits: jax.Array, sampling: SamplingConfig) -> jax.Array:
 
 def sample_token(logits: jax.Array, rng: jax.Array, sampling: SamplingConfig) -> jax.Array:
     """int32 [B] drawn from float32 logits [B, V] (argmax when temperature is 0)."""
+    return draw(logits, rng, sampling)[0]
+
+
+def draw(logits: jax.Array, rng: jax.Array, sampling: SamplingConfig) -> tuple[jax.Array, jax.Array]:
+    """(token int32 [B], its log probability float32 [B]) drawn from float32 logits [B, V] as `sampling` says
+    (argmax when temperature is 0; its logprob is then that of the filtered, unscaled logits)."""
     logits = filter_logits(logits, sampling)
     if sampling.temperature == 0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return token, jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), token[:, None], -1)[:, 0]
     # Inverse-CDF sampling: one uniform per row instead of a Gumbel draw per vocab entry (32000 random
     # numbers per row per step cost more than the sampling itself), and two levels of it: pick a block of
     # the vocabulary by the running sum of block masses, then a token inside it. A flat cumsum over
@@ -145,7 +155,9 @@ def sample_token(logits: jax.Array, rng: jax.Array, sampling: SamplingConfig) ->
     # then its last token with any probability is the one u lies in.
     last = _SAMPLE_BLOCK - 1 - jnp.argmax(inside[:, ::-1] > 0, axis=-1)
     offset = jnp.where(jnp.any(hit, axis=-1), jnp.argmax(hit, axis=-1), last)
-    return (block * _SAMPLE_BLOCK + offset).astype(jnp.int32)
+    # The drawn token's probability, read from the block already gathered: no second pass over the vocabulary.
+    chosen = jnp.take_along_axis(inside, offset[:, None], axis=-1)[:, 0]
+    return (block * _SAMPLE_BLOCK + offset).astype(jnp.int32), jnp.log(chosen)
 
 
 _SAMPLE_BLOCK = 256
@@ -190,40 +202,43 @@ def decode(params, prompt_ids, prompt_mask, rng, *, config, max_new_tokens, samp
     def step(carry, t, begin, end):
         """Feeds token t - 1 back and samples token t, in the chunk [begin, end) of steps: its keys go into
         that chunk's cache block, and attention reads the blocks up to that one (P + end - 1 positions)."""
-        token, alive, next_pos, key_mask, key_pos, kv = carry
+        token, logprob, alive, next_pos, key_mask, key_pos, kv = carry
         slot = P + t - 1  # where the previous token's keys go
         key_mask = jax.lax.dynamic_update_slice(key_mask, jnp.ones((B, 1), jnp.int32), (0, slot))
         key_pos = jax.lax.dynamic_update_slice(key_pos, next_pos[:, None], (0, slot))
         attend = P + end - 1
         hidden, kv = model.apply(config, params, token[:, None], next_pos[:, None], key_pos[:, :attend],
                                  key_mask[:, :attend], kv, t - begin, head=False)
-        new = sample_token(model.head_output(config, params, hidden[:, 0]), rngs[t], sampling)
-        return (new, alive_after(token, alive), next_pos + 1, key_mask, key_pos, kv), (token, alive)
+        new, new_logprob = draw(model.head_output(config, params, hidden[:, 0]), rngs[t], sampling)
+        return ((new, new_logprob, alive_after(token, alive), next_pos + 1, key_mask, key_pos, kv),
+                (token, logprob, alive))
 
     def stopped(carry, t):
         """Every row has stopped: the last token keeps its flag, the slots after it are masked; no model call."""
-        token, alive, *rest = carry
-        return (token, alive * 0, *rest), (token, alive)
+        token, logprob, alive, *rest = carry
+        return (token, logprob, alive * 0, *rest), (token, logprob, alive)
 
-    carry = (sample_token(logits, rngs[0], sampling), jnp.ones((B,), jnp.int32), prompt_pos[:, -1] + 1,
+    carry = (*draw(logits, rngs[0], sampling), jnp.ones((B,), jnp.int32), prompt_pos[:, -1] + 1,
              key_mask, key_pos, kv)
-    tokens, mask, ran = [], [], jnp.int32(0)
+    tokens, logprobs, mask, ran = [], [], [], jnp.int32(0)
     for begin, end in chunks:
         steps = jnp.arange(begin, end)
         run = lambda c, steps=steps, begin=begin, end=end: jax.lax.scan(lambda c, t: step(c, t, begin, end), c, steps)
         if can_stop:
-            running = jnp.any(alive_after(carry[0], carry[1]) > 0)
-            carry, (chunk_tokens, chunk_mask) = jax.lax.cond(
+            running = jnp.any(alive_after(carry[0], carry[2]) > 0)
+            carry, (chunk_tokens, chunk_logprobs, chunk_mask) = jax.lax.cond(
                 running, run, lambda c, steps=steps: jax.lax.scan(stopped, c, steps), carry)
             ran += jnp.where(running, end - begin, 0)
         else:
-            carry, (chunk_tokens, chunk_mask) = run(carry)
+            carry, (chunk_tokens, chunk_logprobs, chunk_mask) = run(carry)
             ran += end - begin
         tokens.append(chunk_tokens)
+        logprobs.append(chunk_logprobs)
         mask.append(chunk_mask)
     tokens = jnp.concatenate([*tokens, carry[0][None]], axis=0).T  # [B, R]
-    mask = jnp.concatenate([*mask, carry[1][None]], axis=0).T
-    return Rollout(tokens=jnp.where(mask > 0, tokens, pad_id), mask=mask), ran
+    logprobs = jnp.concatenate([*logprobs, carry[1][None]], axis=0).T
+    mask = jnp.concatenate([*mask, carry[2][None]], axis=0).T
+    return Rollout(tokens=jnp.where(mask > 0, tokens, pad_id), mask=mask, logprobs=jnp.where(mask > 0, logprobs, 0.0)), ran
 
 
 def sample(params, prompt_ids, prompt_mask, rng, **settings) -> Rollout:

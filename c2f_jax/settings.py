@@ -4,7 +4,8 @@ Config sections mirror the dataclasses they become, so there is no table of
 renamed keys: `ppo` holds PPOConfig's fields (its `actor` and `critic` are
 OptimConfig fields), `cm` is CMConfig, `optim` (reward job) is OptimConfig,
 `rollout` is SamplingConfig plus `suppress_stop_tokens`. The one translation:
-PPO takes its logprobs at the sampling temperature.
+PPO takes its logprobs under the sampler's policy (its temperature and
+suppressed tokens).
 
 Model configs need the models' own config.json; `coarse_models` derives the
 four roles from the base and the reward model.
@@ -128,7 +129,8 @@ def coarse(config, stop_token_ids: tuple[int, ...] = (), devices: int | None = N
     p = _plain(config.ppo)
     actor = _fields(optim.OptimConfig, p.pop("actor"), "ppo.actor")
     critic = _fields(optim.OptimConfig, p.pop("critic"), "ppo.critic")
-    pc = _fields(ppo.PPOConfig, p, "ppo", actor=actor, critic=critic, temperature=sampling.temperature)
+    pc = _fields(ppo.PPOConfig, p, "ppo", actor=actor, critic=critic, temperature=sampling.temperature,
+                 suppress_token_ids=sampling.suppress_token_ids)
     batch = _number(config, "data.batch_size", lambda v: v >= 1, "an integer >= 1")
     mesh = mesh_shape(config, devices)
     sharding.batch_size_check(mesh, batch, "data.batch_size")

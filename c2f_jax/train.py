@@ -359,6 +359,15 @@ def _prompt_batch(mesh, token_lists, buckets, pad_id, truncate):
     return b["ids"], b["mask"]
 
 
+def sampler_gap(rollout_logprobs: np.ndarray, trainer_logprobs: np.ndarray, mask: np.ndarray) -> dict:
+    """Mean and max |sampler - trainer| logprob of the sampled tokens (float32 [B, R] each, host arrays): the
+    rollout copy (compute dtype, rollout layout) against the trainer's old logprobs. PPO's ratio assumes they
+    are one policy; a gap here (a dtype, a kernel, a filter the trainer lacks) biases every update."""
+    gap = np.abs(rollout_logprobs - trainer_logprobs)[mask > 0]
+    return {"sampler_gap/mean": float(gap.mean()) if gap.size else 0.0,
+            "sampler_gap/max": float(gap.max()) if gap.size else 0.0}
+
+
 def run_coarse(config, path: Path, show_progress: bool = True) -> list[dict]:
     """PPO with Continuous Maximization; returns the metrics rows of this process's steps."""
     # --- set up: settings, workdir, models, data, compiled programs, and a resumed state
@@ -396,11 +405,11 @@ def run_coarse(config, path: Path, show_progress: bool = True) -> list[dict]:
 
     actor_prompts = [data.tokenize_prompt(tok, q, config.data.system_prompt or None) for q in prompts]
     rm_prompts = [data.tokenize_prompt(tok, q, None) for q in prompts]  # the reward model never saw the system prompt
-    cm_state, start = cm.init_state(), 0
+    cm_state, kl_coef, start = cm.init_state(), job.ppo.kl_coef, 0
     if ckpt.latest_step() is not None:
         restored, meta = restore(ckpt, path, {"actor": actor_state, "critic": critic_state})
         actor_state, critic_state = restored["actor"], restored["critic"]
-        start, cm_state = meta["step"], meta["cm"]
+        start, cm_state, kl_coef = meta["step"], meta["cm"], meta.get("kl_coef", kl_coef)
         order.restore(meta["data"])
     # Written once the checkpoint has read back: a refused resume changes nothing.
     workdir.write_json(path / workdir.RUN_CONFIG, resolved, overwrite=True)
@@ -431,34 +440,33 @@ def run_coarse(config, path: Path, show_progress: bool = True) -> list[dict]:
         seq, seq_mask = jax.block_until_ready(ppo.join(prompt_ids, prompt_mask, out.tokens, out.mask))
         score = jax.block_until_ready(progs.score(rm_params, *ppo.join(rm_ids, rm_mask, out.tokens, out.mask)))
         actor_state, critic_state, exp, stats = jax.block_until_ready(progs.iteration(
-            actor_state, critic_state, reference, seq, seq_mask, out.mask, score, update_key))
+            actor_state, critic_state, reference, seq, seq_mask, out.mask, score, update_key, np.float32(kl_coef)))
         stats = jax.device_get(stats)
         t2 = time.perf_counter()
 
-        score_np, mask_np = sharding.to_host(score), sharding.to_host(out.mask)
-        kl_tokens = sharding.to_host(exp.old_logprobs) - sharding.to_host(exp.ref_logprobs)
-        kl = float(np.sum(kl_tokens * mask_np) / max(mask_np.sum(), 1))
+        score_np = sharding.to_host(score)
         cm_state = cm.update(job.cm, cm_state, float(score_np.mean()), float(stats["loss/value"]))
-        row = {
-            "reward/mean": float(score_np.mean()), "reward/std": float(score_np.std()), "kl": kl,
-            **{k: float(v) for k, v in stats.items()},
-            "response/length": float(mask_np.sum(1).mean()), "prompt/bucket": int(prompt_ids.shape[1]),
-            "cm/length_limit": length, "cm/next_length_limit": cm.length_limit(job.cm, cm_state),
-            "cm/p_advance": cm_state["p_advance"],
-            "time/rollout_tokens_per_s": mask_np.size / (t1 - t0),
-            "time/update_tokens_per_s": seq.size * job.ppo.epochs / (t2 - t1),
-            "compilations": compilations.total(),
-            "skipped_updates": int(actor_state.skipped) + int(critic_state.skipped),
-            "data/skipped_rows": skipped,
-        }
+        row = {"reward/mean": float(score_np.mean()), "reward/std": float(score_np.std()), "kl_coef": kl_coef,
+               **{k: float(v) for k, v in stats.items()},
+               **sampler_gap(sharding.to_host(out.logprobs), sharding.to_host(exp.old_logprobs),
+                             sharding.to_host(out.mask)),
+               "response/length": float(sharding.to_host(out.mask).sum(1).mean()),
+               "prompt/bucket": int(prompt_ids.shape[1]),
+               "cm/length_limit": length, "cm/next_length_limit": cm.length_limit(job.cm, cm_state),
+               "cm/p_advance": cm_state["p_advance"],
+               "time/rollout_tokens_per_s": out.mask.size / (t1 - t0),
+               "time/update_tokens_per_s": seq.size * job.ppo.epochs / (t2 - t1),
+               "compilations": compilations.total(),
+               "skipped_updates": int(actor_state.skipped) + int(critic_state.skipped), "data/skipped_rows": skipped}
+        kl_coef = ppo.adapt_kl_coef(kl_coef, row["kl"], job.batch_size, job.ppo)
         writer.write(step, row)
         rows.append({"step": step, **row})
         bar.update(1)
-        bar.set_postfix(reward=f"{row['reward/mean']:.3f}", kl=f"{kl:.4f}", len=length,
+        bar.set_postfix(reward=f"{row['reward/mean']:.3f}", kl=f"{row['kl']:.4f}", len=length,
                         tok_s=f"{row['time/rollout_tokens_per_s']:.0f}")
         if step % config.checkpoint_every == 0 or step == config.steps:
             ckpt.save(step, {"actor": actor_state, "critic": critic_state},
-                      {"step": step, "cm": cm_state, "data": order.state(), "job": "coarse"})
+                      {"step": step, "cm": cm_state, "kl_coef": kl_coef, "data": order.state(), "job": "coarse"})
     bar.close()
     writer.close()
     ckpt.close()

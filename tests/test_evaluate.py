@@ -113,7 +113,7 @@ def test_sample_responses_strip_eos_and_measure_what_was_generated(tiny, monkeyp
     # A rollout where row 0 stops after two tokens: EOS is dropped from the measured tokens, the rest kept.
     tokens = np.array([[10, 11, eos, pad], [12, 13, 14, 15]] * 2, np.int32)
     mask = np.array([[1, 1, 1, 0], [1, 1, 1, 1]] * 2, np.int32)
-    monkeypatch.setattr(evaluate.rollout, "generate", lambda *a, **k: evaluate.rollout.Rollout(tokens, mask))
+    monkeypatch.setattr(evaluate.rollout, "generate", lambda *a, **k: evaluate.rollout.Rollout(tokens, mask, np.zeros(mask.shape, np.float32)))
     gens = evaluate.sample_responses(policy, ["a", "b"], max_new_tokens=4, batch_size=4)
     assert [g["tokens"] for g in gens] == [[10, 11], [12, 13, 14, 15]]
     assert [g["ended_with_eos"] for g in gens] == [True, False]

@@ -165,6 +165,7 @@ def test_iteration_equals_experience_then_update(tiny_roles, epochs, minibatches
     exp = ppo.make_experience(a.params, reference, c.params, seq, seq_mask, response_mask, score, ref_config=config,
                               **kw)
     a1, c1, m1 = ppo.ppo_update(a, c, exp, jax.random.key(7), **kw)
+    m1 = {**m1, **ppo.experience_metrics(exp)}
     a, c = states()
     a2, c2, exp2, m2 = ppo.ppo_iteration(a, c, reference, seq, seq_mask, response_mask, score, jax.random.key(7),
                                          ref_config=config, **kw)
@@ -198,3 +199,71 @@ def test_iteration_runs_one_actor_and_one_critic_forward_fewer(tiny_roles):
     actor_fwd = flops(jax.jit(ppo.response_logprobs, static_argnums=(0, 4)), config, actor, seq, seq_mask, R)
     critic_fwd = flops(jax.jit(ppo.response_values, static_argnums=(0, 4)), critic_config, critic, seq, seq_mask, R)
     assert separate - fused == pytest.approx(actor_fwd + critic_fwd, rel=0.1)
+
+
+def test_logprobs_with_suppressed_tokens_are_the_samplers_policy():
+    """Suppressed ids get probability 0 and the rest renormalise, as rollout.filter_logits does; the written-out
+    backward pass equals autodiff of that reference."""
+    rng = np.random.default_rng(0)
+    hidden, head = jnp.asarray(rng.normal(size=(2, 3, 8))), jnp.asarray(rng.normal(size=(8, 11)))
+    tokens = jnp.asarray(rng.integers(3, 11, (2, 3)))
+    suppress, temperature = (0, 1, 2), 0.7
+
+    def reference(hidden, head):
+        logits = jnp.einsum("BRD,DV->BRV", hidden, head) / temperature
+        logp = jax.nn.log_softmax(logits.at[..., jnp.asarray(suppress)].set(-jnp.inf), axis=-1)
+        return jnp.take_along_axis(logp, tokens[..., None], -1)[..., 0], logp
+
+    logp, entropy = ppo.token_logprobs(hidden, head, tokens, temperature, suppress)
+    want, full = reference(hidden, head)
+    np.testing.assert_allclose(logp, want, rtol=1e-5, atol=1e-6)
+    p = jnp.exp(full)
+    np.testing.assert_allclose(entropy, -jnp.sum(jnp.where(p > 0, p * full, 0.0), -1), rtol=1e-5, atol=1e-6)
+    weights = jnp.asarray(rng.normal(size=(2, 3)))
+    ours = jax.grad(lambda h, w: jnp.sum(weights * ppo.token_logprobs(h, w, tokens, temperature, suppress)[0]),
+                    argnums=(0, 1))(hidden, head)
+    theirs = jax.grad(lambda h, w: jnp.sum(weights * reference(h, w)[0]), argnums=(0, 1))(hidden, head)
+    for a, b in zip(ours, theirs):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert not np.asarray(ours[1])[:, list(suppress)].any()  # no gradient towards a token never drawn
+
+
+def test_adaptive_kl_coefficient():
+    fixed = ppo.PPOConfig(kl_coef=0.1)
+    assert ppo.adapt_kl_coef(0.1, 5.0, 64, fixed) == 0.1  # kl_target 0: the paper's fixed coefficient
+    pc = ppo.PPOConfig(kl_coef=0.1, kl_target=0.5, kl_horizon=100)
+    assert ppo.adapt_kl_coef(0.1, 0.6, 10, pc) == pytest.approx(0.1 * (1 + 0.2 * 10 / 100))  # 20% above target
+    assert ppo.adapt_kl_coef(0.1, 50.0, 10, pc) == pytest.approx(0.1 * (1 + 0.2 * 0.1))  # error clipped at 0.2
+    assert ppo.adapt_kl_coef(0.1, 0.25, 10, pc) == pytest.approx(0.1 * (1 - 0.2 * 0.1))
+    assert ppo.adapt_kl_coef(0.1, 0.5, 10, pc) == 0.1
+    with pytest.raises(ppo.PPOError, match="kl_coef=0 with kl_target"):
+        ppo.PPOConfig(kl_coef=0.0, kl_target=0.5)
+
+
+def test_experience_metrics_by_hand():
+    rng = np.random.default_rng(1)
+    B, R = 4, 5
+    mask = prefix_mask(rng, B, R)
+    old, ref, values, returns = (rng.normal(size=(B, R)) * mask for _ in range(4))
+    exp = ppo.Experience(*(jnp.zeros((B, R)),) * 3, jnp.asarray(old), jnp.asarray(ref), jnp.asarray(values),
+                         jnp.zeros((B, R)), jnp.zeros((B, R)), jnp.asarray(returns), jnp.zeros(B))
+    exp.response_mask = jnp.asarray(mask)
+    m = {k: float(v) for k, v in ppo.experience_metrics(exp).items()}
+    valid = mask > 0
+    adv = (returns - values)[valid]
+    assert m["kl"] == pytest.approx((old - ref)[valid].mean(), rel=1e-5)
+    assert m["kl/per_response"] == pytest.approx(((old - ref) * mask).sum(1).mean(), rel=1e-5)
+    assert m["advantages/mean"] == pytest.approx(adv.mean(), rel=1e-5, abs=1e-6)
+    assert m["advantages/std"] == pytest.approx(adv.std(), rel=1e-5)
+    assert m["returns/std"] == pytest.approx(returns[valid].std(), rel=1e-5)
+    assert m["value/explained_variance"] == pytest.approx(1 - adv.var() / returns[valid].var(), rel=1e-4)
+    exp.values = exp.returns
+    assert float(ppo.experience_metrics(exp)["value/explained_variance"]) == pytest.approx(1.0)
+
+
+def test_lr_decays_linearly_to_zero_after_warmup():
+    schedule = optim.OptimConfig(lr=1.0, warmup_steps=4, decay_steps=8).schedule()
+    assert [float(schedule(s)) for s in (0, 2, 4, 8, 12, 20)] == pytest.approx([0, 0.5, 1, 0.5, 0, 0])
+    assert optim.OptimConfig(lr=1.0).schedule() == 1.0
+    with pytest.raises(optim.OptimError, match="decay_steps"):
+        optim.OptimConfig(lr=1.0, decay_steps=-1)

@@ -258,3 +258,12 @@ def test_bundled_tokenizer_is_mistral_v01():
     assert set(tokenizer.stop_token_ids(tok)) == {0, 1, 2}
     text = tokenizer.format_prompt("Why is the sky blue?", tokenizer.COARSE_SYSTEM_PROMPT)
     assert text.startswith("Below is an instruction") and text.endswith("\n\nHuman: Why is the sky blue?\n\nAssistant:")
+
+
+def test_drawn_tokens_carry_their_logprob_under_the_filtered_distribution():
+    logits = jax.random.normal(jax.random.key(3), (6, 700)) * 3
+    for s in (SamplingConfig(temperature=0.7, suppress_token_ids=(2,)), SamplingConfig(top_k=5),
+              SamplingConfig(top_p=0.8), SamplingConfig(temperature=0.0)):
+        token, logprob = rollout.draw(logits, jax.random.key(4), s)
+        want = jax.nn.log_softmax(rollout.filter_logits(logits, s), axis=-1)
+        np.testing.assert_allclose(logprob, jnp.take_along_axis(want, token[:, None], -1)[:, 0], atol=2e-5)

@@ -39,7 +39,7 @@ def one_iteration(mesh_shape):
         seq, seq_mask = ppo.join(ids, mask, out.tokens, out.mask)
         score = progs.score(rm_params, seq, seq_mask)
         actor_state, critic_state, exp, m = progs.iteration(actor_state, critic_state, reference, seq, seq_mask,
-                                                            out.mask, score, jax.random.key(1))
+                                                            out.mask, score, jax.random.key(1), np.float32(0.05))
         return out, exp, actor_state, critic_state
 
     out, exp, actor_state, critic_state = step(actor_state, critic_state)
@@ -140,7 +140,7 @@ def test_chunked_decode_with_early_stop_matches_one_device():
     param_sh = sharding.param_shardings(mesh, params, "rollout")
     batch2, repl = sharding.batch_sharding(mesh, 2), sharding.replicated(mesh)
     sharded = programs._jit(mesh, rollout.decode, (param_sh, batch2, batch2, repl),
-                            (rollout.Rollout(batch2, batch2), repl), **settings)
+                            (rollout.Rollout(batch2, batch2, batch2), repl), **settings)
     out, ran = sharded(sharding.place(params, param_sh), sharding.global_batch(mesh, ids),
                        sharding.global_batch(mesh, mask), jax.random.key(0))
     np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(want.tokens))

@@ -29,8 +29,19 @@ def test_demo_logs_every_metric_and_advances_cm(demo):
     assert [r["step"] for r in logged] == list(range(1, 9))
     needed = {"reward/mean", "reward/std", "kl", "loss/policy", "loss/value", "clipfrac", "entropy",
               "cm/length_limit", "cm/p_advance", "time/rollout_tokens_per_s", "time/update_tokens_per_s",
-              "compilations", "skipped_updates"}
+              "compilations", "skipped_updates", "kl_coef", "kl/per_response", "approx_kl", "ratio/max",
+              "sampler_gap/mean", "sampler_gap/max", "value/explained_variance", "advantages/mean",
+              "advantages/std", "returns/mean", "returns/std"}
     assert needed <= set(logged[0])
+    for r in logged:
+        # float32 on both sides, the same weights: the rollout copy and the trainer agree to rounding
+        assert 0 <= r["sampler_gap/mean"] <= r["sampler_gap/max"] < 1e-3
+        assert r["ratio/max"] >= 1.0 and r["value/explained_variance"] <= 1.0
+        assert r["kl/per_response"] == pytest.approx(r["kl"] * r["cm/length_limit"], rel=1e-4, abs=1e-6)
+    # the demo's KL coefficient adapts towards ppo.kl_target: it moves from its start, within the controller's bound
+    coefs = [r["kl_coef"] for r in logged]
+    assert coefs[0] == 0.05 and coefs[-1] != coefs[0]
+    assert all(abs(b / a - 1) <= 0.2 * 16 / 200 + 1e-12 for a, b in zip(coefs, coefs[1:]))
     limits = [r["cm/length_limit"] for r in logged]
     assert limits == sorted(limits) and len(set(limits)) >= 2
     assert all(r["skipped_updates"] == 0 for r in logged)

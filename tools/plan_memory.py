@@ -119,7 +119,7 @@ def main(argv=None) -> int:
         f"rollout_{P}+{R}": (progs.generate(R), (r_params, i32(B, P), i32(B, P), key)),
         "reward_score": (progs.score, (rm_params, i32(B, P + R), i32(B, P + R))),
         "ppo_iteration": (progs.iteration, (actor_state, critic_state, reference, i32(B, P + R), i32(B, P + R),
-                                            i32(B, R), f32(B), key)),
+                                            i32(B, R), f32(B), key, f32())),
     }
     n_params = sum(x.size for x in jax.tree.leaves(shapes))
     print(f"{n_params / 1e9:.2f}B params on {mesh.size} {kind} devices, mesh data={config.mesh.data} "
