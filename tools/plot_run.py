@@ -1,4 +1,5 @@
-"""Plot a run: reward, KL and the CM length limit over steps (a reward run: loss and held-out accuracy).
+"""Plot a run: reward, KL, approx_kl with clipfrac, entropy and the CM length limit over steps (a reward run:
+loss and held-out accuracy).
 
   python tools/plot_run.py runs/coarse [--out runs/coarse/run.png]
 """
@@ -25,13 +26,28 @@ def main(argv=None) -> int:
     import matplotlib.pyplot as plt
 
     coarse = "reward/mean" in rows[0]
-    panels = ([("reward/mean", "reward (mean)"), ("kl", "KL to reference"), ("cm/length_limit", "length limit")]
-              if coarse else [("loss", "train loss"), ("eval/accuracy", "held-out accuracy")])
-    fig, axes = plt.subplots(len(panels), 1, figsize=(7, 2.4 * len(panels)), sharex=True)
-    for ax, (key, title) in zip(axes, panels):
-        pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
-        ax.plot([s for s, _ in pts], [v for _, v in pts], drawstyle="steps-post" if "limit" in key else "default")
-        ax.set_ylabel(title)
+    # Each panel: (title, [(key, label, right axis?)]); keys a run lacks (older runs) are left out.
+    panels = ([("reward (mean)", [("reward/mean", "reward", False)]),
+               ("KL to reference, nats/token", [("kl", "KL", False), ("kl_coef", "KL coefficient", True)]),
+               ("policy change per iteration", [("approx_kl", "approx_kl", False), ("clipfrac", "clipfrac", True)]),
+               ("entropy, nats/token", [("entropy", "entropy", False)]),
+               ("length limit", [("cm/length_limit", "length limit", False)])]
+              if coarse else [("train loss", [("loss", "loss", False)]),
+                              ("held-out accuracy", [("eval/accuracy", "accuracy", False)])])
+    fig, axes = plt.subplots(len(panels), 1, figsize=(7, 2.2 * len(panels)), sharex=True)
+    for ax, (title, series) in zip(axes, panels):
+        for i, (key, label, right) in enumerate(series):
+            pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+            if not pts:
+                continue
+            target = ax.twinx() if right else ax
+            target.plot([s for s, _ in pts], [v for _, v in pts], color=f"C{i}", label=label,
+                        drawstyle="steps-post" if "limit" in key else "default")
+            if right:
+                target.set_ylabel(label, color=f"C{i}")
+        ax.set_ylabel(title if len(series) == 1 else series[0][1])
+        if len(series) > 1:
+            ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
     axes[-1].set_xlabel("step")
     fig.suptitle(Path(args.workdir).name)
