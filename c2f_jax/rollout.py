@@ -220,24 +220,21 @@ def decode(params, prompt_ids, prompt_mask, rng, *, config, max_new_tokens, samp
 
     carry = (*draw(logits, rngs[0], sampling), jnp.ones((B,), jnp.int32), prompt_pos[:, -1] + 1,
              key_mask, key_pos, kv)
-    tokens, logprobs, mask, ran = [], [], [], jnp.int32(0)
+    outputs, ran = [], jnp.int32(0)  # per chunk: (tokens, logprobs, mask), each [steps, B]
     for begin, end in chunks:
         steps = jnp.arange(begin, end)
         run = lambda c, steps=steps, begin=begin, end=end: jax.lax.scan(lambda c, t: step(c, t, begin, end), c, steps)
         if can_stop:
             running = jnp.any(alive_after(carry[0], carry[2]) > 0)
-            carry, (chunk_tokens, chunk_logprobs, chunk_mask) = jax.lax.cond(
-                running, run, lambda c, steps=steps: jax.lax.scan(stopped, c, steps), carry)
+            carry, out = jax.lax.cond(running, run, lambda c, steps=steps: jax.lax.scan(stopped, c, steps), carry)
             ran += jnp.where(running, end - begin, 0)
         else:
-            carry, (chunk_tokens, chunk_logprobs, chunk_mask) = run(carry)
+            carry, out = run(carry)
             ran += end - begin
-        tokens.append(chunk_tokens)
-        logprobs.append(chunk_logprobs)
-        mask.append(chunk_mask)
-    tokens = jnp.concatenate([*tokens, carry[0][None]], axis=0).T  # [B, R]
-    logprobs = jnp.concatenate([*logprobs, carry[1][None]], axis=0).T
-    mask = jnp.concatenate([*mask, carry[2][None]], axis=0).T
+        outputs.append(out)
+    # Each output's chunks, then the last sampled token's entry from the carry: [B, R].
+    tokens, logprobs, mask = (jnp.concatenate([*parts, last[None]], axis=0).T
+                              for parts, last in zip(list(zip(*outputs)) or [()] * 3, carry[:3]))
     return Rollout(tokens=jnp.where(mask > 0, tokens, pad_id), mask=mask, logprobs=jnp.where(mask > 0, logprobs, 0.0)), ran
 
 

@@ -368,6 +368,36 @@ def sampler_gap(rollout_logprobs: np.ndarray, trainer_logprobs: np.ndarray, mask
             "sampler_gap/max": float(gap.max()) if gap.size else 0.0}
 
 
+def _coarse_models(config, path: Path, mesh, job, base_config, base_params, tok, show_progress: bool):
+    """The reward model (reward_model.path, or trained inline), the four roles placed on the mesh and the compiled
+    programs: (rm_params, reference, actor_state, critic_state, programs)."""
+    rm_path = config.reward_model.path or inline_reward_model(config, path, show_progress)
+    check_model_folder("reward_model.path", rm_path, causal=False)
+    rm_file_config = hf.read_config(rm_path, param_dtype=config.reward_model.dtype)
+    roles = settings.coarse_models(config, base_config, rm_file_config)
+    _, rm_params = hf.load_pretrained(rm_path, dtype=config.reward_model.dtype,
+                                      shardings=sharding.param_shardings(mesh, model.param_shapes(roles.reward)),
+                                      compute_dtype=roles.reward.compute_dtype)
+    reference = _placed(mesh, _as_dtype(base_params, roles.reference.param_dtype))
+    actor_state = _placed_state(mesh, base_params, job.ppo.actor)
+    critic_state = _placed_state(mesh, _as_dtype(rm_params, roles.critic.param_dtype), job.ppo.critic)
+    progs = programs.coarse_programs(
+        mesh, actor_config=roles.actor, ref_config=roles.reference, critic_config=roles.critic,
+        rm_config=roles.reward, pc=job.ppo, sampling=job.sampling, eos_token_ids=(tok.eos_token_id,),
+        pad_id=tok.pad_token_id, actor_state=actor_state, critic_state=critic_state, reference=reference,
+        rm_params=rm_params)
+    return rm_params, reference, actor_state, critic_state, progs
+
+
+def _iteration_metrics(score, out, exp, stats: dict, kl_coef: float) -> dict:
+    """One iteration's reward, KL coefficient, PPO statistics, sampler-vs-trainer gap and response length."""
+    score, mask = sharding.to_host(score), sharding.to_host(out.mask)
+    return {"reward/mean": float(score.mean()), "reward/std": float(score.std()), "kl_coef": kl_coef,
+            **{k: float(v) for k, v in stats.items()},
+            **sampler_gap(sharding.to_host(out.logprobs), sharding.to_host(exp.old_logprobs), mask),
+            "response/length": float(mask.sum(1).mean())}
+
+
 def run_coarse(config, path: Path, show_progress: bool = True) -> list[dict]:
     """PPO with Continuous Maximization; returns the metrics rows of this process's steps."""
     # --- set up: settings, workdir, models, data, compiled programs, and a resumed state
@@ -387,21 +417,8 @@ def run_coarse(config, path: Path, show_progress: bool = True) -> list[dict]:
     base_config, base_params, tok = load_base(config)
     job = settings.coarse(config, tokenizer.stop_token_ids(tok))
 
-    rm_path = config.reward_model.path or inline_reward_model(config, path, show_progress)
-    check_model_folder("reward_model.path", rm_path, causal=False)
-    rm_file_config = hf.read_config(rm_path, param_dtype=config.reward_model.dtype)
-    roles = settings.coarse_models(config, base_config, rm_file_config)
-    _, rm_params = hf.load_pretrained(rm_path, dtype=config.reward_model.dtype,
-                                      shardings=sharding.param_shardings(mesh, model.param_shapes(roles.reward)),
-                                      compute_dtype=roles.reward.compute_dtype)
-    reference = _placed(mesh, _as_dtype(base_params, roles.reference.param_dtype))
-    actor_state = _placed_state(mesh, base_params, job.ppo.actor)
-    critic_state = _placed_state(mesh, _as_dtype(rm_params, roles.critic.param_dtype), job.ppo.critic)
-    progs = programs.coarse_programs(
-        mesh, actor_config=roles.actor, ref_config=roles.reference, critic_config=roles.critic,
-        rm_config=roles.reward, pc=job.ppo, sampling=job.sampling, eos_token_ids=(tok.eos_token_id,),
-        pad_id=tok.pad_token_id, actor_state=actor_state, critic_state=critic_state, reference=reference,
-        rm_params=rm_params)
+    rm_params, reference, actor_state, critic_state, progs = _coarse_models(
+        config, path, mesh, job, base_config, base_params, tok, show_progress)
 
     actor_prompts = [data.tokenize_prompt(tok, q, config.data.system_prompt or None) for q in prompts]
     rm_prompts = [data.tokenize_prompt(tok, q, None) for q in prompts]  # the reward model never saw the system prompt
@@ -444,20 +461,16 @@ def run_coarse(config, path: Path, show_progress: bool = True) -> list[dict]:
         stats = jax.device_get(stats)
         t2 = time.perf_counter()
 
-        score_np = sharding.to_host(score)
-        cm_state = cm.update(job.cm, cm_state, float(score_np.mean()), float(stats["loss/value"]))
-        row = {"reward/mean": float(score_np.mean()), "reward/std": float(score_np.std()), "kl_coef": kl_coef,
-               **{k: float(v) for k, v in stats.items()},
-               **sampler_gap(sharding.to_host(out.logprobs), sharding.to_host(exp.old_logprobs),
-                             sharding.to_host(out.mask)),
-               "response/length": float(sharding.to_host(out.mask).sum(1).mean()),
-               "prompt/bucket": int(prompt_ids.shape[1]),
-               "cm/length_limit": length, "cm/next_length_limit": cm.length_limit(job.cm, cm_state),
-               "cm/p_advance": cm_state["p_advance"],
-               "time/rollout_tokens_per_s": out.mask.size / (t1 - t0),
-               "time/update_tokens_per_s": seq.size * job.ppo.epochs / (t2 - t1),
-               "compilations": compilations.total(),
-               "skipped_updates": int(actor_state.skipped) + int(critic_state.skipped), "data/skipped_rows": skipped}
+        row = _iteration_metrics(score, out, exp, stats, kl_coef)
+        cm_state = cm.update(job.cm, cm_state, row["reward/mean"], row["loss/value"])
+        row.update({
+            "prompt/bucket": int(prompt_ids.shape[1]),
+            "cm/length_limit": length, "cm/next_length_limit": cm.length_limit(job.cm, cm_state),
+            "cm/p_advance": cm_state["p_advance"],
+            "time/rollout_tokens_per_s": out.mask.size / (t1 - t0),
+            "time/update_tokens_per_s": seq.size * job.ppo.epochs / (t2 - t1),
+            "compilations": compilations.total(),
+            "skipped_updates": int(actor_state.skipped) + int(critic_state.skipped), "data/skipped_rows": skipped})
         kl_coef = ppo.adapt_kl_coef(kl_coef, row["kl"], job.batch_size, job.ppo)
         writer.write(step, row)
         rows.append({"step": step, **row})
