@@ -1,0 +1,303 @@
+"""lm-evaluation-harness on our compiled model: the lm-eval model `c2f-jax`, and lm-eval's own CLI with it registered.
+
+  python -m c2f_jax.lm_eval --model c2f-jax --model_args pretrained=runs/demo-hf,dtype=float32 --tasks arc_easy
+  python -m c2f_jax.lm_eval --model c2f-jax --model_args pretrained=runs/demo,step=48 ...      # a training workdir
+  python -m c2f_jax.lm_eval --model c2f-jax --model_args coarse=runs/demo,sft=runs/sft,gamma=0.7 ...  # merged in memory
+
+`import c2f_jax.lm_eval` registers the model, so `lm_eval.simple_evaluate(model="c2f-jax", ...)` works too.
+
+Requests are split into context and continuation, with BOS, by lm-eval's own `TemplateLM` (what its `hf` backend
+uses), so the numbers compare with everyone's. Scoring runs one compiled forward pass per (batch, length bucket);
+generation runs the compiled rollout (early stop at EOS) per (batch, prompt bucket, max_gen_toks, sampling).
+Lengths come from the buckets, never from a request, so a task compiles a handful of programs, not one per
+request. Model args:
+
+  pretrained=DIR       an HF folder, or a training workdir (its actor; step=N, default the latest)
+  coarse=, sft=, gamma=  theta = gamma * coarse + (1 - gamma) * sft, merged in memory (merge.merge_params, as
+                       tools/merge.py computes it); config and tokenizer are the SFT model's, as merge.py writes them
+  dtype=float32        params and compute dtype
+  mesh=DxFxT           the ('data', 'fsdp', 'tensor') mesh, e.g. 1x8x1 for a 7B model over 8 devices (default 1x1x1)
+  max_length=N         context length (default the model's max_position_embeddings, as the hf backend)
+  add_bos_token=BOOL   as the hf backend's (default: the tokenizer's own setting)
+  seed=N               the sampling seed for do_sample=True requests
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+try:
+    from lm_eval import utils as lm_utils
+    from lm_eval.api.model import TemplateLM
+    from lm_eval.api.registry import register_model
+    from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
+except ImportError:  # the eval extra is optional
+    raise ImportError("lm-eval is not installed: pip install -e '.[eval]' (lm-eval==0.4.13)") from None
+
+from c2f_jax import evaluate, merge, model, rollout, sharding
+from c2f_jax.config import float_dtype
+
+# Generation settings we run; anything else in a task's generation_kwargs is refused, naming the key.
+GENERATION_KEYS = ("do_sample", "temperature", "top_k", "top_p")
+MIN_BUCKET = 32
+
+
+class LMEvalError(ValueError):
+    """A model argument or request the c2f-jax backend cannot run."""
+
+
+def length_buckets(max_length: int) -> list[int]:
+    """Static sequence lengths: powers of two from MIN_BUCKET up to max_length, and max_length itself."""
+    buckets, b = [], MIN_BUCKET
+    while b < max_length:
+        buckets.append(b)
+        b *= 2
+    return buckets + [max_length]
+
+
+def _bucket(length: int, buckets: list[int]) -> int:
+    return next(b for b in buckets if b >= length)
+
+
+def _mesh_shape(text: str) -> dict:
+    try:
+        data, fsdp, tensor = (int(x) for x in str(text).lower().split("x"))
+    except ValueError:
+        raise LMEvalError(f"mesh={text!r}: expected DATAxFSDPxTENSOR, e.g. 1x8x1") from None
+    return {"data": data, "fsdp": fsdp, "tensor": tensor}
+
+
+def score_tokens(params, ids, mask, targets, *, config):
+    """Sum of log p(target) over the scored positions and whether each was the argmax, per row.
+
+    ids, mask int32 [B, T] (left-padded); targets int32 [B, T]: the token position t predicts, -1 where nothing
+    is scored. Returns (float32 [B], bool [B]); the [B, T, V] logits never leave the program.
+    """
+    logits = model.forward(config, params, ids, mask)
+    scored = targets >= 0
+    safe = jnp.where(scored, targets, 0)[..., None]
+    logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), safe, -1)[..., 0]
+    greedy = jnp.argmax(logits, axis=-1) == safe[..., 0]
+    return jnp.sum(jnp.where(scored, logp, 0.0), -1), jnp.all(greedy | ~scored, -1)
+
+
+@register_model("c2f-jax")
+class C2FJaxLM(TemplateLM):
+    """An lm-eval model on c2f-jax's compiled forward pass and rollout (see the module docstring)."""
+
+    def __init__(self, pretrained: str | None = None, step: int | None = None, coarse: str | None = None,
+                 sft: str | None = None, gamma: float | None = None, dtype: str = "float32", mesh: str = "1x1x1",
+                 max_length: int | None = None, add_bos_token: bool | None = None, seed: int = 0,
+                 batch_size: int | str = 8, max_batch_size: int | None = None, device: str | None = None,
+                 **unknown):
+        super().__init__()
+        if unknown:
+            raise LMEvalError(f"model_args: unknown {sorted(unknown)[0]!r} (known: pretrained, step, coarse, sft, "
+                              "gamma, dtype, mesh, max_length, add_bos_token, seed)")
+        self.mesh = sharding.make_mesh(**_mesh_shape(mesh))
+        rows = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        self._batch_size = 8 if str(batch_size).startswith("auto") else int(batch_size)
+        self._batch_size = -(-self._batch_size // rows) * rows  # the batch splits over the data axes
+        dtype = float_dtype(dtype, "dtype").name
+        self.config, params, self.tokenizer, self.name = self._load(pretrained, step, coarse, sft, gamma, dtype)
+        self.params = sharding.place(params, sharding.param_shardings(self.mesh, params))
+        self._max_length = int(max_length or self.config.max_position_embeddings)
+        self.buckets = length_buckets(self._max_length)
+        self.add_bos_token = add_bos_token
+        self.rng = jax.random.key(int(seed))
+        self._score = jax.jit(score_tokens, static_argnames=("config",))
+        self._rollout = None  # the rollout layout copy, made on the first generate_until
+
+    @staticmethod
+    def _load(pretrained, step, coarse, sft, gamma, dtype):
+        """(config, params, tokenizer, name) of the model args' source."""
+        if pretrained is not None:
+            if coarse is not None or sft is not None:
+                raise LMEvalError("model_args: give pretrained=, or coarse=, sft= and gamma=, not both")
+            m = evaluate.load_model(pretrained, dtype=dtype, step=None if step is None else int(step))
+            return m.config, m.params, m.tokenizer, str(pretrained)
+        if coarse is None or sft is None or gamma is None:
+            raise LMEvalError("model_args: pretrained=DIR, or coarse=DIR,sft=DIR,gamma=G, is required")
+        a = evaluate.load_model(coarse, dtype=dtype, step=None if step is None else int(step))
+        b = evaluate.load_model(sft, dtype=dtype)
+        params = merge.merge_params(a.params, b.params, float(gamma), dtype)
+        return b.config, params, b.tokenizer, f"{coarse}+{sft}@{gamma}"
+
+    # ------------------------------------------------------------------------- what TemplateLM asks of a model
+
+    @property
+    def eot_token_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        bos = self.tokenizer.bos_token_id
+        return bos if bos is not None else self.tokenizer.eos_token_id
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length
+
+    @property
+    def max_gen_toks(self) -> int:
+        return 256
+
+    @property
+    def batch_size(self) -> int:
+        return self._batch_size
+
+    @property
+    def tokenizer_name(self) -> str:
+        return str(self.name).replace("/", "__")
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, left_truncate_len: int | None = None,
+                   **kwargs) -> list[int]:
+        """As the hf backend encodes: the tokenizer's special tokens unless told otherwise, none when the string
+        already starts with the BOS text."""
+        flag = add_special_tokens if add_special_tokens is not None else self.add_bos_token
+        if add_special_tokens is None and string.startswith(self.tokenizer.decode(self.prefix_token_id)):
+            flag = False
+        ids = self.tokenizer.encode(string, **({} if flag is None else {"add_special_tokens": flag}))
+        return ids[-left_truncate_len:] if left_truncate_len else ids
+
+    def apply_chat_template(self, chat_history: list[dict], add_generation_prompt: bool = True) -> str:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise LMEvalError(f"{self.name}: the tokenizer has no chat template (--apply_chat_template)")
+        return self.tokenizer.apply_chat_template(chat_history, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt)
+
+    # ------------------------------------------------------------------------- scoring
+
+    def _batches(self, items: list, key) -> list[list[int]]:
+        """Indices of `items` longest first, in batches of batch_size (the hf backend's order, so the ends of
+        batches fall alike)."""
+        order = sorted(range(len(items)), key=key)
+        return [order[i:i + self._batch_size] for i in range(0, len(order), self._batch_size)]
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+        """(sum of continuation logprobs, continuation is greedy) per (cache key, context ids, continuation ids)."""
+        windows = []
+        for _, context, continuation in requests:
+            if not continuation or len(continuation) > self._max_length:
+                raise LMEvalError(f"a continuation of {len(continuation)} tokens; it must be 1 to {self._max_length}")
+            whole = (list(context) + list(continuation))[-(self._max_length + 1):]
+            windows.append((whole[:-1], list(continuation)))
+        results: list = [None] * len(requests)
+        bar = tqdm(total=len(requests), disable=disable_tqdm, desc="c2f-jax loglikelihood")
+        for batch in self._batches(windows, key=lambda i: (-len(windows[i][0]), windows[i][0])):
+            T = _bucket(max(len(windows[i][0]) for i in batch), self.buckets)
+            rows = batch + [batch[-1]] * (self._batch_size - len(batch))
+            ids, mask, targets = (np.zeros((len(rows), T), np.int32) for _ in range(3))
+            targets -= 1
+            for r, i in enumerate(rows):
+                inp, cont = windows[i]
+                ids[r, T - len(inp):], mask[r, T - len(inp):] = inp, 1
+                targets[r, T - len(cont):] = cont  # position t predicts the token after it
+            put = lambda a: sharding.global_batch(self.mesh, a)
+            logp, greedy = self._score(self.params, put(ids), put(mask), put(targets), config=self.config)
+            logp, greedy = sharding.to_host(logp), sharding.to_host(greedy)
+            for r, i in enumerate(batch):
+                results[i] = (float(logp[r]), bool(greedy[r]))
+                if requests[i][0] is not None:
+                    self.cache_hook.add_partial("loglikelihood", requests[i][0], results[i])
+            bar.update(len(batch))
+        bar.close()
+        return results
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        """Each document's total logprob over lm-eval's disjoint windows of max_length tokens."""
+        windows, owner = [], []
+        for n, (text,) in enumerate(req.args for req in requests):
+            for context, continuation in map(lm_utils.make_disjoint_window, lm_utils.get_rolling_token_windows(
+                    token_list=self.tok_encode(text), prefix_token=self.prefix_token_id,
+                    max_seq_len=self._max_length, context_len=1)):
+                windows.append((None, context, continuation))
+                owner.append(n)
+        scores = self._loglikelihood_tokens(windows, disable_tqdm=disable_tqdm)
+        totals = [0.0] * len(requests)
+        for n, (logp, _) in zip(owner, scores):
+            totals[n] += logp
+        for req, total in zip(requests, totals):
+            self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
+        return totals
+
+    # ------------------------------------------------------------------------- generation
+
+    def _rollout_params(self):
+        """The actor's rollout copy (compute dtype, per-layer weights, the backend's down orientation) on the mesh:
+        the layout the training job samples with, made once."""
+        if self._rollout is None:
+            layout = rollout.rollout_layout(self.config, self.mesh.devices.flat[0].platform)
+            copy = rollout.rollout_params(layout, self.params)
+            self._rollout = layout, sharding.place(copy, sharding.param_shardings(self.mesh, copy, "rollout"))
+        return self._rollout
+
+    def _sampling(self, gen_kwargs: dict) -> tuple[list[str], int, dict]:
+        """(stop strings, max_gen_toks, rollout.generate's sampling arguments) of one request's generation_kwargs."""
+        kwargs = normalize_gen_kwargs(gen_kwargs, self.max_gen_toks)
+        until = handle_stop_sequences(kwargs.pop("until", None),
+                                      eos=self.tokenizer.decode(self.eot_token_id, skip_special_tokens=False))
+        max_gen_toks = int(kwargs.pop("max_gen_toks"))
+        unknown = sorted(k for k in kwargs if k not in GENERATION_KEYS)
+        if unknown:
+            raise LMEvalError(f"generation_kwargs: {unknown[0]!r} is not supported by c2f-jax "
+                              f"(supported: until, max_gen_toks, {', '.join(GENERATION_KEYS)})")
+        temperature = float(kwargs.get("temperature") or 0.0) if kwargs.get("do_sample") else 0.0
+        if kwargs.get("do_sample") and temperature == 0.0:
+            temperature = 1.0  # sampling asked for without a temperature: the distribution as it is
+        if max_gen_toks < 1 or max_gen_toks >= self._max_length:
+            raise LMEvalError(f"max_gen_toks={max_gen_toks}: must be 1 to max_length - 1 ({self._max_length - 1})")
+        return until, max_gen_toks, {"temperature": temperature, "top_k": int(kwargs.get("top_k") or 0),
+                                     "top_p": float(kwargs.get("top_p") or 1.0)}
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        """Greedy (or sampled) continuations, cut at the first stop string; EOS ends a row early."""
+        layout, params = self._rollout_params()
+        args = [req.args for req in requests]
+        groups: dict = {}
+        for i, (_, gen_kwargs) in enumerate(args):
+            groups.setdefault(json.dumps(gen_kwargs, sort_keys=True, default=str), []).append(i)
+        results: list = [None] * len(requests)
+        bar = tqdm(total=len(requests), disable=disable_tqdm, desc="c2f-jax generate_until")
+        for members in groups.values():
+            until, max_gen_toks, sampling = self._sampling(args[members[0]][1])
+            contexts = {i: self.tok_encode(args[i][0], left_truncate_len=self._max_length - max_gen_toks)
+                        for i in members}
+            order = sorted(members, key=lambda i: (-len(contexts[i]), args[i][0]))
+            for start in range(0, len(order), self._batch_size):
+                batch = order[start:start + self._batch_size]
+                rows = batch + [batch[-1]] * (self._batch_size - len(batch))
+                P = _bucket(max(len(contexts[i]) for i in batch), self.buckets)
+                ids, mask = np.zeros((len(rows), P), np.int32), np.zeros((len(rows), P), np.int32)
+                for r, i in enumerate(rows):
+                    ids[r, P - len(contexts[i]):], mask[r, P - len(contexts[i]):] = contexts[i], 1
+                self.rng, key = jax.random.split(self.rng)
+                out = rollout.generate(layout, params, sharding.global_batch(self.mesh, ids),
+                                       sharding.global_batch(self.mesh, mask), key, max_new_tokens=max_gen_toks,
+                                       eos_token_ids=(self.eot_token_id,), pad_id=self.tokenizer.pad_token_id or 0,
+                                       **sampling)
+                tokens, kept = sharding.to_host(out.tokens), sharding.to_host(out.mask)
+                for r, i in enumerate(batch):
+                    text = self.tokenizer.decode(tokens[r][kept[r] > 0].tolist(), skip_special_tokens=True)
+                    results[i] = postprocess_generated_text(text, until, None)
+                    self.cache_hook.add_partial("generate_until", args[i], results[i])
+                bar.update(len(batch))
+        bar.close()
+        return results
+
+
+def main() -> None:
+    """lm-eval's CLI, with `c2f-jax` registered (this module's import did it)."""
+    from lm_eval.__main__ import cli_evaluate
+
+    cli_evaluate()
+
+
+if __name__ == "__main__":
+    main()

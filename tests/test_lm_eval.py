@@ -1,0 +1,166 @@
+"""The lm-eval model `c2f-jax` against lm-eval's own `hf` backend on the same exported float32 model.
+
+Local tasks (tests/lm_eval_tasks), one per request type: two-shot multiple choice (loglikelihood), documents
+longer than max_length (loglikelihood_rolling), greedy generation to stop strings (generate_until).
+"""
+
+import json
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import ROOT, cli_env
+
+TASKS = ["c2f_mc", "c2f_rolling", "c2f_gen"]
+MAX_LENGTH = 64  # shorter than two of the documents, so rolling windows are exercised
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """The tiny preset with weights scaled up (clear argmaxes), real Mistral tokenizer, as an HF folder."""
+    from c2f_jax import hf, model, tokenizer
+
+    out = tmp_path_factory.mktemp("lmeval") / "model"
+    params = model.init_params(model.TINY, jax.random.key(0))
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, a: a if "norm" in jax.tree_util.keystr(path) else a * 5, params)
+    hf.save_pretrained(out, model.TINY, params, tokenizer_source=tokenizer.load_tokenizer(None))
+    return out
+
+
+def evaluate(model, model_args, **kw):
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    return lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=TASKS, log_samples=True, batch_size=4,
+                                   task_manager=TaskManager(include_path=str(ROOT / "tests" / "lm_eval_tasks")), **kw)
+
+
+@pytest.fixture(scope="module")
+def both(folder):
+    import os
+
+    import c2f_jax.lm_eval  # noqa: F401  (registers c2f-jax)
+
+    cwd = os.getcwd()
+    os.chdir(ROOT)  # the task YAMLs name their data files relative to the checkout
+    try:
+        ours = evaluate("c2f-jax", f"pretrained={folder},max_length={MAX_LENGTH}")
+        theirs = evaluate("hf", f"pretrained={folder},dtype=float32,max_length={MAX_LENGTH}", device="cpu")
+    finally:
+        os.chdir(cwd)
+    return ours, theirs
+
+
+def _pairs(ours, theirs, task):
+    a, b = ours["samples"][task], theirs["samples"][task]
+    assert [s["doc_id"] for s in a] == [s["doc_id"] for s in b] and a
+    return zip(a, b)
+
+
+def test_loglikelihoods_and_is_greedy_equal_the_hf_backend(both, folder):
+    from c2f_jax import tokenizer
+
+    tok = tokenizer.load_tokenizer(folder)
+    worst = 0.0
+    for sa, sb in _pairs(*both, "c2f_mc"):
+        assert sa["arguments"] == sb["arguments"]  # the same two-shot prompts
+        for (ll_a, greedy_a), (ll_b, greedy_b), args in zip((r[0] for r in sa["resps"]), (r[0] for r in sb["resps"]),
+                                                            sa["arguments"]):
+            tokens = len(tok(args[1], add_special_tokens=False).input_ids)
+            worst = max(worst, abs(ll_a - ll_b) / tokens)
+            assert greedy_a == greedy_b
+    print(f"largest loglikelihood difference per scored token: {worst:.2e}")
+    assert worst <= 1e-4
+
+
+def test_rolling_loglikelihoods_over_documents_longer_than_max_length(both, folder):
+    from c2f_jax import tokenizer
+
+    tok = tokenizer.load_tokenizer(folder)
+    longest = 0
+    for sa, sb in _pairs(*both, "c2f_rolling"):
+        tokens = len(tok(sa["doc"]["text"]).input_ids)
+        longest = max(longest, tokens)
+        assert abs(sa["resps"][0][0] - sb["resps"][0][0]) <= 1e-4 * tokens
+    assert longest > MAX_LENGTH + 1  # more than one window
+
+
+def test_greedy_generations_identical(both):
+    for sa, sb in _pairs(*both, "c2f_gen"):
+        assert sa["resps"] == sb["resps"]
+        assert sa["resps"][0][0]  # something was generated (cut at the stop strings)
+
+
+def test_task_metrics_equal(both):
+    ours, theirs = both
+    for task in TASKS:
+        for key, value in theirs["results"][task].items():
+            if isinstance(value, (int, float)) and "stderr" not in key:
+                assert ours["results"][task][key] == pytest.approx(value, rel=1e-6), (task, key)
+
+
+def test_a_second_evaluation_compiles_nothing(folder, monkeypatch):
+    """Requests are batched into static length buckets: once a task's buckets have compiled, nothing does."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from c2f_jax import compilations
+    from c2f_jax.lm_eval import C2FJaxLM
+
+    monkeypatch.chdir(ROOT)
+    lm = C2FJaxLM(pretrained=str(folder), max_length=MAX_LENGTH, batch_size=4)
+    run = lambda: lm_eval.simple_evaluate(model=lm, tasks=TASKS, task_manager=TaskManager(
+        include_path=str(ROOT / "tests" / "lm_eval_tasks")))
+    run()
+    before = compilations.total()
+    run()
+    assert compilations.total() == before
+
+
+def test_in_memory_merge_equals_the_merged_folder(folder, tmp_path):
+    """coarse=, sft=, gamma= merges in memory exactly as tools/merge.py writes the folder."""
+    from c2f_jax import hf, merge, model
+    from c2f_jax.lm_eval import C2FJaxLM
+
+    config, params = hf.load_pretrained(folder)
+    other = tmp_path / "other"
+    hf.save_pretrained(other, config, jax.tree.map(lambda a: a * 0.5 + 0.01, params), tokenizer_source=folder)
+    merge.merge_checkpoints(folder, other, [0.7], tmp_path / "merged")
+    merged_dir = tmp_path / "merged"
+    if not (merged_dir / "config.json").exists():
+        merged_dir = next(p for p in merged_dir.iterdir() if (p / "config.json").exists())
+    from_folder = C2FJaxLM(pretrained=str(merged_dir), max_length=MAX_LENGTH, batch_size=4)
+    in_memory = C2FJaxLM(coarse=str(folder), sft=str(other), gamma=0.7, max_length=MAX_LENGTH, batch_size=4)
+    for a, b in zip(jax.tree.leaves(from_folder.params), jax.tree.leaves(in_memory.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert model.param_shapes(from_folder.config) is not None
+
+
+def test_bad_model_args_are_one_line_errors(folder):
+    from c2f_jax.lm_eval import C2FJaxLM, LMEvalError
+
+    with pytest.raises(LMEvalError, match="unknown 'pretrianed'"):
+        C2FJaxLM(pretrianed=str(folder))
+    with pytest.raises(LMEvalError, match="mesh='8'"):
+        C2FJaxLM(pretrained=str(folder), mesh="8")
+    with pytest.raises(LMEvalError, match="pretrained=DIR, or coarse=DIR,sft=DIR,gamma=G"):
+        C2FJaxLM(coarse=str(folder))
+
+
+def test_the_cli_is_lm_evals_with_c2f_jax_registered(folder, tmp_path):
+    out = tmp_path / "results"
+    done = subprocess.run(
+        [sys.executable, "-m", "c2f_jax.lm_eval", "--model", "c2f-jax", "--model_args",
+         f"pretrained={folder},max_length={MAX_LENGTH}", "--tasks", "c2f_mc,c2f_gen", "--include_path",
+         "tests/lm_eval_tasks", "--limit", "2", "--batch_size", "2", "--seed", "1", "--log_samples",
+         "--output_path", str(out)], cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = [p for p in out.rglob("results_*.json")]
+    assert results, list(out.rglob("*"))
+    saved = json.loads(results[0].read_text())
+    assert saved["config"]["model"] == "c2f-jax" and set(saved["results"]) == {"c2f_mc", "c2f_gen"}
+    assert any(out.rglob("samples_c2f_mc_*.jsonl"))
