@@ -53,10 +53,13 @@ class LMEvalError(ValueError):
 
 
 def length_buckets(max_length: int) -> list[int]:
-    """Static sequence lengths: powers of two from MIN_BUCKET up to max_length, and max_length itself."""
+    """Static sequence lengths: MIN_BUCKET x 2^k and 1.5 x that, up to max_length, and max_length itself.
+
+    Half steps: with powers of two alone a batch pads up to twice its longest row (the hf backend pads to
+    exactly its longest), with them at most 1.5 times; each bucket compiles once, about 2 log2(max_length)."""
     buckets, b = [], MIN_BUCKET
     while b < max_length:
-        buckets.append(b)
+        buckets += [x for x in (b, b * 3 // 2) if x < max_length]
         b *= 2
     return buckets + [max_length]
 
@@ -76,10 +79,14 @@ def _mesh_shape(text: str) -> dict:
 def score_tokens(params, ids, mask, targets, *, config):
     """Sum of log p(target) over the scored positions and whether each was the argmax, per row.
 
-    ids, mask int32 [B, T] (left-padded); targets int32 [B, T]: the token position t predicts, -1 where nothing
-    is scored. Returns (float32 [B], bool [B]); the [B, T, V] logits never leave the program.
+    ids, mask int32 [B, T] (left-padded); targets int32 [B, K]: the tokens the last K positions predict, -1
+    where nothing is scored (K a static bucket of the batch's longest continuation). The LM head runs on those
+    K positions only: at the bench shape it is most of a forward pass, and a multiple-choice continuation is a
+    few tokens of a long context. Returns (float32 [B], bool [B]); no logits leave the program.
     """
-    logits = model.forward(config, params, ids, mask)
+    hidden = model.hidden_states(config, params, ids, mask)[:, -targets.shape[1]:]  # [B, K, D]
+    logits = jnp.einsum("BKD,DV->BKV", hidden, model.head_weight(config, params),
+                        preferred_element_type=jnp.float32)
     scored = targets >= 0
     safe = jnp.where(scored, targets, 0)[..., None]
     logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), safe, -1)[..., 0]
@@ -192,13 +199,14 @@ class C2FJaxLM(TemplateLM):
         bar = tqdm(total=len(requests), disable=disable_tqdm, desc="c2f-jax loglikelihood")
         for batch in self._batches(windows, key=lambda i: (-len(windows[i][0]), windows[i][0])):
             T = _bucket(max(len(windows[i][0]) for i in batch), self.buckets)
+            K = min(_bucket(max(len(windows[i][1]) for i in batch), self.buckets), T)
             rows = batch + [batch[-1]] * (self._batch_size - len(batch))
-            ids, mask, targets = (np.zeros((len(rows), T), np.int32) for _ in range(3))
-            targets -= 1
+            ids, mask = np.zeros((len(rows), T), np.int32), np.zeros((len(rows), T), np.int32)
+            targets = np.full((len(rows), K), -1, np.int32)
             for r, i in enumerate(rows):
                 inp, cont = windows[i]
                 ids[r, T - len(inp):], mask[r, T - len(inp):] = inp, 1
-                targets[r, T - len(cont):] = cont  # position t predicts the token after it
+                targets[r, K - len(cont):] = cont  # the last len(cont) positions predict the continuation
             put = lambda a: sharding.global_batch(self.mesh, a)
             logp, greedy = self._score(self.params, put(ids), put(mask), put(targets), config=self.config)
             logp, greedy = sharding.to_host(logp), sharding.to_host(greedy)
