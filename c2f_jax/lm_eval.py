@@ -43,6 +43,15 @@ except ImportError:  # the eval extra is optional
 from c2f_jax import evaluate, merge, model, rollout, sharding
 from c2f_jax.config import float_dtype
 
+# The paper's Table 3 (Mistral-C2F, arXiv 2406.08657): its 11 benchmarks as lm-eval tasks, with the shot counts it
+# states (MMLU 5, BBH 3, RACE 1, GSM8K 8); the others are zero-shot. AGIEval and AGIEval-ZH are lm-eval's agieval_en
+# and agieval_cn groups; RACE-H is lm-eval's race, RACE-M our race_m (TASKS_DIR).
+PAPER_TASKS = (("mmlu", 5), ("agieval_en", 0), ("bbh_fewshot", 3), ("agieval_cn", 0), ("arc_easy", 0),
+               ("arc_challenge", 0), ("hellaswag", 0), ("winogrande", 0), ("race_m", 1), ("race", 1), ("gsm8k", 8))
+TASKS_DIR = Path(__file__).resolve().parent / "data" / "lm_eval_tasks"
+# A task's headline number: the first of these its results hold.
+MAIN_METRICS = ("acc,none", "exact_match,strict-match", "exact_match,none", "acc_norm,none", "bits_per_byte,none",
+                "word_perplexity,none")
 # Generation settings we run; anything else in a task's generation_kwargs is refused, naming the key.
 GENERATION_KEYS = ("do_sample", "temperature", "top_k", "top_p")
 MIN_BUCKET = 32
@@ -107,12 +116,25 @@ class C2FJaxLM(TemplateLM):
         if unknown:
             raise LMEvalError(f"model_args: unknown {sorted(unknown)[0]!r} (known: pretrained, step, coarse, sft, "
                               "gamma, dtype, mesh, max_length, add_bos_token, seed)")
+        dtype = float_dtype(dtype, "dtype").name
+        self._setup(*self._load(pretrained, step, coarse, sft, gamma, dtype), mesh=mesh, batch_size=batch_size,
+                    max_length=max_length, add_bos_token=add_bos_token, seed=seed)
+
+    @classmethod
+    def from_params(cls, config, params, tokenizer, name: str, **options) -> "C2FJaxLM":
+        """A model from params already in memory (the sweep's in-memory merges); options as the model args."""
+        lm = cls.__new__(cls)
+        TemplateLM.__init__(lm)
+        lm._setup(config, params, tokenizer, name, **options)
+        return lm
+
+    def _setup(self, config, params, tokenizer, name, *, mesh: str = "1x1x1", batch_size: int | str = 8,
+               max_length: int | None = None, add_bos_token: bool | None = None, seed: int = 0) -> None:
+        self.config, self.tokenizer, self.name = config, tokenizer, name
         self.mesh = sharding.make_mesh(**_mesh_shape(mesh))
         rows = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         self._batch_size = 8 if str(batch_size).startswith("auto") else int(batch_size)
         self._batch_size = -(-self._batch_size // rows) * rows  # the batch splits over the data axes
-        dtype = float_dtype(dtype, "dtype").name
-        self.config, params, self.tokenizer, self.name = self._load(pretrained, step, coarse, sft, gamma, dtype)
         self.params = sharding.place(params, sharding.param_shardings(self.mesh, params))
         self._max_length = int(max_length or self.config.max_position_embeddings)
         self.buckets = length_buckets(self._max_length)
@@ -300,10 +322,57 @@ class C2FJaxLM(TemplateLM):
         return results
 
 
+def parse_tasks(text: str) -> list[tuple[str, int | None]]:
+    """`paper` (PAPER_TASKS), or comma-separated lm-eval task names, each optionally `name:shots`."""
+    if text.strip() == "paper":
+        return list(PAPER_TASKS)
+    tasks = []
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        name, _, shots = item.partition(":")
+        if shots and not shots.isdigit():
+            raise LMEvalError(f"--tasks {item!r}: shots must be a number (name:shots)")
+        tasks.append((name, int(shots) if shots else None))
+    if not tasks:
+        raise LMEvalError("--tasks is empty")
+    return tasks
+
+
+def headline(results: dict) -> tuple[str, float]:
+    """(metric, value): a task's (or group's) headline number from lm-eval's results entry (MAIN_METRICS)."""
+    key = next((k for k in MAIN_METRICS if isinstance(results.get(k), (int, float))), None)
+    if key is None:
+        raise LMEvalError(f"no headline metric among {sorted(results)}")
+    return key.split(",")[0], float(results[key])
+
+
+def run_tasks(lm, tasks: list[tuple[str, int | None]], *, limit: float | None = None,
+              include_path: str | None = None, seed: int = 0) -> tuple[dict, list[dict]]:
+    """Runs lm-eval on `lm`, once per shot count (lm-eval takes one per call): ({task: (metric, headline
+    number)}, [lm-eval's results object per call, samples left out])."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    paths = [str(TASKS_DIR)] + ([include_path] if include_path else [])
+    manager = TaskManager(include_path=paths)
+    scores, outputs = {}, []
+    for shots in dict.fromkeys(s for _, s in tasks):
+        names = [n for n, s in tasks if s == shots]
+        out = lm_eval.simple_evaluate(model=lm, tasks=names, num_fewshot=shots, limit=limit, task_manager=manager,
+                                      random_seed=seed, numpy_random_seed=seed, fewshot_random_seed=seed)
+        outputs.append({k: v for k, v in out.items() if k != "samples"})
+        scores.update({n: headline(out["results"][n]) for n in names})
+    return scores, outputs
+
+
 def main() -> None:
-    """lm-eval's CLI, with `c2f-jax` registered (this module's import did it)."""
+    """lm-eval's CLI, with `c2f-jax` registered (this module's import did it) and, unless --include_path is given,
+    our task folder (race_m) included."""
+    import sys
+
     from lm_eval.__main__ import cli_evaluate
 
+    if "--include_path" not in sys.argv and any(a in ("--tasks", "-t") for a in sys.argv):
+        sys.argv += ["--include_path", str(TASKS_DIR)]
     cli_evaluate()
 
 

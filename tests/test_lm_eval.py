@@ -164,3 +164,40 @@ def test_the_cli_is_lm_evals_with_c2f_jax_registered(folder, tmp_path):
     saved = json.loads(results[0].read_text())
     assert saved["config"]["model"] == "c2f-jax" and set(saved["results"]) == {"c2f_mc", "c2f_gen"}
     assert any(out.rglob("samples_c2f_mc_*.jsonl"))
+
+
+def test_paper_preset_names_the_papers_11_benchmarks_lm_eval_knows():
+    from lm_eval.tasks import TaskManager
+
+    from c2f_jax.lm_eval import TASKS_DIR, parse_tasks
+
+    paper = parse_tasks("paper")
+    assert len(paper) == 11 and dict(paper)["mmlu"] == 5 and dict(paper)["gsm8k"] == 8 and dict(paper)["race_m"] == 1
+    known = set(TaskManager(include_path=str(TASKS_DIR)).all_tasks)
+    assert {name for name, _ in paper} <= known  # race_m is ours, the rest lm-eval's own
+    assert parse_tasks("c2f_mc:2, c2f_gen") == [("c2f_mc", 2), ("c2f_gen", None)]
+
+
+def test_sweep_tasks_writes_table3_with_every_gamma_merged_in_memory(folder, tmp_path, monkeypatch):
+    import importlib.util
+
+    from c2f_jax import hf
+
+    config, params = hf.load_pretrained(folder)
+    sft = tmp_path / "sft"
+    hf.save_pretrained(sft, config, jax.tree.map(lambda a: a * 0.9, params), tokenizer_source=folder)
+    spec = importlib.util.spec_from_file_location("sweep_tool", ROOT / "tools" / "sweep.py")
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "table3"
+    assert sweep.main(["--coarse", str(folder), "--sft", str(sft), "--gammas", "0.5", "--tasks", "c2f_mc:1,c2f_rolling",
+                       "--include-path", "tests/lm_eval_tasks", "--task-limit", "2", "--max-length", "64",
+                       "--batch-size", "4", "--out", str(out)]) == 0
+    table = (out / "table3.md").read_text()
+    assert "| 0 (SFT) |" in table and "| 0.5 |" in table and "| 1 (coarse) |" in table
+    saved = json.loads((out / "table3.json").read_text())
+    assert [r["gamma"] for r in saved["rows"]] == [0.0, 0.5, 1.0]
+    assert all(set(r["metrics"]) == {"c2f_mc", "c2f_rolling", "mean"} for r in saved["rows"])
+    assert (out / "table3.png").exists() and len(list((out / "lm_eval").glob("gamma_*.json"))) == 3
+    assert not (out / "models").exists()  # merged in memory, no folder per gamma

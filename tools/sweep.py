@@ -11,6 +11,17 @@ All gammas come out of one pass of the merger over the inputs. The SFT model its
   generations.md   the responses to the first --show prompts at every gamma (Table 11's shape)
   models/          the merged HF folders, with --keep-models
 Everything is written to a temporary folder and renamed into place at the end.
+
+With --tasks (lm-eval task names, `name:shots`, or `paper` for the paper's 11 benchmarks) the sweep is the
+paper's Table 3 instead: every gamma merged in memory (merge.merge_params, as tools/merge.py computes it; no
+folder per gamma) and evaluated by lm-eval through our model `c2f-jax`. --out then gets:
+  table3.md        a row per gamma, a column per task and the mean
+  table3.json      the same numbers, with the settings
+  table3.png       every task against gamma
+  lm_eval/         lm-eval's own results per gamma and shot count
+A real 7B run (the task data come from the Hugging Face hub):
+  python tools/sweep.py --coarse runs/coarse --sft /models/Mistral-7B-Instruct-v0.1 --tasks paper \
+      --dtype bfloat16 --mesh 1x8x1 --out runs/table3
 """
 
 from __future__ import annotations
@@ -40,29 +51,74 @@ def parse_args(argv=None):
     p.add_argument("--show", type=int, default=3, help="prompts whose responses go into generations.md")
     p.add_argument("--keep-models", action="store_true", help="keep the merged folders under OUT/models")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--tasks", default=None, help="lm-eval tasks (name or name:shots, comma-separated) or 'paper'")
+    p.add_argument("--task-limit", type=float, default=None, help="lm-eval's --limit: documents (or a share) per task")
+    p.add_argument("--include-path", default=None, help="a folder of extra lm-eval task YAMLs")
+    p.add_argument("--mesh", default="1x1x1", help="DATAxFSDPxTENSOR mesh for the lm-eval model")
+    p.add_argument("--max-length", type=int, default=None, help="lm-eval context length (default: the model's)")
     add_eval_args(p)
     return p.parse_args(argv)
+
+
+def table3(tmp: Path, args, gammas: list[float]) -> None:
+    """The lm-eval sweep (--tasks): every gamma merged in memory, evaluated by lm-eval, tabulated and plotted."""
+    import c2f_jax.lm_eval as c2f_lm_eval
+
+    tasks = c2f_lm_eval.parse_tasks(args.tasks)
+    coarse = evaluate.load_model(args.coarse, args.dtype, args.coarse_step)
+    sft = evaluate.load_model(args.sft, args.dtype)
+    (tmp / "lm_eval").mkdir()
+    rows = []
+    for g in gammas:
+        params = merge.merge_params(coarse.params, sft.params, g)
+        lm = c2f_lm_eval.C2FJaxLM.from_params(sft.config, params, sft.tokenizer, f"gamma {g:g}", mesh=args.mesh,
+                                              batch_size=args.batch_size, max_length=args.max_length)
+        scores, outputs = c2f_lm_eval.run_tasks(lm, tasks, limit=args.task_limit, include_path=args.include_path)
+        (tmp / "lm_eval" / f"gamma_{g:g}.json").write_text(json.dumps(outputs, indent=1, default=str) + "\n")
+        # The mean, as the paper's, over the accuracies; a perplexity column stands beside it, not in it.
+        accuracies = [v for metric, v in scores.values() if metric in ("acc", "acc_norm", "exact_match")]
+        metric_of = {n: metric for n, (metric, _) in scores.items()}
+        scores = {n: v for n, (_, v) in scores.items()}
+        if accuracies:
+            scores["mean"] = sum(accuracies) / len(accuracies)
+        rows.append({"gamma": g, "metrics": scores})
+        print(f"gamma {label(g)}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()), file=sys.stderr)
+    names = [t for t, _ in tasks] + (["mean"] if "mean" in rows[0]["metrics"] else [])
+    shots, metric_of["mean"] = dict(tasks), "mean accuracy"
+    head = "| gamma | " + " | ".join(n + (f" {shots[n]}-shot" if shots.get(n) is not None else "")
+                                     + f" ({metric_of[n]})" for n in names) + " |"
+    lines = [head, "|" + "---|" * (len(names) + 1)]
+    lines += ["| " + label(r["gamma"]) + " | " + " | ".join(f"{r['metrics'][n]:.4f}" for n in names) + " |"
+              for r in rows]
+    table = "\n".join(lines)
+    (tmp / "table3.md").write_text(f"# Gamma sweep on lm-eval tasks\n\ncoarse: `{args.coarse}`, SFT: `{args.sft}`"
+                                   f", limit: {args.task_limit}\n\n{table}\n")
+    (tmp / "table3.json").write_text(json.dumps({"coarse": str(args.coarse), "sft": str(args.sft), "tasks": tasks,
+                                                 "limit": args.task_limit, "rows": rows}, indent=1) + "\n")
+    plot(rows, tmp / "table3.png", names)
+    print(table)
 
 
 def label(gamma: float) -> str:
     return {0.0: "0 (SFT)", 1.0: "1 (coarse)"}.get(gamma, f"{gamma:g}")
 
 
-def plot(rows: list[dict], path: Path) -> None:
-    """One panel per metric against gamma."""
+def plot(rows: list[dict], path: Path, keys: list[str] | None = None) -> None:
+    """One panel per metric (default: evaluate's) against gamma."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [k for k in evaluate.METRIC_NAMES if all(k in r["metrics"] for r in rows)]
+    titles = evaluate.METRIC_NAMES if keys is None else {k: k for k in keys}
+    keys = [k for k in titles if all(k in r["metrics"] for r in rows)]
     cols = 2
     nrows = (len(keys) + cols - 1) // cols
     fig, axes = plt.subplots(nrows, cols, figsize=(9, 2.6 * nrows), squeeze=False)
     gammas = [r["gamma"] for r in rows]
     for ax, key in zip(axes.flat, keys):
         ax.plot(gammas, [r["metrics"][key] for r in rows], marker="o")
-        ax.set_title(evaluate.METRIC_NAMES[key], fontsize=10)
+        ax.set_title(titles[key], fontsize=10)
         ax.set_xticks(gammas)
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(keys):]:
@@ -94,8 +150,14 @@ def main(argv=None) -> int:
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise cli.UsageError(f"--out {out}: already exists (pass --overwrite to replace it)")
+    if args.tasks:
+        workdir.check_output(out, {"--coarse": args.coarse, "--sft": args.sft})
+        workdir.write(out, lambda tmp: table3(tmp, args, gammas), overwrite=args.overwrite, folder=True)
+        print(f"wrote {out}/table3.md, table3.json, table3.png, lm_eval/")
+        return 0
     if not args.reward_model:
-        raise cli.UsageError("--reward-model is required: the sweep's first column is the reward score")
+        raise cli.UsageError("--reward-model is required: the sweep's first column is the reward score "
+                             "(or give --tasks for the lm-eval table)")
     workdir.check_output(out, input_paths(args))
     settings = settings_from(args)
     sft = merge.resolve_input(args.sft)
