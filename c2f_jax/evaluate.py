@@ -2,8 +2,8 @@
 
 Per model: mean reward-model score of its responses, mean length, EOS rate,
 repetition (share of repeated 4-grams within a response), distinct-1/2 across
-responses, perplexity of held-out chosen answers, and optionally multiple-choice
-accuracy (c2f_jax.multiple_choice). The paper's picture: the Coarse Actor writes
+responses, perplexity of held-out chosen answers; benchmark accuracies come from
+lm-eval (c2f_jax.lm_eval, `tools/evaluate.py --tasks`). The paper's picture: the Coarse Actor writes
 long, analytic but repetitive text; merging it with the Instruct model keeps the
 length and removes the repetition. tools/evaluate.py and tools/sweep.py print these.
 """
@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from c2f_jax import data, distributed, hf, model, multiple_choice, ppo, rollout, tokenizer, workdir
+from c2f_jax import data, distributed, hf, model, ppo, rollout, tokenizer, workdir
 from c2f_jax.model import MistralConfig, Params
 
 PROMPT_BUCKETS = (64, 128, 256, 512, 1024)
@@ -179,6 +179,28 @@ def reward_scores(rm: Loaded, prompts: Sequence[str], responses: Sequence[str], 
     return np.asarray(scores, np.float64)
 
 
+def score_tokens(params, ids, mask, targets, *, config):
+    """Sum of log p(target) over the scored positions and whether each was the argmax, per row.
+
+    ids, mask int32 [B, T] (left-padded); targets int32 [B, K]: the tokens the last K positions predict, -1
+    where nothing is scored (K a static bucket of the batch's longest continuation). The LM head runs on those
+    K positions only: at the bench shape it is most of a forward pass, and a scored continuation is often a
+    few tokens of a long context. Returns (float32 [B], bool [B]); no logits leave the program. Used by
+    `perplexity` and by the lm-eval model (c2f_jax.lm_eval).
+    """
+    hidden = model.hidden_states(config, params, ids, mask)[:, -targets.shape[1]:]  # [B, K, D]
+    logits = jnp.einsum("BKD,DV->BKV", hidden, model.head_weight(config, params),
+                        preferred_element_type=jnp.float32)
+    scored = targets >= 0
+    safe = jnp.where(scored, targets, 0)[..., None]
+    logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), safe, -1)[..., 0]
+    greedy = jnp.argmax(logits, axis=-1) == safe[..., 0]
+    return jnp.sum(jnp.where(scored, logp, 0.0), -1), jnp.all(greedy | ~scored, -1)
+
+
+compiled_score_tokens = jax.jit(score_tokens, static_argnames=("config",))
+
+
 def perplexity(m: Loaded, pairs: Sequence[data.Pair], *, batch_size: int = 8,
                buckets: Sequence[int] = SEQUENCE_BUCKETS) -> float:
     """exp(mean negative log-likelihood per token) of the chosen answers given their prompts."""
@@ -193,15 +215,16 @@ def perplexity(m: Loaded, pairs: Sequence[data.Pair], *, batch_size: int = 8,
         raise EvalError("no preference pair with a non-empty chosen answer")
     total, count = 0.0, 0
     for chunk, padded in _batches(rows, batch_size):
-        seqs = [prompt + answer for prompt, answer in padded]
-        ids, mask = data.left_pad(seqs, buckets, tok.pad_token_id, truncate=True)
-        targets = np.zeros_like(mask)
+        ids, mask = data.left_pad([prompt + answer for prompt, answer in padded], buckets, tok.pad_token_id,
+                                  truncate=True)
+        # Positions 0 .. T-2 predict tokens 1 .. T-1; the answers are the last tokens (truncation cuts prompts).
+        targets = np.full((len(padded), ids.shape[1] - 1), -1, np.int32)
         for row, (_, answer) in enumerate(padded):
-            targets[row, -len(answer):] = 1  # truncation only ever cuts the prompt's start
-        targets[:, 0] = 0
-        logp = np.asarray(multiple_choice.continuation_logprob(m.params, ids, mask, targets, config=m.config))
-        total += float(np.sum(logp[:len(chunk)]))
-        count += int(np.sum(targets[:len(chunk)]))
+            n = min(len(answer), ids.shape[1] - 1)
+            targets[row, -n:] = answer[-n:]
+        logp, _ = compiled_score_tokens(m.params, ids[:, :-1], mask[:, :-1], targets, config=m.config)
+        total += float(np.sum(np.asarray(logp)[:len(chunk)]))
+        count += int(np.sum(targets[:len(chunk)] >= 0))
     return float(np.exp(-total / count))
 
 
@@ -220,12 +243,10 @@ class EvalSettings:
     system_prompt: str | None = None
     batch_size: int = 8
     seed: int = 0
-    mc_shots: int = 0
-    mc_style: str = "arc"
 
 
 def evaluate_model(m: Loaded, prompts: Sequence[str], settings: EvalSettings, reward_model: Loaded | None = None,
-                   preference_pairs: Sequence[data.Pair] = (), mc_items: Sequence = ()) -> dict:
+                   preference_pairs: Sequence[data.Pair] = ()) -> dict:
     """{"metrics": {name: float}, "generations": [...]} for one policy."""
     if not m.config.has_lm_head:
         raise EvalError(f"{m.path}: is a {m.config.architecture}; a policy must be a {model.CAUSAL_LM}")
@@ -240,10 +261,6 @@ def evaluate_model(m: Loaded, prompts: Sequence[str], settings: EvalSettings, re
     metrics.update(text_metrics([g["tokens"] for g in gens], [g["ended_with_eos"] for g in gens]))
     if preference_pairs:
         metrics["perplexity"] = perplexity(m, preference_pairs, batch_size=s.batch_size)
-    if mc_items:
-        mc = multiple_choice.score(m.config, m.params, m.tokenizer, mc_items, shots=s.mc_shots, style=s.mc_style,
-                                   batch_size=s.batch_size)
-        metrics.update({"mc_acc": mc["acc"], "mc_acc_norm": mc["acc_norm"]})
     return {"metrics": metrics, "generations": [{k: g[k] for k in ("prompt", "response", "ended_with_eos")}
                                                 for g in gens]}
 
@@ -251,14 +268,15 @@ def evaluate_model(m: Loaded, prompts: Sequence[str], settings: EvalSettings, re
 METRIC_NAMES = {
     "reward": "reward", "length": "length (tokens)", "eos_rate": "EOS rate", "repetition": "repetition (4-gram)",
     "distinct_1": "distinct-1", "distinct_2": "distinct-2", "perplexity": "perplexity (chosen)",
-    "mc_acc": "MC acc", "mc_acc_norm": "MC acc (norm)",
 }
 
 
 def markdown_table(rows: dict[str, dict], first: str = "model") -> str:
-    """rows: label -> metrics. One Markdown table, metric columns in METRIC_NAMES order."""
+    """rows: label -> metrics. One Markdown table, metric columns in METRIC_NAMES order, then any others (lm-eval
+    tasks) in the order they first appear."""
     keys = [k for k in METRIC_NAMES if any(k in m for m in rows.values())]
-    lines = [f"| {first} | " + " | ".join(METRIC_NAMES[k] for k in keys) + " |",
+    keys += [k for k in dict.fromkeys(k for m in rows.values() for k in m) if k not in METRIC_NAMES]
+    lines = [f"| {first} | " + " | ".join(METRIC_NAMES.get(k, k) for k in keys) + " |",
              "|---|" + "---|" * len(keys)]
     for label, m in rows.items():
         cells = [f"{m[k]:.3f}" if k in m else "" for k in keys]

@@ -85,24 +85,6 @@ def _mesh_shape(text: str) -> dict:
     return {"data": data, "fsdp": fsdp, "tensor": tensor}
 
 
-def score_tokens(params, ids, mask, targets, *, config):
-    """Sum of log p(target) over the scored positions and whether each was the argmax, per row.
-
-    ids, mask int32 [B, T] (left-padded); targets int32 [B, K]: the tokens the last K positions predict, -1
-    where nothing is scored (K a static bucket of the batch's longest continuation). The LM head runs on those
-    K positions only: at the bench shape it is most of a forward pass, and a multiple-choice continuation is a
-    few tokens of a long context. Returns (float32 [B], bool [B]); no logits leave the program.
-    """
-    hidden = model.hidden_states(config, params, ids, mask)[:, -targets.shape[1]:]  # [B, K, D]
-    logits = jnp.einsum("BKD,DV->BKV", hidden, model.head_weight(config, params),
-                        preferred_element_type=jnp.float32)
-    scored = targets >= 0
-    safe = jnp.where(scored, targets, 0)[..., None]
-    logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), safe, -1)[..., 0]
-    greedy = jnp.argmax(logits, axis=-1) == safe[..., 0]
-    return jnp.sum(jnp.where(scored, logp, 0.0), -1), jnp.all(greedy | ~scored, -1)
-
-
 @register_model("c2f-jax")
 class C2FJaxLM(TemplateLM):
     """An lm-eval model on c2f-jax's compiled forward pass and rollout (see the module docstring)."""
@@ -140,7 +122,6 @@ class C2FJaxLM(TemplateLM):
         self.buckets = length_buckets(self._max_length)
         self.add_bos_token = add_bos_token
         self.rng = jax.random.key(int(seed))
-        self._score = jax.jit(score_tokens, static_argnames=("config",))
         self._rollout = None  # the rollout layout copy, made on the first generate_until
 
     @staticmethod
@@ -230,7 +211,8 @@ class C2FJaxLM(TemplateLM):
                 ids[r, T - len(inp):], mask[r, T - len(inp):] = inp, 1
                 targets[r, K - len(cont):] = cont  # the last len(cont) positions predict the continuation
             put = lambda a: sharding.global_batch(self.mesh, a)
-            logp, greedy = self._score(self.params, put(ids), put(mask), put(targets), config=self.config)
+            logp, greedy = evaluate.compiled_score_tokens(self.params, put(ids), put(mask), put(targets),
+                                                          config=self.config)
             logp, greedy = sharding.to_host(logp), sharding.to_host(greedy)
             for r, i in enumerate(batch):
                 results[i] = (float(logp[r]), bool(greedy[r]))

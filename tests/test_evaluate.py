@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from c2f_jax import data, evaluate, hf, model, multiple_choice, reward, tokenizer
+from c2f_jax import data, evaluate, hf, model, reward, tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -70,22 +70,29 @@ def tiny(tmp_path_factory):
     return root, evaluate.load_model(root / "policy"), evaluate.load_model(root / "rm")
 
 
-def test_continuation_logprobs_equal_a_direct_log_softmax(tiny):
-    """Left padding, bucketing and the target mask change nothing: each row equals its own unpadded pass."""
+def test_scored_tokens_equal_a_direct_log_softmax(tiny):
+    """Left padding, bucketing and scoring only the last K positions change nothing: each row equals its own
+    unpadded full pass, and is_greedy is the argmax test of every scored token."""
     _, policy, _ = tiny
     tok = policy.tokenizer
     pairs = evaluate.held_out_pairs("bundled", 3)
     rows = [(data.tokenize_prompt(tok, p.prompt), data.tokenize_answer(tok, p.chosen)) for p in pairs]
     ids, mask = data.left_pad([a + b for a, b in rows], evaluate.SEQUENCE_BUCKETS, tok.pad_token_id)
-    targets = np.zeros_like(mask)
+    K = max(len(answer) for _, answer in rows) + 3
+    targets = np.full((len(rows), K), -1, np.int32)
     for r, (_, answer) in enumerate(rows):
-        targets[r, -len(answer):] = 1
-    got = np.asarray(multiple_choice.continuation_logprob(policy.params, ids, mask, targets, config=policy.config))
+        targets[r, -len(answer):] = answer
+    got, greedy = evaluate.compiled_score_tokens(policy.params, ids[:, :-1], mask[:, :-1], targets,
+                                                 config=policy.config)
+    got = np.asarray(got)
     for r, (prompt, answer) in enumerate(rows):
         seq = jnp.asarray([prompt + answer], jnp.int32)
-        logp = jax.nn.log_softmax(model.forward(policy.config, policy.params, seq)[0, :-1], axis=-1)
+        logits = model.forward(policy.config, policy.params, seq)[0, :-1]
+        logp = jax.nn.log_softmax(logits, axis=-1)
         want = sum(float(logp[len(prompt) - 1 + i, tok_id]) for i, tok_id in enumerate(answer))
         assert got[r] == pytest.approx(want, rel=1e-4, abs=1e-3)
+        argmax = np.asarray(jnp.argmax(logits, -1))[len(prompt) - 1:]
+        assert bool(greedy[r]) == bool(np.all(argmax == np.asarray(answer)))
     ppl = evaluate.perplexity(policy, pairs, batch_size=2)
     n = sum(len(a) for _, a in rows)
     assert ppl == pytest.approx(np.exp(-got.sum() / n), rel=1e-5)

@@ -313,7 +313,7 @@ CASES = [
     Case("evaluate --model not found", "evaluate", lambda env: ["--model", "/nowhere"]),
     Case("evaluate empty prompts file", "evaluate", lambda env: _evaluate("--prompts", env.f("empty.txt"))(env)),
     Case("evaluate --dtype int8", "evaluate", _evaluate("--dtype", "int8")),
-    Case("evaluate --mc-shots -1", "evaluate", _evaluate("--mc", "bundled", "--mc-shots", "-1")),
+    Case("evaluate --tasks with bad shots", "evaluate", _evaluate("--tasks", "arc_easy:x")),
     Case("evaluate --limit 0", "evaluate", _evaluate("--limit", "0")),
 ]
 

@@ -2,7 +2,7 @@
 
   python tools/evaluate.py --model runs/demo --model runs/sft_model --reward-model runs/demo/reward_model \
       --prompts prompts.txt --max-new-tokens 64 --json eval.json
-  python tools/evaluate.py --model DIR --mc bundled --mc-shots 2          # + multiple-choice accuracy
+  python tools/evaluate.py --model DIR --tasks arc_easy,hellaswag:10     # + lm-eval task columns (c2f-jax model)
 
 A --model is an HF folder or a training workdir (its latest actor, or --step N).
 Prompts: a .txt file (one per line) or .jsonl ('prompt' field); default the distinct
@@ -31,9 +31,6 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, default=32, help="at most this many default prompts/pairs (default 32)")
     p.add_argument("--preferences", default="bundled",
                    help="preference file whose held-out chosen answers give perplexity ('none' to skip)")
-    p.add_argument("--mc", help="multiple-choice items: 'bundled', a .jsonl/.json/.parquet file or a datasets name")
-    p.add_argument("--mc-shots", type=int, default=0, help="solved examples before each question (default 0)")
-    p.add_argument("--mc-style", default="arc", choices=("arc", "mmlu", "hellaswag"))
     p.add_argument("--max-new-tokens", type=int, default=64, help="response length bucket (default 64)")
     cli.add_sampling_args(p, temperature=0.0)
     p.add_argument("--batch-size", type=int, default=8)
@@ -45,37 +42,29 @@ def settings_from(args) -> evaluate.EvalSettings:
     if min(args.batch_size, args.max_new_tokens, args.limit) < 1:
         raise cli.UsageError(f"--batch-size={args.batch_size}, --max-new-tokens={args.max_new_tokens} and "
                              f"--limit={args.limit} must be >= 1")
-    if args.mc_shots < 0:
-        raise cli.UsageError(f"--mc-shots={args.mc_shots} must be >= 0")
     cli.float_dtype(args.dtype, "--dtype")
     system = tokenizer.system_prompt(args.system_prompt)
     return evaluate.EvalSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                                  top_p=args.top_p, suppress_eos=args.suppress_eos, system_prompt=system,
-                                 batch_size=args.batch_size, seed=args.seed, mc_shots=args.mc_shots,
-                                 mc_style=args.mc_style)
+                                 batch_size=args.batch_size, seed=args.seed)
 
 
 def input_paths(args) -> list[tuple[str, str]]:
     """Every path the evaluation (or sweep) reads, with its flag: no output may be, be inside or contain one."""
     flags = [("--model", m) for m in getattr(args, "model", None) or ()]
     flags += [(f"--{k.replace('_', '-')}", getattr(args, k, None))
-              for k in ("coarse", "sft", "reward_model", "prompts", "preferences", "mc")]
+              for k in ("coarse", "sft", "reward_model", "prompts", "preferences")]
     return [(flag, path) for flag, path in flags if path]
 
 
 def inputs_from(args):
-    """(prompts, preference pairs, multiple-choice items, reward model or None), checked before any model runs."""
+    """(prompts, preference pairs, reward model or None), checked before any model runs."""
     # Distinct prompts only: a repeated prompt would count its (greedy, identical) response twice.
     prompts = (evaluate.read_prompts(args.prompts) if args.prompts
                else list(dict.fromkeys(p.prompt for p in evaluate.held_out_pairs("bundled")))[:args.limit])
     pairs = [] if args.preferences == "none" else evaluate.held_out_pairs(args.preferences, args.limit)
-    items = []
-    if args.mc:
-        from c2f_jax import multiple_choice
-
-        items = multiple_choice.load_items(args.mc)
     rm = evaluate.load_model(args.reward_model, args.dtype) if args.reward_model else None
-    return prompts, pairs, items, rm
+    return prompts, pairs, rm
 
 
 def main(argv=None) -> int:
@@ -83,6 +72,8 @@ def main(argv=None) -> int:
     p.add_argument("--model", action="append", required=True, help="HF folder or training workdir (repeatable)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step of workdir models (default latest)")
     add_eval_args(p)
+    p.add_argument("--tasks", help="lm-eval tasks (name or name:shots, comma-separated, or 'paper') as more columns")
+    p.add_argument("--task-limit", type=float, default=None, help="lm-eval's --limit: documents (or a share) per task")
     p.add_argument("--json", help="write {model: metrics} here")
     p.add_argument("--generations", help="write {model: [{prompt, response, ended_with_eos}]} here")
     args = p.parse_args(argv)
@@ -93,11 +84,21 @@ def main(argv=None) -> int:
     for path in args.model:
         if not Path(path).is_dir():
             raise cli.UsageError(f"--model {path}: model folder not found")
-    prompts, pairs, items, rm = inputs_from(args)
+    tasks = None
+    if args.tasks:
+        from c2f_jax import lm_eval
+
+        tasks = lm_eval.parse_tasks(args.tasks)
+    prompts, pairs, rm = inputs_from(args)
     results = {}
     for path in args.model:
         loaded = evaluate.load_model(path, args.dtype, args.step if workdir.is_workdir(path) else None)
-        results[path] = evaluate.evaluate_model(loaded, prompts, settings, rm, pairs, items)
+        results[path] = evaluate.evaluate_model(loaded, prompts, settings, rm, pairs)
+        if tasks:
+            lm = lm_eval.C2FJaxLM.from_params(loaded.config, loaded.params, loaded.tokenizer, path,
+                                              batch_size=args.batch_size)
+            scores, _ = lm_eval.run_tasks(lm, tasks, limit=args.task_limit)
+            results[path]["metrics"].update({name: value for name, (_, value) in scores.items()})
         print(f"evaluated {path}", file=sys.stderr)
     if distributed.writes_here():
         print(evaluate.markdown_table({k: v["metrics"] for k, v in results.items()}))

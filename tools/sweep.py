@@ -161,7 +161,7 @@ def main(argv=None) -> int:
     workdir.check_output(out, input_paths(args))
     settings = settings_from(args)
     sft = merge.resolve_input(args.sft)
-    prompts, pairs, items, rm = inputs_from(args)
+    prompts, pairs, rm = inputs_from(args)
     rows = []
 
     def merge_and_evaluate(tmp: Path, coarse: Path) -> None:
@@ -176,8 +176,7 @@ def main(argv=None) -> int:
             merge.write_merge(plan, target)
         for g in gammas:
             folder = sft if g == 0 else coarse if g == 1 else tmp / "models" / merge.gamma_folder(g)
-            result = evaluate.evaluate_model(evaluate.load_model(folder, args.dtype), prompts, settings, rm,
-                                             pairs, items)
+            result = evaluate.evaluate_model(evaluate.load_model(folder, args.dtype), prompts, settings, rm, pairs)
             rows.append({"gamma": g, **result})
             print(f"gamma {label(g)}: " + ", ".join(f"{k} {v:.3f}" for k, v in result["metrics"].items()),
                   file=sys.stderr)
