@@ -201,3 +201,27 @@ def test_sweep_tasks_writes_table3_with_every_gamma_merged_in_memory(folder, tmp
     assert all(set(r["metrics"]) == {"c2f_mc", "c2f_rolling", "mean"} for r in saved["rows"])
     assert (out / "table3.png").exists() and len(list((out / "lm_eval").glob("gamma_*.json"))) == 3
     assert not (out / "models").exists()  # merged in memory, no folder per gamma
+
+
+def test_on_a_2x2x2_mesh_the_results_equal_one_device(folder, monkeypatch):
+    """Params in the train layout over 8 devices, batches split over data x fsdp: the same loglikelihoods and
+    greedy generations as one device."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from c2f_jax.lm_eval import C2FJaxLM
+
+    monkeypatch.chdir(ROOT)
+    results = []
+    for mesh in ("1x1x1", "2x2x2"):
+        lm = C2FJaxLM(pretrained=str(folder), max_length=MAX_LENGTH, batch_size=4, mesh=mesh)
+        assert len(lm.params["embed"].sharding.device_set) == (8 if mesh == "2x2x2" else 1)
+        results.append(lm_eval.simple_evaluate(model=lm, tasks=["c2f_mc", "c2f_gen"], log_samples=True, limit=3,
+                                               task_manager=TaskManager(include_path=str(ROOT / "tests" /
+                                                                                         "lm_eval_tasks"))))
+    one, eight = results
+    for sa, sb in _pairs(one, eight, "c2f_mc"):
+        for a, b in zip(sa["resps"], sb["resps"]):
+            assert a[0][0] == pytest.approx(b[0][0], abs=1e-4) and a[0][1] == b[0][1]
+    for sa, sb in _pairs(one, eight, "c2f_gen"):
+        assert sa["resps"] == sb["resps"]
