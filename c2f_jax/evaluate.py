@@ -11,6 +11,7 @@ length and removes the repetition. tools/evaluate.py and tools/sweep.py print th
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from pathlib import Path
@@ -199,6 +200,16 @@ def score_tokens(params, ids, mask, targets, *, config):
 
 
 compiled_score_tokens = jax.jit(score_tokens, static_argnames=("config",))
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def next_token_logprobs(params, ids, mask, *, config) -> tuple[jax.Array, jax.Array]:
+    """(log softmax of the next token after each row, float32 [B, V]; its argmax, int32 [B]) for left-padded
+    ids, mask int32 [B, T]: one pass scores every one-token continuation of a context (the choices " A", " B",
+    ... of MMLU-style tasks)."""
+    hidden = model.hidden_states(config, params, ids, mask)[:, -1]  # [B, D]
+    logits = jnp.einsum("BD,DV->BV", hidden, model.head_weight(config, params), preferred_element_type=jnp.float32)
+    return jax.nn.log_softmax(logits, axis=-1), jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
 
 def perplexity(m: Loaded, pairs: Sequence[data.Pair], *, batch_size: int = 8,

@@ -184,43 +184,69 @@ class C2FJaxLM(TemplateLM):
 
     # ------------------------------------------------------------------------- scoring
 
-    def _batches(self, items: list, key) -> list[list[int]]:
-        """Indices of `items` longest first, in batches of batch_size (the hf backend's order, so the ends of
-        batches fall alike)."""
-        order = sorted(range(len(items)), key=key)
-        return [order[i:i + self._batch_size] for i in range(0, len(order), self._batch_size)]
+    def _padded(self, rows: list, width: int) -> tuple:
+        """Left-padded int32 ids, mask [batch_size, width] of token lists (the last repeated to a full batch),
+        as batch-sharded arrays."""
+        rows = rows + [rows[-1]] * (self._batch_size - len(rows))
+        ids, mask = np.zeros((len(rows), width), np.int32), np.zeros((len(rows), width), np.int32)
+        for r, tokens in enumerate(rows):
+            ids[r, width - len(tokens):], mask[r, width - len(tokens):] = tokens, 1
+        return sharding.global_batch(self.mesh, ids), sharding.global_batch(self.mesh, mask)
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
-        """(sum of continuation logprobs, continuation is greedy) per (cache key, context ids, continuation ids)."""
+        """(sum of continuation logprobs, continuation is greedy) per (cache key, context ids, continuation ids).
+
+        As the hf backend: identical (input, continuation) pairs are scored once, and one-token continuations
+        of one input (MMLU's " A" ... " D") share one forward pass."""
         windows = []
         for _, context, continuation in requests:
             if not continuation or len(continuation) > self._max_length:
                 raise LMEvalError(f"a continuation of {len(continuation)} tokens; it must be 1 to {self._max_length}")
             whole = (list(context) + list(continuation))[-(self._max_length + 1):]
-            windows.append((whole[:-1], list(continuation)))
-        results: list = [None] * len(requests)
-        bar = tqdm(total=len(requests), disable=disable_tqdm, desc="c2f-jax loglikelihood")
-        for batch in self._batches(windows, key=lambda i: (-len(windows[i][0]), windows[i][0])):
-            T = _bucket(max(len(windows[i][0]) for i in batch), self.buckets)
-            K = min(_bucket(max(len(windows[i][1]) for i in batch), self.buckets), T)
-            rows = batch + [batch[-1]] * (self._batch_size - len(batch))
-            ids, mask = np.zeros((len(rows), T), np.int32), np.zeros((len(rows), T), np.int32)
-            targets = np.full((len(rows), K), -1, np.int32)
-            for r, i in enumerate(rows):
-                inp, cont = windows[i]
-                ids[r, T - len(inp):], mask[r, T - len(inp):] = inp, 1
+            windows.append((tuple(whole[:-1]), tuple(continuation)))
+        scores = {**self._score_next_tokens({w[0] for w in windows if len(w[1]) == 1}, disable_tqdm),
+                  **self._score_continuations({w for w in windows if len(w[1]) > 1}, disable_tqdm)}
+        results = []
+        for (key, _, _), (inp, cont) in zip(requests, windows):
+            if len(cont) == 1:
+                logp, argmax = scores[inp]
+                results.append((float(logp[cont[0]]), bool(argmax == cont[0])))
+            else:
+                results.append(scores[(inp, cont)])
+            if key is not None:
+                self.cache_hook.add_partial("loglikelihood", key, results[-1])
+        return results
+
+    def _score_next_tokens(self, inputs: set, disable_tqdm: bool) -> dict:
+        """{input: (next-token logprobs float32 [V], argmax)} for each distinct input."""
+        inputs, out = sorted(inputs, key=lambda t: (-len(t), t)), {}
+        for start in tqdm(range(0, len(inputs), self._batch_size), disable=disable_tqdm or not inputs,
+                          desc="c2f-jax one-token continuations"):
+            batch = inputs[start:start + self._batch_size]
+            ids, mask = self._padded(list(batch), _bucket(len(batch[0]), self.buckets))
+            logp, argmax = evaluate.next_token_logprobs(self.params, ids, mask, config=self.config)
+            logp, argmax = sharding.to_host(logp), sharding.to_host(argmax)
+            out.update({inp: (logp[r], int(argmax[r])) for r, inp in enumerate(batch)})
+        return out
+
+    def _score_continuations(self, windows: set, disable_tqdm: bool) -> dict:
+        """{(input, continuation): (sum of logprobs, is greedy)} for each distinct pair."""
+        windows, out = sorted(windows, key=lambda w: (-len(w[0]), w)), {}
+        for start in tqdm(range(0, len(windows), self._batch_size), disable=disable_tqdm or not windows,
+                          desc="c2f-jax loglikelihood"):
+            batch = windows[start:start + self._batch_size]
+            T = _bucket(len(batch[0][0]), self.buckets)
+            K = min(_bucket(max(len(cont) for _, cont in batch), self.buckets), T)
+            targets = np.full((self._batch_size, K), -1, np.int32)
+            for r, (_, cont) in enumerate(batch + [batch[-1]] * (self._batch_size - len(batch))):
                 targets[r, K - len(cont):] = cont  # the last len(cont) positions predict the continuation
-            put = lambda a: sharding.global_batch(self.mesh, a)
-            logp, greedy = evaluate.compiled_score_tokens(self.params, put(ids), put(mask), put(targets),
+            ids, mask = self._padded([inp for inp, _ in batch], T)
+            logp, greedy = evaluate.compiled_score_tokens(self.params, ids, mask,
+                                                          sharding.global_batch(self.mesh, targets),
                                                           config=self.config)
             logp, greedy = sharding.to_host(logp), sharding.to_host(greedy)
-            for r, i in enumerate(batch):
-                results[i] = (float(logp[r]), bool(greedy[r]))
-                if requests[i][0] is not None:
-                    self.cache_hook.add_partial("loglikelihood", requests[i][0], results[i])
-            bar.update(len(batch))
-        bar.close()
-        return results
+            out.update({w: (float(logp[r]), bool(greedy[r])) for r, w in enumerate(batch)})
+        return out
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """Each document's total logprob over lm-eval's disjoint windows of max_length tokens."""
@@ -284,14 +310,9 @@ class C2FJaxLM(TemplateLM):
             order = sorted(members, key=lambda i: (-len(contexts[i]), args[i][0]))
             for start in range(0, len(order), self._batch_size):
                 batch = order[start:start + self._batch_size]
-                rows = batch + [batch[-1]] * (self._batch_size - len(batch))
-                P = _bucket(max(len(contexts[i]) for i in batch), self.buckets)
-                ids, mask = np.zeros((len(rows), P), np.int32), np.zeros((len(rows), P), np.int32)
-                for r, i in enumerate(rows):
-                    ids[r, P - len(contexts[i]):], mask[r, P - len(contexts[i]):] = contexts[i], 1
+                ids, mask = self._padded([contexts[i] for i in batch], _bucket(len(contexts[batch[0]]), self.buckets))
                 self.rng, key = jax.random.split(self.rng)
-                out = rollout.generate(layout, params, sharding.global_batch(self.mesh, ids),
-                                       sharding.global_batch(self.mesh, mask), key, max_new_tokens=max_gen_toks,
+                out = rollout.generate(layout, params, ids, mask, key, max_new_tokens=max_gen_toks,
                                        eos_token_ids=(self.eot_token_id,), pad_id=self.tokenizer.pad_token_id or 0,
                                        **sampling)
                 tokens, kept = sharding.to_host(out.tokens), sharding.to_host(out.mask)

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import ROOT, cli_env
 
-TASKS = ["c2f_mc", "c2f_rolling", "c2f_gen"]
+TASKS = ["c2f_mc", "c2f_mc_letters", "c2f_rolling", "c2f_gen"]
 MAX_LENGTH = 64  # shorter than two of the documents, so rolling windows are exercised
 
 
@@ -66,7 +66,7 @@ def test_loglikelihoods_and_is_greedy_equal_the_hf_backend(both, folder):
 
     tok = tokenizer.load_tokenizer(folder)
     worst = 0.0
-    for sa, sb in _pairs(*both, "c2f_mc"):
+    for sa, sb in [pair for task in ("c2f_mc", "c2f_mc_letters") for pair in _pairs(*both, task)]:
         assert sa["arguments"] == sb["arguments"]  # the same two-shot prompts
         for (ll_a, greedy_a), (ll_b, greedy_b), args in zip((r[0] for r in sa["resps"]), (r[0] for r in sb["resps"]),
                                                             sa["arguments"]):
