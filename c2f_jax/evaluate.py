@@ -187,7 +187,7 @@ def score_tokens(params, ids, mask, targets, *, config):
     where nothing is scored (K a static bucket of the batch's longest continuation). The LM head runs on those
     K positions only: at the bench shape it is most of a forward pass, and a scored continuation is often a
     few tokens of a long context. Returns (float32 [B], bool [B]); no logits leave the program. Used by
-    `perplexity` and by the lm-eval model (c2f_jax.lm_eval).
+    `perplexity`; the lm-eval model packs its requests (`score_packed`).
     """
     hidden = model.hidden_states(config, params, ids, mask)[:, -targets.shape[1]:]  # [B, K, D]
     logits = jnp.einsum("BKD,DV->BKV", hidden, model.head_weight(config, params),
@@ -202,14 +202,26 @@ def score_tokens(params, ids, mask, targets, *, config):
 compiled_score_tokens = jax.jit(score_tokens, static_argnames=("config",))
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
-def next_token_logprobs(params, ids, mask, *, config) -> tuple[jax.Array, jax.Array]:
-    """(log softmax of the next token after each row, float32 [B, V]; its argmax, int32 [B]) for left-padded
-    ids, mask int32 [B, T]: one pass scores every one-token continuation of a context (the choices " A", " B",
-    ... of MMLU-style tasks)."""
-    hidden = model.hidden_states(config, params, ids, mask)[:, -1]  # [B, D]
-    logits = jnp.einsum("BD,DV->BV", hidden, model.head_weight(config, params), preferred_element_type=jnp.float32)
-    return jax.nn.log_softmax(logits, axis=-1), jnp.argmax(logits, axis=-1).astype(jnp.int32)
+def score_packed(params, ids, positions, segments, targets, *, config) -> tuple[jax.Array, jax.Array]:
+    """Log p(target) and whether it is the argmax, per scored position of packed rows.
+
+    ids, positions, segments int32 [B, T]: each row a shared prefix (segment 0) followed by scored windows
+    (segments 1, 2, ...; `model.attention_bias`), -1 on left padding; targets int32 [B, K]: the token each of
+    the last K positions predicts, -1 where nothing is scored. The prefix (a question and its shots) is
+    computed once for all its continuations (its choices), and the LM head runs on the last K positions only.
+    Returns (float32 [B, K], 0 where unscored; bool [B, K], True where unscored).
+    """
+    mask = (segments >= 0).astype(jnp.int32)
+    hidden = model.apply(config, params, ids, positions, positions, mask, head=False, segments=segments)[0]
+    logits = jnp.einsum("BKD,DV->BKV", hidden[:, -targets.shape[1]:], model.head_weight(config, params),
+                        preferred_element_type=jnp.float32)
+    scored = targets >= 0
+    safe = jnp.where(scored, targets, 0)[..., None]
+    logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), safe, -1)[..., 0]
+    return jnp.where(scored, logp, 0.0), (jnp.argmax(logits, axis=-1) == safe[..., 0]) | ~scored
+
+
+compiled_score_packed = jax.jit(score_packed, static_argnames=("config",))
 
 
 def perplexity(m: Loaded, pairs: Sequence[data.Pair], *, batch_size: int = 8,

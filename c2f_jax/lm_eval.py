@@ -25,6 +25,7 @@ request. Model args:
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
 import jax
@@ -75,6 +76,55 @@ def length_buckets(max_length: int) -> list[int]:
 
 def _bucket(length: int, buckets: list[int]) -> int:
     return next(b for b in buckets if b >= length)
+
+
+def pack_windows(windows, capacity: int) -> list[tuple[tuple, list]]:
+    """Rows [(prefix, [(input, continuation), ...])] of at most `capacity` tokens each.
+
+    A window's prefix is its input less the len(continuation) positions that predict the continuation;
+    windows with one prefix (the choices of a question; for rolling documents, the empty prefix) fill rows
+    first-fit, longest first, so the prefix is computed once per row. Every window fits a row of its own
+    (len(input) <= capacity)."""
+    groups: dict = {}
+    for inp, cont in sorted(windows, key=lambda w: (-len(w[1]), w)):
+        groups.setdefault(inp[:len(inp) - len(cont)], []).append((inp, cont))
+    rows = []
+    for prefix, members in groups.items():
+        mine: list = []  # [tokens used, windows]
+        for window in members:
+            row = next((r for r in mine if r[0] + len(window[1]) <= capacity), None)
+            if row is None:
+                row = [len(prefix), []]
+                mine.append(row)
+            row[0] += len(window[1])
+            row[1].append(window)
+        rows += [(prefix, ws) for _, ws in mine]
+    return rows
+
+
+def _row_length(row) -> int:
+    return len(row[0]) + sum(len(cont) for _, cont in row[1])
+
+
+def _packed_arrays(rows, T: int, K: int) -> tuple[tuple, list]:
+    """(ids, positions, segments, targets) for `evaluate.score_packed`, rows right-aligned in T columns, and
+    (row, first column in targets, window) per window in row order."""
+    ids, positions = np.zeros((len(rows), T), np.int32), np.zeros((len(rows), T), np.int32)
+    segments, targets = np.full((len(rows), T), -1, np.int32), np.full((len(rows), K), -1, np.int32)
+    spans = []
+    for r, (prefix, windows) in enumerate(rows):
+        col = T - _row_length((prefix, windows))
+        ids[r, col:col + len(prefix)], positions[r, col:col + len(prefix)] = prefix, np.arange(len(prefix))
+        segments[r, col:col + len(prefix)] = 0
+        col += len(prefix)
+        for j, (inp, cont) in enumerate(windows, start=1):
+            n = len(cont)
+            ids[r, col:col + n], segments[r, col:col + n] = inp[len(inp) - n:], j
+            positions[r, col:col + n] = np.arange(len(prefix), len(prefix) + n)
+            targets[r, col - (T - K):col - (T - K) + n] = cont
+            spans.append((r, col - (T - K), (inp, cont)))
+            col += n
+    return (ids, positions, segments, targets), spans
 
 
 def _mesh_shape(text: str) -> dict:
@@ -196,56 +246,44 @@ class C2FJaxLM(TemplateLM):
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         """(sum of continuation logprobs, continuation is greedy) per (cache key, context ids, continuation ids).
 
-        As the hf backend: identical (input, continuation) pairs are scored once, and one-token continuations
-        of one input (MMLU's " A" ... " D") share one forward pass."""
+        Each request is cut as the hf backend cuts it (the last max_length + 1 tokens of context + continuation)
+        into a window (input, continuation); identical windows are scored once (`score_windows`)."""
         windows = []
         for _, context, continuation in requests:
             if not continuation or len(continuation) > self._max_length:
                 raise LMEvalError(f"a continuation of {len(continuation)} tokens; it must be 1 to {self._max_length}")
             whole = (list(context) + list(continuation))[-(self._max_length + 1):]
             windows.append((tuple(whole[:-1]), tuple(continuation)))
-        scores = {**self._score_next_tokens({w[0] for w in windows if len(w[1]) == 1}, disable_tqdm),
-                  **self._score_continuations({w for w in windows if len(w[1]) > 1}, disable_tqdm)}
+        scores = self.score_windows(set(windows), disable_tqdm)
         results = []
-        for (key, _, _), (inp, cont) in zip(requests, windows):
-            if len(cont) == 1:
-                logp, argmax = scores[inp]
-                results.append((float(logp[cont[0]]), bool(argmax == cont[0])))
-            else:
-                results.append(scores[(inp, cont)])
+        for (key, _, _), window in zip(requests, windows):
+            results.append(scores[window])
             if key is not None:
                 self.cache_hook.add_partial("loglikelihood", key, results[-1])
         return results
 
-    def _score_next_tokens(self, inputs: set, disable_tqdm: bool) -> dict:
-        """{input: (next-token logprobs float32 [V], argmax)} for each distinct input."""
-        inputs, out = sorted(inputs, key=lambda t: (-len(t), t)), {}
-        for start in tqdm(range(0, len(inputs), self._batch_size), disable=disable_tqdm or not inputs,
-                          desc="c2f-jax one-token continuations"):
-            batch = inputs[start:start + self._batch_size]
-            ids, mask = self._padded(list(batch), _bucket(len(batch[0]), self.buckets))
-            logp, argmax = evaluate.next_token_logprobs(self.params, ids, mask, config=self.config)
-            logp, argmax = sharding.to_host(logp), sharding.to_host(argmax)
-            out.update({inp: (logp[r], int(argmax[r])) for r, inp in enumerate(batch)})
-        return out
+    def score_windows(self, windows: set, disable_tqdm: bool = True) -> dict:
+        """{(input, continuation): (sum of logprobs, is greedy)}: log p(continuation | input), where the last
+        len(continuation) tokens of input are the positions that predict it.
 
-    def _score_continuations(self, windows: set, disable_tqdm: bool) -> dict:
-        """{(input, continuation): (sum of logprobs, is greedy)} for each distinct pair."""
-        windows, out = sorted(windows, key=lambda w: (-len(w[0]), w)), {}
-        for start in tqdm(range(0, len(windows), self._batch_size), disable=disable_tqdm or not windows,
+        Windows are packed into rows (`pack_windows`): the choices of one question share a single pass over
+        it, and short documents share rows instead of padding, where the hf backend runs every (context,
+        choice) pair on its own. Rows are batched by length, each batch at static bucket widths."""
+        rows = sorted(pack_windows(windows, self._max_length), key=lambda r: -_row_length(r))
+        out = {}
+        for start in tqdm(range(0, len(rows), self._batch_size), disable=disable_tqdm or not rows,
                           desc="c2f-jax loglikelihood"):
-            batch = windows[start:start + self._batch_size]
-            T = _bucket(len(batch[0][0]), self.buckets)
-            K = min(_bucket(max(len(cont) for _, cont in batch), self.buckets), T)
-            targets = np.full((self._batch_size, K), -1, np.int32)
-            for r, (_, cont) in enumerate(batch + [batch[-1]] * (self._batch_size - len(batch))):
-                targets[r, K - len(cont):] = cont  # the last len(cont) positions predict the continuation
-            ids, mask = self._padded([inp for inp, _ in batch], T)
-            logp, greedy = evaluate.compiled_score_tokens(self.params, ids, mask,
-                                                          sharding.global_batch(self.mesh, targets),
-                                                          config=self.config)
+            batch = rows[start:start + self._batch_size]
+            T = _bucket(_row_length(batch[0]), self.buckets)
+            K = min(_bucket(max(_row_length(r) - len(r[0]) for r in batch), self.buckets), T)
+            arrays, spans = _packed_arrays(batch + [batch[-1]] * (self._batch_size - len(batch)), T, K)
+            logp, greedy = evaluate.compiled_score_packed(self.params, *map(partial(sharding.global_batch, self.mesh),
+                                                                            arrays), config=self.config)
             logp, greedy = sharding.to_host(logp), sharding.to_host(greedy)
-            out.update({w: (float(logp[r]), bool(greedy[r])) for r, w in enumerate(batch)})
+            for r, first, window in spans[:sum(len(ws) for _, ws in batch)]:
+                n = len(window[1])
+                out[window] = (float(np.sum(logp[r, first:first + n], dtype=np.float64)),
+                               bool(np.all(greedy[r, first:first + n])))
         return out
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:

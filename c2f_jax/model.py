@@ -60,14 +60,18 @@ def apply_rope(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-def attention_bias(q_pos, key_pos, key_mask, sliding_window: int | None) -> jax.Array:
+def attention_bias(q_pos, key_pos, key_mask, sliding_window: int | None, segments=None) -> jax.Array:
     """Additive mask, float32 [B, T, S]: key visible if real, not in the future, and inside the window.
 
     q_pos [B, T], key_pos [B, S] are position ids; key_mask [B, S] is 1 for real keys.
     Positions stand in for indices: within a left-padded row they differ by a constant.
+    segments int [B, T] (no cache, S = T) packs several sequences in a row: segment 0 is a prefix they all
+    continue, and a key of segment j > 0 is visible to segment j only; positions restart after the prefix.
     """
     delta = q_pos[:, :, None] - key_pos[:, None, :]  # [B, T, S]
     visible = (delta >= 0) & (key_mask[:, None, :] > 0)
+    if segments is not None:
+        visible &= (segments[:, None, :] == segments[:, :, None]) | (segments[:, None, :] == 0)
     if sliding_window is not None:
         visible &= delta < sliding_window
     return jnp.where(visible, 0.0, _MASKED).astype(jnp.float32)
@@ -352,7 +356,7 @@ def stack_layers(params: Params) -> Params:
 
 
 def apply(config: MistralConfig, params: Params, input_ids, positions, key_pos, key_mask, kv=None, write_index=0,
-          head=True):
+          head=True, segments=None):
     """The general entry point (forward and cached decoding).
 
     input_ids, positions int [B, T]; key_pos, key_mask [B, S] describe every key the
@@ -360,9 +364,10 @@ def apply(config: MistralConfig, params: Params, input_ids, positions, key_pos, 
     at a block end); kv is None, or the cache as consecutive blocks of positions (`rollout.init_kv`):
     {'k': [[L, B, K, n_i, H], ...], 'v': [[L, B, K, H, n_i], ...]} with scan_layers, else a list of L
     such dicts with L = 1; new keys/values are written into the last block read, at `write_index` in it.
+    segments: packed rows without a cache (`attention_bias`).
     Returns (head output float32 [B, T, V or num_labels] or hidden [B, T, D], kv).
     """
-    bias = attention_bias(positions, key_pos, key_mask, config.sliding_window)
+    bias = attention_bias(positions, key_pos, key_mask, config.sliding_window, segments)
     return Mistral(config).apply({"params": params}, input_ids, positions, bias, kv, write_index, head)
 
 

@@ -103,6 +103,24 @@ def test_task_metrics_equal(both):
                 assert ours["results"][task][key] == pytest.approx(value, rel=1e-6), (task, key)
 
 
+def test_windows_pack_into_rows_that_share_their_prefix():
+    """Every window lands once, in a row of at most `capacity` tokens holding its own prefix; the choices of a
+    question share one row, and documents (empty prefix) share rows instead of padding."""
+    from c2f_jax.lm_eval import pack_windows
+
+    question = tuple(range(100, 120))
+    choices = {(question + (c,) * (n - 1), (c,) * n) for c, n in ((1, 3), (2, 1), (3, 5), (4, 2))}
+    documents = {(tuple(range(n)), tuple(range(1, n + 1))) for n in (30, 25, 20, 12, 9, 4)}
+    rows = pack_windows(choices | documents, capacity=40)
+    seen = [w for _, ws in rows for w in ws]
+    assert sorted(seen) == sorted(choices | documents)
+    for prefix, ws in rows:
+        assert len(prefix) + sum(len(c) for _, c in ws) <= 40
+        assert all(inp[:len(inp) - len(c)] == prefix for inp, c in ws)
+    assert [len(ws) for p, ws in rows if p == question[:-1]] == [4]  # the last context token predicts
+    assert len([p for p, _ in rows if p == ()]) == 3  # 100 tokens in rows of 40, first-fit longest first
+
+
 def test_a_second_evaluation_compiles_nothing(folder, monkeypatch):
     """Requests are batched into static length buckets: once a task's buckets have compiled, nothing does."""
     import lm_eval

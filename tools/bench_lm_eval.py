@@ -3,8 +3,9 @@
   python tools/bench_lm_eval.py                 # 8 layers, d=512 (the CPU bench shape), float32
   python tools/bench_lm_eval.py --size 4x256 --requests 32
 
-The same random weights (one HF folder, real Mistral tokenizer) run three local tasks built from the
-bundled HH sample: multiple choice (4 choices, loglikelihood), documents (loglikelihood_rolling, windows at
+The same random weights (one HF folder, real Mistral tokenizer) run four local tasks built from the
+bundled HH sample: multiple choice (4 whole responses as choices, loglikelihood), the paper's multiple-choice
+shape (3 shots, a short question, choices of 4 words), documents (loglikelihood_rolling, windows at
 --max-length) and greedy generation (generate_until, 32 tokens). Each backend evaluates them twice in one
 process: the first pass includes our compilation, the second is timed. Prints a Markdown table of requests
 per second per request type, the ratio ours / hf, and our compile time (first pass minus second).
@@ -37,6 +38,12 @@ metadata:
 BODIES = {
     "bench_mc": ("multiple_choice", 'doc_to_text: "{{q}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: 0\n'
                                     "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true"),
+    # The paper's multiple-choice benchmarks' shape (ARC, HellaSwag, MMLU): a few-shot context, short choices.
+    "bench_mc_shots": ("multiple_choice", 'doc_to_text: "Question: {{q}}\\nAnswer:"\ndoc_to_choice: "{{choices}}"\n'
+                                          "doc_to_target: 0\nnum_fewshot: 3\nfewshot_split: test\n"
+                                          "fewshot_config:\n  sampler: first_n\n"
+                                          "metric_list:\n  - metric: acc\n    aggregation: mean\n"
+                                          "    higher_is_better: true"),
     "bench_rolling": ("loglikelihood_rolling", 'doc_to_text: ""\ndoc_to_target: "{{text}}"\nmetric_list:\n'
                                                "  - metric: byte_perplexity\n    aggregation: weighted_perplexity\n"
                                                "    higher_is_better: false"),
@@ -55,6 +62,10 @@ def write_tasks(folder: Path, requests: int) -> None:
     rows = {
         "bench_mc": [{"q": p.prompt, "choices": [p.chosen, p.rejected, pairs[i - 1].chosen, pairs[i - 2].rejected]}
                      for i, p in enumerate(pairs[:requests], start=2)],
+        "bench_mc_shots": [{"q": " ".join(p.prompt.split()[:24]),
+                            "choices": [" ".join(c.split()[:4]) for c in (p.chosen, p.rejected, pairs[i - 1].chosen,
+                                                                         pairs[i - 2].rejected)]}
+                           for i, p in enumerate(pairs[:requests], start=2)],
         "bench_rolling": [{"text": p.prompt + " " + p.chosen} for p in pairs[:requests]],
         "bench_gen": [{"q": p.prompt, "a": p.chosen} for p in pairs[:requests]],
     }
