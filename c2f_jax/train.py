@@ -3,8 +3,8 @@
 Runs the job the config names: `reward` (a Bradley-Terry reward model on
 preference pairs) or `coarse` (the Coarse Actor: PPO with Continuous
 Maximization). Restarting on a workdir that holds checkpoints resumes from the
-latest one, exactly. The workdir's layout is c2f_jax.workdir's; the same command
-runs as several processes (see c2f_jax.distributed and launch/).
+latest one, exactly. The workdir's layout is c2f_jax.runtime.workdir's; the same command
+runs as several processes (see c2f_jax.runtime.distributed and launch/).
 """
 
 from __future__ import annotations
@@ -18,8 +18,11 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from c2f_jax import (checkpoint, cli, cm, compilations, data, distributed, hf, metrics, model, optim, ppo,
-                     programs, reward, settings, sft, sharding, tokenizer, workdir)
+from c2f_jax import data
+from c2f_jax.jobs import settings, sft
+from c2f_jax.model import hf, model, sharding, tokenizer
+from c2f_jax.rl import cm, optim, ppo, programs, reward
+from c2f_jax.runtime import checkpoint, cli, compilations, distributed, metrics, workdir
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"  # a source checkout's configs/, for bare names
 REQUIRED_KEYS = ("job", "steps", "seed", "checkpoint_every", "mesh.data", "mesh.fsdp", "mesh.tensor",

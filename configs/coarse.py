@@ -6,7 +6,7 @@
 
 import ml_collections
 
-from c2f_jax.tokenizer import COARSE_SYSTEM_PROMPT
+from c2f_jax.model.tokenizer import COARSE_SYSTEM_PROMPT
 
 
 def get_config():

@@ -4,7 +4,9 @@ RuntimeError in its STEP-th Continuous Maximization update (a stand-in for any e
 import os
 import sys
 
-from c2f_jax import cli, cm, train
+from c2f_jax import train
+from c2f_jax.rl import cm
+from c2f_jax.runtime import cli
 
 FAIL_AT = int(sys.argv.pop(1))
 _update, _calls = cm.update, []

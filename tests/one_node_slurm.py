@@ -15,7 +15,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from c2f_jax.local_job import free_port
+from c2f_jax.runtime.local_job import free_port
 
 DAEMONS = ("munged", "slurmctld", "slurmd", "srun", "sbatch", "sinfo")
 

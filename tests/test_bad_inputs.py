@@ -57,7 +57,7 @@ def test_tensorstore_read_echoes_are_dropped_and_nothing_else(caplog):
     import asyncio
     import gc
 
-    from c2f_jax import checkpoint  # noqa: F401  (installs the filter)
+    from c2f_jax.runtime import checkpoint  # noqa: F401  (installs the filter)
     loop = asyncio.new_event_loop()
     echo = ('OUT_OF_RANGE: Error reading "critic.opt_state.1.0.nu.layers.mlp.up/0.0.0" in OCDBT database at local '
             'file "/w/checkpoints/8/state/": Requested byte range [31936166, 31947619) is not valid for value of '

@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from c2f_jax import cm
-from c2f_jax.cm import CMConfig, CMError
+from c2f_jax.rl import cm
+from c2f_jax.rl.cm import CMConfig, CMError
 
 CFG = CMConfig(buckets=(16, 32, 64), window=8, min_steps=8)
 

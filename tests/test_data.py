@@ -5,7 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from c2f_jax import data, tokenizer
+from c2f_jax import data
+from c2f_jax.model import tokenizer
 from c2f_jax.data import DataError
 
 MULTI_TURN = "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: What is a tide?\n\nAssistant: The sea rising.</s>"

@@ -9,7 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from c2f_jax import data, evaluate, hf, model, reward, tokenizer
+from c2f_jax import data
+from c2f_jax.eval import evaluate
+from c2f_jax.model import hf, model, tokenizer
+from c2f_jax.rl import reward
 
 ROOT = Path(__file__).resolve().parent.parent
 

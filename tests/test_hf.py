@@ -12,9 +12,9 @@ import torch
 import transformers
 from conftest import hf_model, left_padded_batch
 
-from c2f_jax import hf, model
-from c2f_jax.hf import HFError
-from c2f_jax.safetensors_io import SafetensorsFile
+from c2f_jax.model import hf, model
+from c2f_jax.model.hf import HFError
+from c2f_jax.model.safetensors_io import SafetensorsFile
 
 
 def all_tensors(folder) -> dict:

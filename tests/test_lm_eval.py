@@ -21,7 +21,7 @@ MAX_LENGTH = 64  # shorter than two of the documents, so rolling windows are exe
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     """The tiny preset with weights scaled up (clear argmaxes), real Mistral tokenizer, as an HF folder."""
-    from c2f_jax import hf, model, tokenizer
+    from c2f_jax.model import hf, model, tokenizer
 
     out = tmp_path_factory.mktemp("lmeval") / "model"
     params = model.init_params(model.TINY, jax.random.key(0))
@@ -43,7 +43,7 @@ def evaluate(model, model_args, **kw):
 def both(folder):
     import os
 
-    import c2f_jax.lm_eval  # noqa: F401  (registers c2f-jax)
+    import c2f_jax.eval.lm_eval  # noqa: F401  (registers c2f-jax)
 
     cwd = os.getcwd()
     os.chdir(ROOT)  # the task YAMLs name their data files relative to the checkout
@@ -62,7 +62,7 @@ def _pairs(ours, theirs, task):
 
 
 def test_loglikelihoods_and_is_greedy_equal_the_hf_backend(both, folder):
-    from c2f_jax import tokenizer
+    from c2f_jax.model import tokenizer
 
     tok = tokenizer.load_tokenizer(folder)
     worst = 0.0
@@ -78,7 +78,7 @@ def test_loglikelihoods_and_is_greedy_equal_the_hf_backend(both, folder):
 
 
 def test_rolling_loglikelihoods_over_documents_longer_than_max_length(both, folder):
-    from c2f_jax import tokenizer
+    from c2f_jax.model import tokenizer
 
     tok = tokenizer.load_tokenizer(folder)
     longest = 0
@@ -106,7 +106,7 @@ def test_task_metrics_equal(both):
 def test_windows_pack_into_rows_that_share_their_prefix():
     """Every window lands once, in a row of at most `capacity` tokens holding its own prefix; the choices of a
     question share one row, and documents (empty prefix) share rows instead of padding."""
-    from c2f_jax.lm_eval import pack_windows
+    from c2f_jax.eval.lm_eval import pack_windows
 
     question = tuple(range(100, 120))
     choices = {(question + (c,) * (n - 1), (c,) * n) for c, n in ((1, 3), (2, 1), (3, 5), (4, 2))}
@@ -126,8 +126,8 @@ def test_a_second_evaluation_compiles_nothing(folder, monkeypatch):
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    from c2f_jax import compilations
-    from c2f_jax.lm_eval import C2FJaxLM
+    from c2f_jax.runtime import compilations
+    from c2f_jax.eval.lm_eval import C2FJaxLM
 
     monkeypatch.chdir(ROOT)
     lm = C2FJaxLM(pretrained=str(folder), max_length=MAX_LENGTH, batch_size=4)
@@ -141,8 +141,9 @@ def test_a_second_evaluation_compiles_nothing(folder, monkeypatch):
 
 def test_in_memory_merge_equals_the_merged_folder(folder, tmp_path):
     """coarse=, sft=, gamma= merges in memory exactly as tools/merge.py writes the folder."""
-    from c2f_jax import hf, merge, model
-    from c2f_jax.lm_eval import C2FJaxLM
+    from c2f_jax.merge import merge
+    from c2f_jax.model import hf, model
+    from c2f_jax.eval.lm_eval import C2FJaxLM
 
     config, params = hf.load_pretrained(folder)
     other = tmp_path / "other"
@@ -159,7 +160,7 @@ def test_in_memory_merge_equals_the_merged_folder(folder, tmp_path):
 
 
 def test_bad_model_args_are_one_line_errors(folder):
-    from c2f_jax.lm_eval import C2FJaxLM, LMEvalError
+    from c2f_jax.eval.lm_eval import C2FJaxLM, LMEvalError
 
     with pytest.raises(LMEvalError, match="unknown 'pretrianed'"):
         C2FJaxLM(pretrianed=str(folder))
@@ -172,7 +173,7 @@ def test_bad_model_args_are_one_line_errors(folder):
 def test_the_cli_is_lm_evals_with_c2f_jax_registered(folder, tmp_path):
     out = tmp_path / "results"
     done = subprocess.run(
-        [sys.executable, "-m", "c2f_jax.lm_eval", "--model", "c2f-jax", "--model_args",
+        [sys.executable, "-m", "c2f_jax.eval.lm_eval", "--model", "c2f-jax", "--model_args",
          f"pretrained={folder},max_length={MAX_LENGTH}", "--tasks", "c2f_mc,c2f_gen", "--include_path",
          "tests/lm_eval_tasks", "--limit", "2", "--batch_size", "2", "--seed", "1", "--log_samples",
          "--output_path", str(out)], cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=600)
@@ -187,7 +188,7 @@ def test_the_cli_is_lm_evals_with_c2f_jax_registered(folder, tmp_path):
 def test_paper_preset_names_the_papers_11_benchmarks_lm_eval_knows():
     from lm_eval.tasks import TaskManager
 
-    from c2f_jax.lm_eval import TASKS_DIR, parse_tasks
+    from c2f_jax.eval.lm_eval import TASKS_DIR, parse_tasks
 
     paper = parse_tasks("paper")
     assert len(paper) == 11 and dict(paper)["mmlu"] == 5 and dict(paper)["gsm8k"] == 8 and dict(paper)["race_m"] == 1
@@ -199,7 +200,7 @@ def test_paper_preset_names_the_papers_11_benchmarks_lm_eval_knows():
 def test_sweep_tasks_writes_table3_with_every_gamma_merged_in_memory(folder, tmp_path, monkeypatch):
     import importlib.util
 
-    from c2f_jax import hf
+    from c2f_jax.model import hf
 
     config, params = hf.load_pretrained(folder)
     sft = tmp_path / "sft"
@@ -227,7 +228,7 @@ def test_on_a_2x2x2_mesh_the_results_equal_one_device(folder, monkeypatch):
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    from c2f_jax.lm_eval import C2FJaxLM
+    from c2f_jax.eval.lm_eval import C2FJaxLM
 
     monkeypatch.chdir(ROOT)
     results = []

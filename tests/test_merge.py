@@ -16,9 +16,10 @@ import torch
 import transformers
 from conftest import hf_model, left_padded_batch
 
-from c2f_jax import hf, merge, merge_io, model
-from c2f_jax.merge import MergeError
-from c2f_jax.safetensors_io import SafetensorsFile, write_file
+from c2f_jax.merge import merge, merge_io
+from c2f_jax.model import hf, model
+from c2f_jax.merge.merge import MergeError
+from c2f_jax.model.safetensors_io import SafetensorsFile, write_file
 
 ROOT = Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("merge_tool", ROOT / "tools" / "merge.py")
@@ -424,7 +425,7 @@ def test_cli_error_is_one_line_and_exit_2(fp32, tmp_path):
 def test_coarse_workdir_merges_like_its_exported_actor(root, fp32, merged, tmp_path):
     """A Coarse Actor training workdir as --coarse: its checkpointed actor, exported to a scratch folder
     that is gone afterwards, merges to the same bits as the HF folder it came from."""
-    from c2f_jax import checkpoint
+    from c2f_jax.runtime import checkpoint
 
     config, params = hf.load_pretrained(fp32[0])
     wd = tmp_path / "run"

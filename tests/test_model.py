@@ -10,8 +10,8 @@ import torch
 import transformers
 from conftest import hf_config, hf_model, left_padded_batch
 
-from c2f_jax import hf, model
-from c2f_jax.model import ConfigError, MistralConfig
+from c2f_jax.model import hf, model
+from c2f_jax.model.model import ConfigError, MistralConfig
 
 PARITY_ATOL = 1e-4
 

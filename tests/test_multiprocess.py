@@ -1,6 +1,6 @@
 """The jobs as several processes joined by jax.distributed (fake CPU devices, gloo collectives), against one process.
 
-Every run goes through c2f_jax.local_job, which kills whatever is left of a job when a test ends.
+Every run goes through c2f_jax.runtime.local_job, which kills whatever is left of a job when a test ends.
 """
 
 import json
@@ -13,9 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from c2f_jax import metrics, train
-from c2f_jax import workdir as c2f_workdir
-from c2f_jax.local_job import LocalJob
+from c2f_jax import train
+from c2f_jax.runtime import metrics
+from c2f_jax.runtime import workdir as c2f_workdir
+from c2f_jax.runtime.local_job import LocalJob
 from conftest import ROOT, SHORT, TIMING_KEYS, cli_env, comparable
 
 TRAIN = [sys.executable, "-m", "c2f_jax.train", "--config", "tiny_coarse.py", *SHORT]
@@ -67,7 +68,7 @@ def folder_relative(a, b) -> float:
     """Largest per-tensor max|a-b| / max|a| between two HF folders."""
     import jax
 
-    from c2f_jax import hf
+    from c2f_jax.model import hf
 
     (_, pa), (_, pb) = hf.load_pretrained(a), hf.load_pretrained(b)
     return max(float(np.abs(np.asarray(x) - np.asarray(y)).max() / np.abs(np.asarray(x)).max())

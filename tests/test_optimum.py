@@ -21,7 +21,9 @@ STEPS = {"bandit": 40, "sequence": 100}
 
 @pytest.mark.parametrize("case", ["bandit", "sequence"])
 def test_ppo_reaches_the_kl_regularised_optimum(case, tmp_path):
-    from c2f_jax import hf, train, workdir
+    from c2f_jax import train
+    from c2f_jax.model import hf
+    from c2f_jax.runtime import workdir
 
     problem = ppo_optimum.build(case, tmp_path / "problems")
     config = ppo_optimum.run_config(problem, "k1", STEPS[case], checkpoint_every=STEPS[case])

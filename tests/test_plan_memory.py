@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from c2f_jax import cli
+from c2f_jax.runtime import cli
 from conftest import ROOT, cli_env
 
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,

@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from c2f_jax import model, optim, ppo, reward, rollout
+from c2f_jax.model import model
+from c2f_jax.rl import optim, ppo, reward, rollout
 
 
 def prefix_mask(rng, batch, length):

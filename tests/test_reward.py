@@ -7,7 +7,9 @@ import pytest
 import torch
 import transformers
 
-from c2f_jax import data, hf, model, optim, reward, tokenizer
+from c2f_jax import data
+from c2f_jax.model import hf, model, tokenizer
+from c2f_jax.rl import optim, reward
 
 # Held-out accuracy the tiny model must reach on the bundled sample (measured: 0.86-0.92 over seeds/steps).
 MIN_ACCURACY = 0.85

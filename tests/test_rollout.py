@@ -12,9 +12,12 @@ import pytest
 import torch
 from conftest import hf_model, left_padded_batch
 
-from c2f_jax import compilations, data, hf, model, rollout
+from c2f_jax import data
+from c2f_jax.model import hf, model
+from c2f_jax.rl import rollout
+from c2f_jax.runtime import compilations
 from c2f_jax.data import DataError
-from c2f_jax.rollout import RolloutError, SamplingConfig
+from c2f_jax.rl.rollout import RolloutError, SamplingConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 P, R = 12, 20  # prompt 12 + response 20 > sliding window 8
@@ -229,7 +232,7 @@ def test_right_padded_prompts_are_refused(tiny):
 
 def test_generate_cli_writes_jsonl(tiny, tmp_path):
     hm, _, _ = tiny
-    from c2f_jax import tokenizer
+    from c2f_jax.model import tokenizer
 
     model_dir = tmp_path / "m"
     hm.save_pretrained(model_dir)
@@ -250,7 +253,7 @@ def test_generate_cli_writes_jsonl(tiny, tmp_path):
 
 
 def test_bundled_tokenizer_is_mistral_v01():
-    from c2f_jax import tokenizer
+    from c2f_jax.model import tokenizer
 
     tok = tokenizer.load_tokenizer(None)
     assert len(tok) == 32000 and (tok.bos_token_id, tok.eos_token_id) == (1, 2)

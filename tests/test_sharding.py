@@ -6,7 +6,9 @@ import jax
 import numpy as np
 import pytest
 
-from c2f_jax import checkpoint, compilations, model, optim, ppo, programs, reward, rollout, sharding
+from c2f_jax.model import model, sharding
+from c2f_jax.rl import optim, ppo, programs, reward, rollout
+from c2f_jax.runtime import checkpoint, compilations
 
 MESHES = [(1, 1, 1), (8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 2, 4)]
 B, P, R = 8, 8, 6

@@ -14,8 +14,10 @@ import pytest
 import torch
 import transformers
 
-from c2f_jax import checkpoint, hf, metrics, model, train
-from c2f_jax import workdir as c2f_workdir
+from c2f_jax import train
+from c2f_jax.model import hf, model
+from c2f_jax.runtime import checkpoint, metrics
+from c2f_jax.runtime import workdir as c2f_workdir
 from conftest import ROOT, SHORT, cli_env, comparable
 
 def run_cli(*args, timeout=600):

@@ -344,7 +344,7 @@ def snapshot(folder: Path) -> dict:
 
 
 def _fork_run(main, argv: list[str], cwd: Path, log: Path, timeout: float) -> tuple[int, float]:
-    from c2f_jax import cli
+    from c2f_jax.runtime import cli
 
     start = time.perf_counter()
     pid = os.fork()
@@ -447,7 +447,9 @@ import json, sys
 from pathlib import Path
 sys.path.insert(0, {str(ROOT)!r})
 import jax
-from c2f_jax import hf, model, reward, tokenizer, train
+from c2f_jax import train
+from c2f_jax.model import hf, model, tokenizer
+from c2f_jax.rl import reward
 folder = Path({str(folder)!r})
 tok = tokenizer.load_tokenizer(None)
 for name, seed in (("hf", 0), ("sft", 1)):

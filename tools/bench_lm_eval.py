@@ -108,9 +108,9 @@ def main(argv=None) -> int:
     import jax
     import torch
 
-    import c2f_jax.lm_eval  # noqa: F401  (registers c2f-jax)
+    import c2f_jax.eval.lm_eval  # noqa: F401  (registers c2f-jax)
     from bench_rollout import bench_config
-    from c2f_jax import hf, model, tokenizer
+    from c2f_jax.model import hf, model, tokenizer
 
     torch.set_num_threads(os.cpu_count() or 1)
     layers, d = (int(x) for x in args.size.split("x"))

@@ -24,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from c2f_jax import hf, model, safetensors_io, workdir
+from c2f_jax.model import hf, model, safetensors_io
+from c2f_jax.runtime import workdir
 
 ROOT = Path(__file__).resolve().parent.parent
 GAMMA = 0.7

@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench_rollout import bench_config, time_it  # the same model shapes as the rollout benchmark (tools/ is on sys.path)
-from c2f_jax import hf, model, optim, ppo, reward, rollout
+from c2f_jax.model import hf, model
+from c2f_jax.rl import optim, ppo, reward, rollout
 
 
 def ours(config, actor, critic_config, critic, ids, mask, new_tokens, iterations):

@@ -31,7 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from c2f_jax import hf, model, rollout
+from c2f_jax.model import hf, model
+from c2f_jax.rl import rollout
 
 
 def bench_config(layers: int, d: int, kv_heads: int = 0) -> model.MistralConfig:

@@ -21,7 +21,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a checkout without installing
 
-from c2f_jax import cli, distributed, evaluate, tokenizer, workdir  # noqa: E402
+from c2f_jax.eval import evaluate  # noqa: E402
+from c2f_jax.model import tokenizer  # noqa: E402
+from c2f_jax.runtime import cli, distributed, workdir  # noqa: E402
 
 
 def add_eval_args(p: argparse.ArgumentParser) -> None:
@@ -86,7 +88,7 @@ def main(argv=None) -> int:
             raise cli.UsageError(f"--model {path}: model folder not found")
     tasks = None
     if args.tasks:
-        from c2f_jax import lm_eval
+        from c2f_jax.eval import lm_eval
 
         tasks = lm_eval.parse_tasks(args.tasks)
     prompts, pairs, rm = inputs_from(args)

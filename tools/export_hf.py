@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from c2f_jax import cli, distributed, workdir
+from c2f_jax.runtime import cli, distributed, workdir
 
 
 def main(argv=None) -> int:

@@ -16,7 +16,10 @@ import sys
 
 import jax
 
-from c2f_jax import cli, evaluate, model, rollout, tokenizer, workdir
+from c2f_jax.eval import evaluate
+from c2f_jax.model import model, tokenizer
+from c2f_jax.rl import rollout
+from c2f_jax.runtime import cli, workdir
 
 
 def parse_args(argv=None):

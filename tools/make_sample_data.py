@@ -14,7 +14,7 @@ import json
 import random
 from pathlib import Path
 
-from c2f_jax import workdir
+from c2f_jax.runtime import workdir
 
 OUT = Path(__file__).resolve().parent.parent / "c2f_jax" / "data" / "hh_sample.jsonl"
 

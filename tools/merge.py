@@ -18,7 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-from c2f_jax import cli, merge, workdir
+from c2f_jax.merge import merge
+from c2f_jax.runtime import cli, workdir
 
 
 def parse_args(argv=None):

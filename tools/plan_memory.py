@@ -57,7 +57,7 @@ def tpu_devices(name: str) -> list:
     import jax
     from jax.experimental import topologies
 
-    from c2f_jax import cli
+    from c2f_jax.runtime import cli
 
     if importlib.util.find_spec("libtpu") is None:
         raise cli.UsageError(f"--topology {name}: libtpu is not installed (the tpu extra: pip install -e '.[tpu]')")
@@ -80,7 +80,11 @@ def main(argv=None) -> int:
     import jax.numpy as jnp
     import numpy as np
 
-    from c2f_jax import cli, hf, model, optim, programs, rollout, settings, sharding, train
+    from c2f_jax import train
+    from c2f_jax.jobs import settings
+    from c2f_jax.model import hf, model, sharding
+    from c2f_jax.rl import optim, programs, rollout
+    from c2f_jax.runtime import cli
 
     if args.topology:  # compile-only executables go into the persistent cache but cannot be read back
         jax.config.update("jax_enable_compilation_cache", False)
@@ -160,6 +164,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from c2f_jax import cli
+    from c2f_jax.runtime import cli
 
     cli.run(main)

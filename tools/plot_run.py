@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from c2f_jax import cli, metrics, workdir
+from c2f_jax.runtime import cli, metrics, workdir
 
 
 def main(argv=None) -> int:

@@ -65,7 +65,7 @@ def _tokenizer():
 
 
 def _config(architecture: str, hidden: int):
-    from c2f_jax.config import MistralConfig
+    from c2f_jax.model.config import MistralConfig
 
     return MistralConfig(vocab_size=len(VOCAB), hidden_size=hidden, intermediate_size=2 * hidden,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4,
@@ -95,7 +95,7 @@ def _hidden_at_last(config, params, ids: np.ndarray) -> np.ndarray:
     """Final-norm hidden states at the last position, float64 [N, D]: what the head multiplies."""
     import jax.numpy as jnp
 
-    from c2f_jax import model
+    from c2f_jax.model import model
 
     hidden = model.hidden_states(config, params, jnp.asarray(ids), jnp.ones(ids.shape, jnp.int32))
     return np.asarray(hidden[:, -1], np.float64)
@@ -106,7 +106,7 @@ def _random_params(config, seed: int, scale: float = 5.0) -> dict:
     contexts' last hidden states are nearly parallel, and a head solved to tell them apart becomes huge."""
     import jax
 
-    from c2f_jax import model
+    from c2f_jax.model import model
 
     params = model.init_params(config, jax.random.key(seed))
     return jax.tree_util.tree_map_with_path(
@@ -114,7 +114,7 @@ def _random_params(config, seed: int, scale: float = 5.0) -> dict:
 
 
 def _save(folder: Path, config, params, tok) -> Path:
-    from c2f_jax import hf
+    from c2f_jax.model import hf
 
     hf.save_pretrained(folder, config, params, tokenizer_source=tok)
     return folder
@@ -124,7 +124,7 @@ def build(case: str, root: Path, seed: int = 0) -> Problem:
     """Writes the problem's base model, reward model and dataset under root/case."""
     import jax
 
-    from c2f_jax import model
+    from c2f_jax.model import model
 
     folder = root / case
     folder.mkdir(parents=True, exist_ok=True)
@@ -188,7 +188,7 @@ def response_logprobs(config, params, problem: Problem) -> np.ndarray:
     non-suppressed tokens (ids >= 3) at every response position."""
     import jax.numpy as jnp
 
-    from c2f_jax import model
+    from c2f_jax.model import model
 
     ctx, ys = context_ids(_tokenizer()), responses(problem.response_len)
     P, R = ctx.shape[1], problem.response_len
@@ -204,7 +204,7 @@ def rewards(problem: Problem) -> np.ndarray:
     """r(x, y) as the job scores it (the reward model at the last token), float64 [contexts, responses]."""
     import jax.numpy as jnp
 
-    from c2f_jax import hf, model
+    from c2f_jax.model import hf, model
 
     config, params = hf.load_pretrained(problem.reward, dtype="float32")
     ctx, ys = context_ids(_tokenizer()), responses(problem.response_len)
@@ -249,7 +249,7 @@ def measure(logp: np.ndarray, ref_logp: np.ndarray, r: np.ndarray) -> Measure:
 
 
 def base_logprobs(problem: Problem) -> np.ndarray:
-    from c2f_jax import hf
+    from c2f_jax.model import hf
 
     return response_logprobs(*hf.load_pretrained(problem.base, dtype="float32"), problem)
 
@@ -259,7 +259,8 @@ def base_logprobs(problem: Problem) -> np.ndarray:
 
 def curve(problem: Problem, estimator: str, workdir: Path, steps: int, every: int) -> list[tuple[int, Measure]]:
     """Trains, then measures the actor of every checkpoint (step 0: the base)."""
-    from c2f_jax import train, workdir as wd
+    from c2f_jax import train
+    from c2f_jax.runtime import workdir as wd
 
     train.run_coarse(run_config(problem, estimator, steps, every), workdir, show_progress=False)
     ref_logp, r = base_logprobs(problem), rewards(problem)
@@ -278,7 +279,7 @@ def main(argv=None) -> int:
     p.add_argument("--every", type=int, default=10, help="measure every K iterations")
     p.add_argument("--out", default="runs/ppo_optimum", help="folder for the problems and the runs")
     args = p.parse_args(argv)
-    from c2f_jax import cli
+    from c2f_jax.runtime import cli
 
     if args.steps < 1 or args.every < 1 or args.steps % args.every:
         raise cli.UsageError(f"--steps={args.steps} must be a positive multiple of --every={args.every}")
@@ -306,6 +307,6 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
-    from c2f_jax import cli
+    from c2f_jax.runtime import cli
 
     cli.run(main)

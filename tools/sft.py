@@ -18,7 +18,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a checkout without installing
 
-from c2f_jax import cli, data, evaluate, hf, sft, tokenizer, workdir  # noqa: E402
+from c2f_jax import data  # noqa: E402
+from c2f_jax.eval import evaluate  # noqa: E402
+from c2f_jax.jobs import sft  # noqa: E402
+from c2f_jax.model import hf, tokenizer  # noqa: E402
+from c2f_jax.runtime import cli, workdir  # noqa: E402
 
 
 def main(argv=None) -> int:

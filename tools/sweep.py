@@ -38,7 +38,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from evaluate import add_eval_args, input_paths, inputs_from, settings_from  # noqa: E402  (tools/evaluate.py)
 
-from c2f_jax import cli, distributed, evaluate, merge, workdir  # noqa: E402
+from c2f_jax.eval import evaluate  # noqa: E402
+from c2f_jax.merge import merge  # noqa: E402
+from c2f_jax.runtime import cli, distributed, workdir  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -62,7 +64,7 @@ def parse_args(argv=None):
 
 def table3(tmp: Path, args, gammas: list[float]) -> None:
     """The lm-eval sweep (--tasks): every gamma merged in memory, evaluated by lm-eval, tabulated and plotted."""
-    import c2f_jax.lm_eval as c2f_lm_eval
+    import c2f_jax.eval.lm_eval as c2f_lm_eval
 
     tasks = c2f_lm_eval.parse_tasks(args.tasks)
     coarse = evaluate.load_model(args.coarse, args.dtype, args.coarse_step)

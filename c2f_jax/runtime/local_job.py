@@ -1,9 +1,9 @@
 """A multi-process JAX job on this machine: N processes of one command, joined on 127.0.0.1.
 
-  python -m c2f_jax.local_job --processes 2 --devices 4 -- python -m c2f_jax.train --config tiny_coarse.py
+  python -m c2f_jax.runtime.local_job --processes 2 --devices 4 -- python -m c2f_jax.train --config tiny_coarse.py
 
 Each process gets --devices fake CPU devices and the JAX_COORDINATOR_ADDRESS /
-JAX_NUM_PROCESSES / JAX_PROCESS_ID that c2f_jax.distributed joins on (a free
+JAX_NUM_PROCESSES / JAX_PROCESS_ID that c2f_jax.runtime.distributed joins on (a free
 port). Logs go to one file per process. Whatever happens, no process outlives the
 job: each runs in its own process group, killed on timeout, error or interrupt.
 The tests run every multi-process case through this.

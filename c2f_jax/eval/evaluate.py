@@ -3,7 +3,7 @@
 Per model: mean reward-model score of its responses, mean length, EOS rate,
 repetition (share of repeated 4-grams within a response), distinct-1/2 across
 responses, perplexity of held-out chosen answers; benchmark accuracies come from
-lm-eval (c2f_jax.lm_eval, `tools/evaluate.py --tasks`). The paper's picture: the Coarse Actor writes
+lm-eval (c2f_jax.eval.lm_eval, `tools/evaluate.py --tasks`). The paper's picture: the Coarse Actor writes
 long, analytic but repetitive text; merging it with the Instruct model keeps the
 length and removes the repetition. tools/evaluate.py and tools/sweep.py print these.
 """
@@ -21,8 +21,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from c2f_jax import data, distributed, hf, model, ppo, rollout, tokenizer, workdir
-from c2f_jax.model import MistralConfig, Params
+from c2f_jax import data
+from c2f_jax.model import hf, model, tokenizer
+from c2f_jax.rl import ppo, rollout
+from c2f_jax.runtime import distributed, workdir
+from c2f_jax.model.model import MistralConfig, Params
 
 PROMPT_BUCKETS = (64, 128, 256, 512, 1024)
 SEQUENCE_BUCKETS = (128, 256, 512, 1024, 2048)

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from c2f_jax.model import Params
+from c2f_jax.model.model import Params
 
 
 class OptimError(ValueError):

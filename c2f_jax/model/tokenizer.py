@@ -17,7 +17,7 @@ if importlib.util.find_spec("torch") is None:
 
 import transformers  # noqa: E402
 
-from c2f_jax.hf import TOKENIZER_FILES
+from c2f_jax.model.hf import TOKENIZER_FILES
 
 # The paper's system prompt for the Coarse Actor (Mistral-C2F, section 3).
 COARSE_SYSTEM_PROMPT = (

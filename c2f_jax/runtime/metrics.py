@@ -9,7 +9,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from c2f_jax import distributed, workdir
+from c2f_jax.runtime import distributed, workdir
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:

@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 
 # JAX is imported only where arrays are placed or fetched, so file-level work (the merger) starts fast.
-from c2f_jax import distributed, workdir
-from c2f_jax.config import ConfigError, MistralConfig, Params, dtype_name, np_dtype
-from c2f_jax.safetensors_io import INDEX_NAME, SINGLE_NAME, SafetensorsError, SafetensorsFile, write_checkpoint
+from c2f_jax.runtime import distributed, workdir
+from c2f_jax.model.config import ConfigError, MistralConfig, Params, dtype_name, np_dtype
+from c2f_jax.model.safetensors_io import INDEX_NAME, SINGLE_NAME, SafetensorsError, SafetensorsFile, write_checkpoint
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 # Buffers some old checkpoints carry; recomputed from the config, never loaded.

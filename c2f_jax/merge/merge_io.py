@@ -1,5 +1,5 @@
 """The merger's threaded I/O: input chunks read (and hashed) one ahead, results written behind, and the
-work buffers the arithmetic reuses. c2f_jax.merge decides what to read and write; this moves the bytes.
+work buffers the arithmetic reuses. c2f_jax.merge.merge decides what to read and write; this moves the bytes.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from c2f_jax.safetensors_io import CODES, SafetensorsError
+from c2f_jax.model.safetensors_io import CODES, SafetensorsError
 
 # Read and merged this many bytes of float32 at a time: big enough that per-chunk overhead vanishes,
 # small enough that every buffer in flight (two reads per input, scratch, three writes) stays in the

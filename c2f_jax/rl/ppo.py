@@ -23,9 +23,10 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from c2f_jax import model, optim
-from c2f_jax.model import MistralConfig, Params
-from c2f_jax.sharding import BATCH, shard_as
+from c2f_jax.model import model
+from c2f_jax.rl import optim
+from c2f_jax.model.model import MistralConfig, Params
+from c2f_jax.model.sharding import BATCH, shard_as
 
 KL_ESTIMATORS = ("k1", "k3")
 

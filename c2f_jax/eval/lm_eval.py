@@ -1,10 +1,10 @@
 """lm-evaluation-harness on our compiled model: the lm-eval model `c2f-jax`, and lm-eval's own CLI with it registered.
 
-  python -m c2f_jax.lm_eval --model c2f-jax --model_args pretrained=runs/demo-hf,dtype=float32 --tasks arc_easy
-  python -m c2f_jax.lm_eval --model c2f-jax --model_args pretrained=runs/demo,step=48 ...      # a training workdir
-  python -m c2f_jax.lm_eval --model c2f-jax --model_args coarse=runs/demo,sft=runs/sft,gamma=0.7 ...  # merged in memory
+  python -m c2f_jax.eval.lm_eval --model c2f-jax --model_args pretrained=runs/demo-hf,dtype=float32 --tasks arc_easy
+  python -m c2f_jax.eval.lm_eval --model c2f-jax --model_args pretrained=runs/demo,step=48 ...      # a training workdir
+  python -m c2f_jax.eval.lm_eval --model c2f-jax --model_args coarse=runs/demo,sft=runs/sft,gamma=0.7 ...  # merged in memory
 
-`import c2f_jax.lm_eval` registers the model, so `lm_eval.simple_evaluate(model="c2f-jax", ...)` works too.
+`import c2f_jax.eval.lm_eval` registers the model, so `lm_eval.simple_evaluate(model="c2f-jax", ...)` works too.
 
 Requests are split into context and continuation, with BOS, by lm-eval's own `TemplateLM` (what its `hf` backend
 uses), so the numbers compare with everyone's. Scoring runs one compiled forward pass per (batch, length bucket);
@@ -41,15 +41,18 @@ try:
 except ImportError:  # the eval extra is optional
     raise ImportError("lm-eval is not installed: pip install -e '.[eval]' (lm-eval==0.4.13)") from None
 
-from c2f_jax import evaluate, merge, model, rollout, sharding
-from c2f_jax.config import float_dtype
+from c2f_jax.eval import evaluate
+from c2f_jax.merge import merge
+from c2f_jax.model import model, sharding
+from c2f_jax.rl import rollout
+from c2f_jax.model.config import float_dtype
 
 # The paper's Table 3 (Mistral-C2F, arXiv 2406.08657): its 11 benchmarks as lm-eval tasks, with the shot counts it
 # states (MMLU 5, BBH 3, RACE 1, GSM8K 8); the others are zero-shot. AGIEval and AGIEval-ZH are lm-eval's agieval_en
 # and agieval_cn groups; RACE-H is lm-eval's race, RACE-M our race_m (TASKS_DIR).
 PAPER_TASKS = (("mmlu", 5), ("agieval_en", 0), ("bbh_fewshot", 3), ("agieval_cn", 0), ("arc_easy", 0),
                ("arc_challenge", 0), ("hellaswag", 0), ("winogrande", 0), ("race_m", 1), ("race", 1), ("gsm8k", 8))
-TASKS_DIR = Path(__file__).resolve().parent / "data" / "lm_eval_tasks"
+TASKS_DIR = Path(__file__).resolve().parent.parent / "data" / "lm_eval_tasks"
 # A task's headline number: the first of these its results hold.
 MAIN_METRICS = ("acc,none", "exact_match,strict-match", "exact_match,none", "acc_norm,none", "bits_per_byte,none",
                 "word_perplexity,none")

@@ -19,9 +19,9 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-from c2f_jax import model
-from c2f_jax.model import MistralConfig, Params
-from c2f_jax.sharding import BATCH, shard_as
+from c2f_jax.model import model
+from c2f_jax.model.model import MistralConfig, Params
+from c2f_jax.model.sharding import BATCH, shard_as
 
 
 class RolloutError(ValueError):

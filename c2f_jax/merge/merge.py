@@ -4,7 +4,7 @@ Two entry points:
 - `merge_params(coarse, sft, gamma)`: two param pytrees (on one device or sharded on a mesh) -> the merged tree.
 - `plan_merge(...)` then `write_merge(plan, out)`: HF folders on disk -> an HF folder (or one per gamma for a
   sweep). Everything is validated before anything is written; tensors then stream through in fixed-size chunks,
-  so host memory stays at a few chunks whatever the model size (the threads and buffers: c2f_jax.merge_io),
+  so host memory stays at a few chunks whatever the model size (the threads and buffers: c2f_jax.merge.merge_io),
   and a sweep reads each input chunk once and writes it, merged, to every output folder in lockstep.
 
 The arithmetic, identical in both paths: in float32, `f32(gamma) * coarse + f32(1 - gamma) * sft` (two
@@ -29,9 +29,11 @@ from pathlib import Path
 import numpy as np
 
 # No JAX at import time: the CLI starts without it (merge_params imports it when called).
-from c2f_jax import hf, merge_io, safetensors_io, workdir
-from c2f_jax.config import CAUSAL_LM, ConfigError, dtype_name, np_dtype
-from c2f_jax.safetensors_io import DTYPES as FILE_DTYPES, SafetensorsError
+from c2f_jax.merge import merge_io
+from c2f_jax.model import hf, safetensors_io
+from c2f_jax.runtime import workdir
+from c2f_jax.model.config import CAUSAL_LM, ConfigError, dtype_name, np_dtype
+from c2f_jax.model.safetensors_io import DTYPES as FILE_DTYPES, SafetensorsError
 
 PROVENANCE_NAME = "merge_provenance.json"
 DTYPES = {name: np_dtype(name) for name in ("float32", "bfloat16", "float16")}
@@ -460,7 +462,7 @@ def _finish_folder(plan: MergePlan, folder: Path, gamma: float, shards, digests)
                                sum(t.out_nbytes for t in plan.tensors))
     _copy_sft_files(plan, folder)
     provenance = {
-        "method": "linear (c2f_jax.merge): float32 gamma * coarse + (1 - gamma) * sft, rounded to the output dtype",
+        "method": "linear (c2f_jax.merge.merge): float32 gamma * coarse + (1 - gamma) * sft, rounded to the output dtype",
         "gamma": gamma,
         "coarse": {"path": str(plan.coarse.resolve()), "sha256": digests["coarse"]},
         "sft": {"path": str(plan.sft.resolve()), "sha256": digests["sft"]},

@@ -13,8 +13,10 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-from c2f_jax import data, model, optim
-from c2f_jax.model import MistralConfig, Params
+from c2f_jax import data
+from c2f_jax.model import model
+from c2f_jax.rl import optim
+from c2f_jax.model.model import MistralConfig, Params
 
 
 def lm_loss(config: MistralConfig, params: Params, ids, mask) -> jax.Array:
@@ -43,7 +45,7 @@ def fine_tune(config: MistralConfig, params: Params, token_lists: Sequence[Seque
               progress: str | None = None) -> tuple[Params, float]:
     """`steps` AdamW steps over shuffled token lists (left-padded into buckets); returns (params, last loss).
     `progress`: a progress bar with this label."""
-    from c2f_jax import metrics
+    from c2f_jax.runtime import metrics
 
     oc = optim_config(lr, steps)
     state = optim.create_state(params, oc)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 import traceback
 
-from c2f_jax import distributed
+from c2f_jax.runtime import distributed
 
 
 class UsageError(ValueError):
@@ -24,7 +24,7 @@ def add_sampling_args(parser, temperature: float) -> None:
 
 def float_dtype(value: str, flag: str) -> str:
     """A dtype flag's value, checked: only floating-point types hold weights or run a model."""
-    from c2f_jax.config import ConfigError, float_dtype as check
+    from c2f_jax.model.config import ConfigError, float_dtype as check
 
     try:
         return check(value, flag).name
@@ -52,7 +52,7 @@ def run(main) -> None:
 
     Our ValueErrors and missing files become one line on stderr and exit status 2 instead of a
     traceback wall; anything else keeps its traceback (a bug), then exit status 1. With several
-    processes, either also ends every other process promptly (c2f_jax.distributed).
+    processes, either also ends every other process promptly (c2f_jax.runtime.distributed).
     """
     try:
         distributed.initialize()

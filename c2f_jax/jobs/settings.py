@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from c2f_jax import cm, optim, ppo, rollout, sharding
-from c2f_jax.config import REMAT_POLICIES, SEQ_CLS, ConfigError, MistralConfig, float_dtype
+from c2f_jax.model import sharding
+from c2f_jax.rl import cm, optim, ppo, rollout
+from c2f_jax.model.config import REMAT_POLICIES, SEQ_CLS, ConfigError, MistralConfig, float_dtype
 
 
 class SettingsError(ValueError):
@@ -71,7 +72,7 @@ def _float_dtype(config, key: str) -> None:
 
 
 def mesh_shape(config, devices: int | None = None) -> dict:
-    """{'data', 'fsdp', 'tensor'} sizes (c2f_jax.sharding.make_mesh's arguments), checked against `devices`
+    """{'data', 'fsdp', 'tensor'} sizes (c2f_jax.model.sharding.make_mesh's arguments), checked against `devices`
     (default: this job's devices; tools/plan_memory passes a TPU topology's)."""
     shape = {axis: config.mesh[axis] for axis in ("data", "fsdp", "tensor")}
     sharding.check_mesh(**shape, devices=devices)

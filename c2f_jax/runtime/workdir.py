@@ -4,7 +4,7 @@
       run_config.json      the resolved config; a restart checks it against the new one
       model_config.json    the trained model's architecture (an HF config.json dict)
       tokenizer/           the run's tokenizer (HF files)
-      checkpoints/<step>/  Orbax: array state and JSON meta (c2f_jax.checkpoint)
+      checkpoints/<step>/  Orbax: array state and JSON meta (c2f_jax.runtime.checkpoint)
       metrics.jsonl        one JSON object per step; tensorboard/ beside it
       base_model/          the tiny demo's base model (HF folder), when the run made it
       reward_run/          the tiny demo's inline reward job (a workdir itself), and
@@ -25,7 +25,7 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-from c2f_jax import distributed
+from c2f_jax.runtime import distributed
 
 RUN_CONFIG = "run_config.json"
 MODEL_CONFIG = "model_config.json"
@@ -183,8 +183,8 @@ def load_model(path: str | os.PathLike, step: int | None = None):
 
     Only that model's params are read from the checkpoint: the critic and the optimizer
     moments stay on disk."""
-    from c2f_jax import checkpoint  # JAX and Orbax: only when a model is read
-    from c2f_jax.config import MistralConfig
+    from c2f_jax.runtime import checkpoint  # JAX and Orbax: only when a model is read
+    from c2f_jax.model.config import MistralConfig
 
     path = Path(path)
     keys = TRAINED_MODEL[job(path)]
@@ -203,8 +203,8 @@ def export(path: str | os.PathLike, out: str | os.PathLike, step: int | None = N
            overwrite: bool = False) -> Path:
     """Writes a workdir's trained model as an HF folder: the actor of a coarse run (MistralForCausalLM)
     or the reward model of a reward run (MistralForSequenceClassification), with the run's tokenizer."""
-    from c2f_jax import hf
-    from c2f_jax.config import ConfigError, float_dtype
+    from c2f_jax.model import hf
+    from c2f_jax.model.config import ConfigError, float_dtype
 
     try:
         dtype = None if dtype is None else float_dtype(dtype, "dtype").name

@@ -10,8 +10,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from c2f_jax import model, optim
-from c2f_jax.model import MistralConfig, Params
+from c2f_jax.model import model
+from c2f_jax.rl import optim
+from c2f_jax.model.model import MistralConfig, Params
 
 
 def init_from_base(config: MistralConfig, params: Params, rng: jax.Array) -> tuple[MistralConfig, Params]:

@@ -14,8 +14,9 @@ import functools
 import jax
 from jax.sharding import Mesh
 
-from c2f_jax import optim, ppo, reward, rollout, sharding
-from c2f_jax.model import MistralConfig, Params
+from c2f_jax.model import sharding
+from c2f_jax.rl import optim, ppo, reward, rollout
+from c2f_jax.model.model import MistralConfig, Params
 
 
 def _jit(mesh, fn, in_shardings, out_shardings, donate=(), **static):
