@@ -91,8 +91,9 @@ def cli_env():
 def demo(tmp_path_factory):
     """One uninterrupted short demo run, in process, on 8 devices (shared by the single- and multi-process tests)."""
     from c2f_jax import train
+    from c2f_jax.jobs import coarse
 
     workdir = tmp_path_factory.mktemp("demo") / "run"
     config, _ = train.parse_args(["--config", "tiny_coarse.py", *SHORT])
-    rows = train.run_coarse(config, workdir, show_progress=False)
+    rows = coarse.run_coarse(config, workdir, show_progress=False)
     return workdir, rows

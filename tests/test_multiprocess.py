@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from c2f_jax import train
+from c2f_jax.jobs import coarse
 from c2f_jax.runtime import metrics
 from c2f_jax.runtime import workdir as c2f_workdir
 from c2f_jax.runtime.local_job import LocalJob
@@ -202,7 +203,7 @@ def test_a_checkpoint_from_2_processes_restores_in_1_process_and_trains_on(demo_
     shutil.copytree(two, path)
     axes = [f"--config.mesh.{a}={n}" for a, n in zip(("data", "fsdp", "tensor"), mesh)]
     config, _ = train.parse_args(["--config", "tiny_coarse.py", *SHORT, "--config.steps=4", *axes])
-    rows = train.run_coarse(config, path, show_progress=False)
+    rows = coarse.run_coarse(config, path, show_progress=False)
     assert [r["step"] for r in rows] == [4] and np.isfinite(rows[0]["reward/mean"])
     assert comparable(metrics.read_metrics(path))[:3] == comparable(metrics.read_metrics(two))
     assert weights_relative(two, path, step=3) == 0.0  # the copy's checkpoint 3 is untouched

@@ -21,13 +21,13 @@ STEPS = {"bandit": 40, "sequence": 100}
 
 @pytest.mark.parametrize("case", ["bandit", "sequence"])
 def test_ppo_reaches_the_kl_regularised_optimum(case, tmp_path):
-    from c2f_jax import train
+    from c2f_jax.jobs import coarse
     from c2f_jax.model import hf
     from c2f_jax.runtime import workdir
 
     problem = ppo_optimum.build(case, tmp_path / "problems")
     config = ppo_optimum.run_config(problem, "k1", STEPS[case], checkpoint_every=STEPS[case])
-    train.run_coarse(config, tmp_path / "run", show_progress=False)
+    coarse.run_coarse(config, tmp_path / "run", show_progress=False)
     workdir.export(tmp_path / "run", tmp_path / "actor-hf")
 
     ref_logp, r = ppo_optimum.base_logprobs(problem), ppo_optimum.rewards(problem)

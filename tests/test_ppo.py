@@ -7,6 +7,7 @@ import pytest
 
 from c2f_jax.model import model
 from c2f_jax.rl import optim, ppo, reward, rollout
+from c2f_jax.runtime import backend
 
 
 def prefix_mask(rng, batch, length):
@@ -115,7 +116,7 @@ def run_ppo(config, actor, critic_config, critic, iterations, pc, score_fn, seed
     rng, scores = jax.random.key(seed), []
     for _ in range(iterations):
         rng, k1, k2 = jax.random.split(rng, 3)
-        r_config = rollout.rollout_layout(config, jax.default_backend())
+        r_config = rollout.rollout_layout(config, backend.of(jax.default_backend()))
         r_params = rollout.rollout_params(r_config, actor_state.params)
         out = rollout.generate(r_config, r_params, prompts, prompt_mask, k1, max_new_tokens=R, suppress_token_ids=(2,))
         seq, seq_mask = ppo.join(prompts, prompt_mask, out.tokens, out.mask)

@@ -15,7 +15,7 @@ from conftest import hf_model, left_padded_batch
 from c2f_jax import data
 from c2f_jax.model import hf, model
 from c2f_jax.rl import rollout
-from c2f_jax.runtime import compilations
+from c2f_jax.runtime import backend, compilations
 from c2f_jax.data import DataError
 from c2f_jax.rl.rollout import RolloutError, SamplingConfig
 
@@ -53,7 +53,7 @@ def laid_out(config, params, layout):
     """(config, params) as loaded ("stacked") or as the rollout copy ("per-layer")."""
     if layout == "stacked":
         return config, params
-    config = rollout.rollout_layout(config, jax.default_backend())
+    config = rollout.rollout_layout(config, backend.of(jax.default_backend()))
     return config, rollout.rollout_params(config, params)
 
 
@@ -122,10 +122,10 @@ def test_decoding_stops_between_chunks_once_every_row_has_stopped(tiny, prompts)
 def test_rollout_copy_computes_the_same_logits(tiny, prompts):
     _, config, params = tiny
     expected = model.forward(config, params, *prompts)
-    for backend in ("cpu", "gpu"):  # both layouts, whatever this machine is
-        r_config = rollout.rollout_layout(config, backend)
+    for platform in ("cpu", "gpu"):  # both layouts, whatever this machine is
+        r_config = rollout.rollout_layout(config, backend.of(platform))
         r_params = rollout.rollout_params(r_config, params)
-        assert r_config.transposed_down == (backend == "cpu") and not r_config.scan_layers
+        assert r_config.transposed_down == (platform == "cpu") and not r_config.scan_layers
         ours = model.forward(r_config, r_params, *prompts)
         np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-5)
         # A copy of a copy is the same copy, and the train layout comes back unchanged.

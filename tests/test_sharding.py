@@ -8,7 +8,7 @@ import pytest
 
 from c2f_jax.model import model, sharding
 from c2f_jax.rl import optim, ppo, programs, reward, rollout
-from c2f_jax.runtime import checkpoint, compilations
+from c2f_jax.runtime import backend, checkpoint, compilations
 
 MESHES = [(1, 1, 1), (8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 2, 4)]
 B, P, R = 8, 8, 6
@@ -93,7 +93,7 @@ def test_iteration_with_layout_hints_matches_one_device(single, monkeypatch):
 def test_rollout_layout_drops_fsdp():
     mesh = sharding.make_mesh(1, 2, 4)
     config = model.TINY.replace(vocab_size=256)
-    layout = rollout.rollout_layout(config, mesh.devices.flat[0].platform)
+    layout = rollout.rollout_layout(config, backend.of_mesh(mesh))
     per_layer = rollout.rollout_params(layout, model.init_params(config, jax.random.key(0)))
     sh = sharding.param_shardings(mesh, per_layer, "rollout")
     assert sh["layers_0"]["mlp"]["up"].spec == jax.sharding.PartitionSpec(None, "tensor")
@@ -130,7 +130,7 @@ def test_chunked_decode_with_early_stop_matches_one_device():
     """Decode in chunks of 2 steps, with EOS allowed so rows stop, on a 2x2x2 mesh (kv cache split over
     tensor): the same tokens, mask and decode steps as one device."""
     config = model.TINY.replace(vocab_size=256, num_key_value_heads=2)
-    layout = rollout.rollout_layout(config, "cpu")
+    layout = rollout.rollout_layout(config, backend.of("cpu"))
     params = rollout.rollout_params(layout, model.init_params(config, jax.random.key(0)))
     ids = np.random.default_rng(0).integers(3, 256, (B, P)).astype(np.int32)
     mask = np.ones((B, P), np.int32)

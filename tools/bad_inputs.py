@@ -448,6 +448,7 @@ from pathlib import Path
 sys.path.insert(0, {str(ROOT)!r})
 import jax
 from c2f_jax import train
+from c2f_jax.jobs import coarse
 from c2f_jax.model import hf, model, tokenizer
 from c2f_jax.rl import reward
 folder = Path({str(folder)!r})
@@ -461,7 +462,7 @@ args = ["--config.steps=2", "--config.checkpoint_every=1", f"--config.model.base
         f"--config.reward_model.path={{folder / 'rm'}}", "--config.cm.buckets=(4,)", "--config.data.prompt_buckets=(128,)"]
 if {with_run!r}:
     config, _ = train.parse_args(["--config", "tiny_coarse.py", *args])
-    train.run_coarse(config, folder / "run", show_progress=False)
+    coarse.run_coarse(config, folder / "run", show_progress=False)
     (folder / "run_args.json").write_text(json.dumps(args))
 """
     folder.mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,7 @@ import numpy as np
 from bench_rollout import bench_config, time_it  # the same model shapes as the rollout benchmark (tools/ is on sys.path)
 from c2f_jax.model import hf, model
 from c2f_jax.rl import optim, ppo, reward, rollout
+from c2f_jax.runtime import backend
 
 
 def ours(config, actor, critic_config, critic, ids, mask, new_tokens, iterations):
@@ -33,7 +34,7 @@ def ours(config, actor, critic_config, critic, ids, mask, new_tokens, iterations
     times = []
     for it in range(iterations + 1):  # the first iteration compiles
         t0 = time.perf_counter()
-        r_config = rollout.rollout_layout(config, jax.default_backend())
+        r_config = rollout.rollout_layout(config, backend.of(jax.default_backend()))
         r_params = rollout.rollout_params(r_config, actor_state.params)
         out = rollout.generate(r_config, r_params, ids, mask, jax.random.key(it), max_new_tokens=new_tokens,
                                suppress_token_ids=(2,))

@@ -33,6 +33,7 @@ import numpy as np
 
 from c2f_jax.model import hf, model
 from c2f_jax.rl import rollout
+from c2f_jax.runtime import backend
 
 
 def bench_config(layers: int, d: int, kv_heads: int = 0) -> model.MistralConfig:
@@ -186,7 +187,7 @@ def main(argv=None) -> None:
         mask = np.ones_like(ids)
         new = args.batch * args.new_tokens
 
-        r_config = rollout.rollout_layout(config, jax.default_backend())
+        r_config = rollout.rollout_layout(config, backend.of(jax.default_backend()))
         r_params = rollout.rollout_params(r_config, params)
 
         def ours():

@@ -84,6 +84,7 @@ def main(argv=None) -> int:
     from c2f_jax.jobs import settings
     from c2f_jax.model import hf, model, sharding
     from c2f_jax.rl import optim, programs, rollout
+    from c2f_jax.runtime import backend
     from c2f_jax.runtime import cli
 
     if args.topology:  # compile-only executables go into the persistent cache but cannot be read back
@@ -116,7 +117,7 @@ def main(argv=None) -> int:
     i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)
     f32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
     key = jax.eval_shape(lambda: jax.random.key(0))
-    layout = rollout.rollout_layout(actor_config, mesh.devices.flat[0].platform)
+    layout = rollout.rollout_layout(actor_config, backend.of_mesh(mesh))
     r_params = jax.eval_shape(lambda s: rollout.rollout_params(layout, s), shapes)
     plan = {
         "reshard_to_rollout": (progs.to_rollout, (shapes,)),

@@ -7,7 +7,7 @@ For a policy pi over responses y to a context x, PPO with per-token reward
 maximises J(pi) = E_pi[r] - beta * KL(pi || pi_ref), whose maximiser is
 pi*(y|x) ~ pi_ref(y|x) exp(r(x, y) / beta), with J* = beta * log E_ref[exp(r / beta)].
 
-Two problems, each a real coarse run (`train.run_coarse`: HF folders for the base and
+Two problems, each a real coarse run (`coarse.run_coarse`: HF folders for the base and
 the reward model, a JSONL dataset, the compiled rollout, scoring and update, Orbax
 checkpoints) over a 5-token action vocabulary and four contexts:
   bandit    one response token; the base's next-token distribution is set by solving
@@ -259,10 +259,10 @@ def base_logprobs(problem: Problem) -> np.ndarray:
 
 def curve(problem: Problem, estimator: str, workdir: Path, steps: int, every: int) -> list[tuple[int, Measure]]:
     """Trains, then measures the actor of every checkpoint (step 0: the base)."""
-    from c2f_jax import train
+    from c2f_jax.jobs import coarse
     from c2f_jax.runtime import workdir as wd
 
-    train.run_coarse(run_config(problem, estimator, steps, every), workdir, show_progress=False)
+    coarse.run_coarse(run_config(problem, estimator, steps, every), workdir, show_progress=False)
     ref_logp, r = base_logprobs(problem), rewards(problem)
     points = [(0, measure(ref_logp, ref_logp, r))]
     for step in range(every, steps + 1, every):

@@ -24,7 +24,7 @@ import numpy as np
 from c2f_jax import data
 from c2f_jax.model import hf, model, tokenizer
 from c2f_jax.rl import ppo, rollout
-from c2f_jax.runtime import distributed, workdir
+from c2f_jax.runtime import backend, distributed, workdir
 from c2f_jax.model.model import MistralConfig, Params
 
 PROMPT_BUCKETS = (64, 128, 256, 512, 1024)
@@ -144,7 +144,7 @@ def sample_responses(m: Loaded, prompts: Sequence[str], *, max_new_tokens: int, 
 
     Returns per prompt {"prompt", "response" (text), "tokens" (ids without EOS), "ended_with_eos"}.
     """
-    config = rollout.rollout_layout(m.config, jax.default_backend())
+    config = rollout.rollout_layout(m.config, backend.of(jax.default_backend()))
     params = rollout.rollout_params(config, m.params)
     tok = m.tokenizer
     suppress = tokenizer.stop_token_ids(tok) if suppress_eos else ()

@@ -45,6 +45,7 @@ from c2f_jax.eval import evaluate
 from c2f_jax.merge import merge
 from c2f_jax.model import model, sharding
 from c2f_jax.rl import rollout
+from c2f_jax.runtime import backend
 from c2f_jax.model.config import float_dtype
 
 # The paper's Table 3 (Mistral-C2F, arXiv 2406.08657): its 11 benchmarks as lm-eval tasks, with the shot counts it
@@ -312,7 +313,7 @@ class C2FJaxLM(TemplateLM):
         """The actor's rollout copy (compute dtype, per-layer weights, the backend's down orientation) on the mesh:
         the layout the training job samples with, made once."""
         if self._rollout is None:
-            layout = rollout.rollout_layout(self.config, self.mesh.devices.flat[0].platform)
+            layout = rollout.rollout_layout(self.config, backend.of_mesh(self.mesh))
             copy = rollout.rollout_params(layout, self.params)
             self._rollout = layout, sharding.place(copy, sharding.param_shardings(self.mesh, copy, "rollout"))
         return self._rollout

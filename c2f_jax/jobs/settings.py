@@ -99,10 +99,21 @@ class Coarse:
 
     ppo: ppo.PPOConfig
     cm: cm.CMConfig
-    sampling: rollout.SamplingConfig  # suppress_token_ids filled in by `coarse` from the tokenizer
+    sampling: rollout.SamplingConfig  # suppress_token_ids filled in by `with_stop_tokens` from the tokenizer
     prompt_buckets: tuple[int, ...]
     batch_size: int
     minibatch_size: int
+    suppress_stop_tokens: bool  # rollout.suppress_stop_tokens
+
+
+def with_stop_tokens(job: Coarse, stop_token_ids: tuple[int, ...]) -> Coarse:
+    """The job with the tokenizer's stop tokens suppressed, when rollout.suppress_stop_tokens, both where the
+    rollout samples and where PPO scores the same policy (one list, so they cannot differ)."""
+    if not job.suppress_stop_tokens:
+        return job
+    ids = tuple(sorted(stop_token_ids))
+    return dataclasses.replace(job, sampling=dataclasses.replace(job.sampling, suppress_token_ids=ids),
+                               ppo=dataclasses.replace(job.ppo, suppress_token_ids=ids))
 
 
 def coarse(config, stop_token_ids: tuple[int, ...] = (), devices: int | None = None) -> Coarse:
@@ -122,23 +133,24 @@ def coarse(config, stop_token_ids: tuple[int, ...] = (), devices: int | None = N
         except ValueError as e:
             raise SettingsError(f"reward_model.train.{e}") from None
     r = _plain(config.rollout)
-    suppress = tuple(sorted(stop_token_ids)) if r.pop("suppress_stop_tokens") else ()
-    sampling = _fields(rollout.SamplingConfig, r, "rollout", suppress_token_ids=suppress)
+    suppress = bool(r.pop("suppress_stop_tokens"))
+    sampling = _fields(rollout.SamplingConfig, r, "rollout")
     if sampling.temperature <= 0:
         raise SettingsError(f"rollout.temperature={sampling.temperature} must be > 0 (greedy rollouts have no "
                             "policy ratio for PPO)")
     p = _plain(config.ppo)
     actor = _fields(optim.OptimConfig, p.pop("actor"), "ppo.actor")
     critic = _fields(optim.OptimConfig, p.pop("critic"), "ppo.critic")
-    pc = _fields(ppo.PPOConfig, p, "ppo", actor=actor, critic=critic, temperature=sampling.temperature,
-                 suppress_token_ids=sampling.suppress_token_ids)
+    pc = _fields(ppo.PPOConfig, p, "ppo", actor=actor, critic=critic, temperature=sampling.temperature)
     batch = _number(config, "data.batch_size", lambda v: v >= 1, "an integer >= 1")
     mesh = mesh_shape(config, devices)
     sharding.batch_size_check(mesh, batch, "data.batch_size")
     minibatch = ppo.minibatch_size(batch, pc.minibatches, ("data.batch_size", "ppo.minibatches"))
     sharding.batch_size_check(mesh, minibatch, "PPO minibatch (data.batch_size / ppo.minibatches)")
-    return Coarse(ppo=pc, cm=_fields(cm.CMConfig, config.cm, "cm"), sampling=sampling,
-                  prompt_buckets=_buckets(config, "data.prompt_buckets"), batch_size=batch, minibatch_size=minibatch)
+    job = Coarse(ppo=pc, cm=_fields(cm.CMConfig, config.cm, "cm"), sampling=sampling,
+                 prompt_buckets=_buckets(config, "data.prompt_buckets"), batch_size=batch, minibatch_size=minibatch,
+                 suppress_stop_tokens=suppress)
+    return with_stop_tokens(job, stop_token_ids)
 
 
 @dataclasses.dataclass(frozen=True)

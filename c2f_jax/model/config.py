@@ -83,8 +83,7 @@ class MistralConfig:
     # (params["layers_0"], ...); see unstack_layers.
     scan_layers: bool = True
     # The MLP down projection stored output-major ([D, F], params "down_t") instead of [F, D]: the rollout
-    # copy's layout on CPU (decided by rollout.rollout_layout, applied by rollout.rollout_params), where XLA's
-    # small-batch matmul streams this long contraction (F) ~1.6x faster when the weight's rows are the outputs.
+    # copy's layout where the backend says so (runtime.backend; applied by rollout.rollout_params).
     transposed_down: bool = False
 
     def __post_init__(self):

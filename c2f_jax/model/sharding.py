@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import os
 
 import jax
 import numpy as np
@@ -59,23 +58,11 @@ class ShardingError(ValueError):
 _TRACE_MESH: contextvars.ContextVar = contextvars.ContextVar("c2f_trace_mesh", default=None)
 
 
-def hints_enabled(mesh: Mesh) -> bool:
-    """Activation layout hints are on for accelerator meshes, off for CPU ones unless C2F_SHARDING_HINTS=1.
-
-    XLA's CPU runtime can deadlock (collective rendezvous timeouts) running some of
-    the hinted programs on fake devices; the hints change layouts, never values, so
-    CPU tests run without them and tools/plan_memory.py, which only compiles,
-    turns them on to plan what the GPUs will run.
-    """
-    if os.environ.get("C2F_SHARDING_HINTS") is not None:
-        return os.environ["C2F_SHARDING_HINTS"] == "1"
-    return mesh.devices.flat[0].platform != "cpu"
-
-
 @contextlib.contextmanager
-def tracing_on(mesh: Mesh):
-    """Within this context, shard_as hints resolve against `mesh` (used while a program is traced)."""
-    token = _TRACE_MESH.set(mesh if hints_enabled(mesh) else None)
+def tracing_on(mesh: Mesh | None):
+    """Within this context, shard_as hints resolve against `mesh` (used while a program is traced); None turns
+    them off (`backend.Backend.sharding_hints`)."""
+    token = _TRACE_MESH.set(mesh)
     try:
         yield
     finally:

@@ -16,14 +16,16 @@ from jax.sharding import Mesh
 
 from c2f_jax.model import sharding
 from c2f_jax.rl import optim, ppo, reward, rollout
+from c2f_jax.runtime import backend
 from c2f_jax.model.model import MistralConfig, Params
 
 
 def _jit(mesh, fn, in_shardings, out_shardings, donate=(), **static):
     fn = functools.partial(fn, **static)
+    hints_mesh = mesh if backend.of_mesh(mesh).sharding_hints else None
 
     def traced_under_mesh(*args):  # so shard_as hints inside the model resolve against this mesh
-        with sharding.tracing_on(mesh):
+        with sharding.tracing_on(hints_mesh):
             return fn(*args)
 
     return jax.jit(traced_under_mesh, in_shardings=in_shardings, out_shardings=out_shardings, donate_argnums=donate)
@@ -51,7 +53,7 @@ def coarse_programs(mesh: Mesh, *, actor_config: MistralConfig, ref_config: Mist
     critic_sh = sharding.like_params(mesh, critic_state, critic_state.params)
     ref_sh = sharding.param_shardings(mesh, reference)
     rm_sh = sharding.param_shardings(mesh, rm_params)
-    layout = rollout.rollout_layout(actor_config, mesh.devices.flat[0].platform)
+    layout = rollout.rollout_layout(actor_config, backend.of_mesh(mesh))
     rollout_shapes = jax.eval_shape(lambda p: rollout.rollout_params(layout, p), actor_state.params)
     rollout_sh = sharding.param_shardings(mesh, rollout_shapes, "rollout")
 

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from c2f_jax.model import model
 from c2f_jax.model.model import MistralConfig, Params
 from c2f_jax.model.sharding import BATCH, shard_as
+from c2f_jax.runtime import backend
 
 
 class RolloutError(ValueError):
@@ -71,16 +72,15 @@ def init_kv(config: MistralConfig, batch: int, lengths: Sequence[int]):
     return layer() if c.scan_layers else [layer() for _ in range(c.num_hidden_layers)]
 
 
-def rollout_layout(config: MistralConfig, backend: str) -> MistralConfig:
-    """The config of the actor's copy that sampling runs on, on `backend` (a JAX platform: "cpu", "gpu", "tpu").
+def rollout_layout(config: MistralConfig, on: backend.Backend) -> MistralConfig:
+    """The config of the actor's copy that sampling runs on, on backend `on` (`backend.of(platform)`).
 
     Params in compute dtype and one array per layer: decoding reads every weight once per token, and slicing a
     layer out of stacked weights inside the loop costs a copy of it on CPU (compile time then grows with depth,
-    for the rollout programs only). On CPU the MLP down projection is stored transposed as well
-    (MistralConfig.transposed_down): XLA's 8-row matmul streams it ~1.6x faster that way, the decode step runs
-    ~6% faster; an H100 decoded 2-3% slower with it, so other backends keep HF's orientation.
+    for the rollout programs only). The MLP down projection's orientation is the backend's
+    (`Backend.transposed_down`).
     """
-    return config.replace(param_dtype=config.compute_dtype, scan_layers=False, transposed_down=backend == "cpu")
+    return config.replace(param_dtype=config.compute_dtype, scan_layers=False, transposed_down=on.transposed_down)
 
 
 def rollout_params(layout: MistralConfig, params: Params) -> Params:
