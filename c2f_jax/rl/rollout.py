@@ -250,6 +250,16 @@ def sample(params, prompt_ids, prompt_mask, rng, **settings) -> Rollout:
 _generate = jax.jit(sample, static_argnames=("config", "max_new_tokens", "sampling", "eos_token_ids", "pad_id"))
 
 
+def _sample_loaded(params, prompt_ids, prompt_mask, rng, *, config, **settings) -> Rollout:
+    """`sample` on params in any layout (as loaded): the rollout copy for `config` is made inside the program,
+    once per call, before the decode loop."""
+    return sample(rollout_params(config, params), prompt_ids, prompt_mask, rng, config=config, **settings)
+
+
+_generate_loaded = jax.jit(_sample_loaded,
+                           static_argnames=("config", "max_new_tokens", "sampling", "eos_token_ids", "pad_id"))
+
+
 def check_lengths(config: MistralConfig, batch: int, prompt_len: int, max_new_tokens: int) -> None:
     """A RolloutError, before anything compiles, when prompt + response is longer than the model's positions
     or its KV cache alone would not fit in one device's memory (XLA would abort the process instead)."""
@@ -278,6 +288,11 @@ def generate(config: MistralConfig, params: Params, prompt_ids, prompt_mask, rng
     `suppress_token_ids` are never sampled (the Coarse Actor passes EOS and stop
     tokens, so every response runs to the limit). One compilation per
     (B, P, max_new_tokens, sampling settings).
+
+    params may be as `hf.load_pretrained` returns them (config their config): the program then makes the
+    rollout copy (`rollout_layout` for this backend) itself, once per call, and decodes on it. Callers that
+    sample many batches from one set of weights (the coarse job, the tools) make the copy once with
+    `rollout_params(rollout_layout(...), params)` and pass it with its layout config.
     """
     prompt_ids, prompt_mask = jnp.asarray(prompt_ids, jnp.int32), jnp.asarray(prompt_mask, jnp.int32)
     if prompt_ids.ndim != 2 or prompt_ids.shape != prompt_mask.shape:
@@ -292,5 +307,7 @@ def generate(config: MistralConfig, params: Params, prompt_ids, prompt_mask, rng
     eos = tuple(config.eos_token_ids if eos_token_ids is None else eos_token_ids)
     if pad_id is None:
         pad_id = config.pad_token_id if config.pad_token_id is not None else 0
-    return _generate(params, prompt_ids, prompt_mask, rng, config=config, max_new_tokens=int(max_new_tokens),
-                     sampling=sampling, eos_token_ids=eos, pad_id=int(pad_id))
+    layout = rollout_layout(config, backend.of(jax.default_backend()))
+    program = _generate if config == layout else _generate_loaded
+    return program(params, prompt_ids, prompt_mask, rng, config=layout, max_new_tokens=int(max_new_tokens),
+                   sampling=sampling, eos_token_ids=eos, pad_id=int(pad_id))
