@@ -16,6 +16,7 @@ import pytest
 from c2f_jax import train
 from c2f_jax.jobs import coarse
 from c2f_jax.runtime import metrics
+from c2f_jax.model import export
 from c2f_jax.runtime import workdir as c2f_workdir
 from c2f_jax.runtime.local_job import LocalJob
 from conftest import ROOT, SHORT, TIMING_KEYS, cli_env, comparable
@@ -44,8 +45,8 @@ def worst_relative(a: dict, b: dict, floor=1e-6) -> tuple[float, str]:
 def weights_relative(path_a, path_b, step) -> float:
     """Largest per-tensor ||a-b|| / ||a|| (Frobenius, as the sharding tests) between two workdirs' trained
     models at `step`."""
-    _, a, _ = c2f_workdir.load_model(path_a, step)
-    _, b, _ = c2f_workdir.load_model(path_b, step)
+    _, a, _ = export.load_model(path_a, step)
+    _, b, _ = export.load_model(path_b, step)
     import jax
 
     return max(float(np.linalg.norm(x - y) / max(np.linalg.norm(x), 1e-12))
@@ -120,7 +121,7 @@ def test_export_evaluate_and_sweep_run_as_2_processes(demo_2x4, tmp_path):
     exits = run_job([*_tool("export_hf"), "--checkpoint", two, "--out", tmp_path / "hf", "--dtype", "float32"], 2, 1)
     assert_all_succeeded(exits)
     assert sum("wrote" in e.log for e in exits) == 1  # process 0 reports and writes
-    reference = c2f_workdir.export(two, tmp_path / "hf_one", dtype="float32")
+    reference = export.export(two, tmp_path / "hf_one", dtype="float32")
     assert (tmp_path / "hf" / "model.safetensors").read_bytes() == (reference / "model.safetensors").read_bytes()
 
     few = ["--limit", "4", "--max-new-tokens", "8", "--batch-size", "4", "--preferences", "none"]

@@ -23,12 +23,12 @@ STEPS = {"bandit": 40, "sequence": 100}
 def test_ppo_reaches_the_kl_regularised_optimum(case, tmp_path):
     from c2f_jax.jobs import coarse
     from c2f_jax.model import hf
-    from c2f_jax.runtime import workdir
+    from c2f_jax.model import export
 
     problem = ppo_optimum.build(case, tmp_path / "problems")
     config = ppo_optimum.run_config(problem, "k1", STEPS[case], checkpoint_every=STEPS[case])
     coarse.run_coarse(config, tmp_path / "run", show_progress=False)
-    workdir.export(tmp_path / "run", tmp_path / "actor-hf")
+    export.export(tmp_path / "run", tmp_path / "actor-hf")
 
     ref_logp, r = ppo_optimum.base_logprobs(problem), ppo_optimum.rewards(problem)
     logp = ppo_optimum.response_logprobs(*hf.load_pretrained(tmp_path / "actor-hf", dtype="float32"), problem)

@@ -15,7 +15,7 @@ import torch
 import transformers
 
 from c2f_jax import train
-from c2f_jax.model import hf, model
+from c2f_jax.model import export, hf, model
 from c2f_jax.runtime import checkpoint, metrics
 from c2f_jax.runtime import workdir as c2f_workdir
 from conftest import ROOT, SHORT, cli_env, comparable
@@ -62,7 +62,7 @@ def test_compilations_stop_growing_once_every_bucket_is_seen(demo):
 
 def test_export_loads_in_transformers_with_our_logits(demo, tmp_path):
     workdir, _ = demo
-    out = c2f_workdir.export(workdir, tmp_path / "hf", dtype="float32")
+    out = export.export(workdir, tmp_path / "hf", dtype="float32")
     config, params = hf.load_pretrained(out)
     restored, _ = checkpoint.Checkpointer(workdir).restore()
     assert np.array_equal(np.asarray(params["layers"]["mlp"]["up"]),
@@ -86,7 +86,7 @@ def test_workdir_model_is_restored_alone_and_exactly(demo):
     with pytest.raises(checkpoint.CheckpointError, match="no critic/nothing"):
         ckpt.restore_subtree(("critic", "nothing"))
     ckpt.close()
-    config, actor, _ = c2f_workdir.load_model(workdir)
+    config, actor, _ = export.load_model(workdir)
     assert sub_meta == meta and config.has_lm_head
     # Alone: bytes the process reads from the checkpoint files (page cache included), for the actor's
     # params and for the whole state (actor and critic, each with two AdamW moments).

@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from
 
 from c2f_jax.eval import evaluate  # noqa: E402
 from c2f_jax.model import tokenizer  # noqa: E402
+from c2f_jax.model.config import float_dtype  # noqa: E402
 from c2f_jax.runtime import cli, distributed, workdir  # noqa: E402
 
 
@@ -44,7 +45,7 @@ def settings_from(args) -> evaluate.EvalSettings:
     if min(args.batch_size, args.max_new_tokens, args.limit) < 1:
         raise cli.UsageError(f"--batch-size={args.batch_size}, --max-new-tokens={args.max_new_tokens} and "
                              f"--limit={args.limit} must be >= 1")
-    cli.float_dtype(args.dtype, "--dtype")
+    float_dtype(args.dtype, "--dtype")
     system = tokenizer.system_prompt(args.system_prompt)
     return evaluate.EvalSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                                  top_p=args.top_p, suppress_eos=args.suppress_eos, system_prompt=system,

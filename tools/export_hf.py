@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 
+from c2f_jax.model import export
 from c2f_jax.runtime import cli, distributed, workdir
 
 
@@ -21,7 +22,7 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="bfloat16", help="stored dtype (default bfloat16; float32 keeps masters)")
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
-    out = workdir.export(args.checkpoint, args.out, step=args.step, dtype=args.dtype, overwrite=args.overwrite)
+    out = export.export(args.checkpoint, args.out, step=args.step, dtype=args.dtype, overwrite=args.overwrite)
     if distributed.writes_here():
         print(f"wrote {out}")
     return 0

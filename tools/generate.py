@@ -18,6 +18,7 @@ import jax
 
 from c2f_jax.eval import evaluate
 from c2f_jax.model import model, tokenizer
+from c2f_jax.model.config import float_dtype
 from c2f_jax.rl import rollout
 from c2f_jax.runtime import cli, workdir
 
@@ -56,7 +57,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if min(args.batch_size, args.max_new_tokens) < 1:
         raise cli.UsageError(f"--batch-size={args.batch_size} and --max-new-tokens={args.max_new_tokens} must be >= 1")
-    cli.float_dtype(args.dtype, "--dtype")
+    float_dtype(args.dtype, "--dtype")
     buckets = cli.positive_ints(args.prompt_buckets, "--prompt-buckets")
     rollout.SamplingConfig(args.temperature, args.top_k, args.top_p)  # its range checks, before the model loads
     if args.out:

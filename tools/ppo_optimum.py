@@ -260,13 +260,13 @@ def base_logprobs(problem: Problem) -> np.ndarray:
 def curve(problem: Problem, estimator: str, workdir: Path, steps: int, every: int) -> list[tuple[int, Measure]]:
     """Trains, then measures the actor of every checkpoint (step 0: the base)."""
     from c2f_jax.jobs import coarse
-    from c2f_jax.runtime import workdir as wd
+    from c2f_jax.model import export
 
     coarse.run_coarse(run_config(problem, estimator, steps, every), workdir, show_progress=False)
     ref_logp, r = base_logprobs(problem), rewards(problem)
     points = [(0, measure(ref_logp, ref_logp, r))]
     for step in range(every, steps + 1, every):
-        config, params, _ = wd.load_model(workdir, step)
+        config, params, _ = export.load_model(workdir, step)
         points.append((step, measure(response_logprobs(config, params, problem), ref_logp, r)))
     return points
 

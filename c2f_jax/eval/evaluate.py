@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from c2f_jax import data
-from c2f_jax.model import hf, model, tokenizer
+from c2f_jax.model import export, hf, model, tokenizer
 from c2f_jax.rl import ppo, rollout
 from c2f_jax.runtime import backend, distributed, workdir
 from c2f_jax.model.model import MistralConfig, Params
@@ -57,7 +57,7 @@ def load_model(path: str | os.PathLike, dtype: str = "float32", step: int | None
     if not p.is_dir():
         raise EvalError(f"{p}: not a model folder (no such directory)")
     if workdir.is_workdir(p):
-        config, params, tok_dir = workdir.load_model(p, step)
+        config, params, tok_dir = export.load_model(p, step)
         config = config.replace(compute_dtype=dtype)
         params = jax.tree.map(lambda a: jnp.asarray(a, config.param_dtype), params)
         return Loaded(config, params, tokenizer.load_tokenizer(tok_dir), str(p))

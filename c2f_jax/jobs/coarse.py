@@ -14,7 +14,7 @@ from c2f_jax.jobs import settings, sft
 from c2f_jax.jobs.reward_model import run_reward
 from c2f_jax.jobs.setup import (config_dict, check_inputs, check_model_folder, load_base, prepare_workdir, restore,
                                 save_run_model, _as_dtype, _device_batch, _placed, _placed_state)
-from c2f_jax.model import hf, model, sharding, tokenizer
+from c2f_jax.model import export, hf, model, sharding, tokenizer
 from c2f_jax.rl import cm, ppo, programs
 from c2f_jax.runtime import backend, compilations, distributed, metrics, workdir
 
@@ -49,7 +49,7 @@ def inline_reward_model(config, path: Path, show_progress: bool) -> Path:
     if out.exists():
         return out
     run_reward(settings.inline_reward_config(config), path / workdir.REWARD_RUN, show_progress)
-    return workdir.export(path / workdir.REWARD_RUN, out)
+    return export.export(path / workdir.REWARD_RUN, out)
 
 
 def _prompt_batch(mesh, token_lists, buckets, pad_id, truncate):

@@ -208,7 +208,9 @@ def hf_folder(path: str | os.PathLike, scratch: str | os.PathLike, step: int | N
     Path(scratch).mkdir(parents=True, exist_ok=True)
     tmp = Path(scratch) / f".c2f-export-{p.name}"  # the same path in every process of a job
     try:
-        workdir.export(p, tmp, step=step, overwrite=True)  # JAX and Orbax, only for workdir inputs
+        from c2f_jax.model import export  # JAX and Orbax, only for workdir inputs
+
+        export.export(p, tmp, step=step, overwrite=True)
         yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -22,16 +22,6 @@ def add_sampling_args(parser, temperature: float) -> None:
     parser.add_argument("--system-prompt", default=None, help="text placed before each dialogue; 'coarse' = the paper's")
 
 
-def float_dtype(value: str, flag: str) -> str:
-    """A dtype flag's value, checked: only floating-point types hold weights or run a model."""
-    from c2f_jax.model.config import ConfigError, float_dtype as check
-
-    try:
-        return check(value, flag).name
-    except ConfigError as e:
-        raise UsageError(str(e)) from None
-
-
 def positive_ints(value: str, flag: str) -> list[int]:
     """A comma-separated list of positive integers (bucket sizes)."""
     try:

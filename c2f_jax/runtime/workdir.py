@@ -1,4 +1,4 @@
-"""The training workdir: its files, how anything outside Orbax is written, and reading its trained model back.
+"""The training workdir: its files, and how anything outside Orbax is written.
 
     WORKDIR/
       run_config.json      the resolved config; a restart checks it against the new one
@@ -9,6 +9,8 @@
       base_model/          the tiny demo's base model (HF folder), when the run made it
       reward_run/          the tiny demo's inline reward job (a workdir itself), and
       reward_model/        its export (HF folder)
+
+The trained model is read back and exported by c2f_jax.model.export.
 
 Every file this project writes outside Orbax goes through `write`: built under a
 temporary sibling name and renamed into place, so a killed run never leaves a
@@ -175,46 +177,3 @@ def check_resumable(path: str | os.PathLike, config: dict) -> None:
             continue
         raise WorkdirError(f"{path} holds checkpoints of an incompatible config: {key} was "
                            f"{saved.get(key)!r}, now {new.get(key)!r} (use another --workdir)")
-
-
-def load_model(path: str | os.PathLike, step: int | None = None):
-    """(MistralConfig, params, tokenizer folder) of a workdir's trained model at `step` (default latest):
-    the actor of a coarse run, the reward model of a reward run. Params as saved, NumPy on the host.
-
-    Only that model's params are read from the checkpoint: the critic and the optimizer
-    moments stay on disk."""
-    from c2f_jax.runtime import checkpoint  # JAX and Orbax: only when a model is read
-    from c2f_jax.model.config import MistralConfig
-
-    path = Path(path)
-    keys = TRAINED_MODEL[job(path)]
-    if not (path / MODEL_CONFIG).is_file():
-        raise WorkdirError(f"{path}: no {MODEL_CONFIG}; not a c2f_jax training workdir")
-    config = MistralConfig.from_hf(json.loads((path / MODEL_CONFIG).read_text()))
-    ckpt = checkpoint.Checkpointer(path)
-    try:
-        params, _ = ckpt.restore_subtree(keys, step)
-    finally:
-        ckpt.close()
-    return config, params, path / TOKENIZER
-
-
-def export(path: str | os.PathLike, out: str | os.PathLike, step: int | None = None, dtype=None,
-           overwrite: bool = False) -> Path:
-    """Writes a workdir's trained model as an HF folder: the actor of a coarse run (MistralForCausalLM)
-    or the reward model of a reward run (MistralForSequenceClassification), with the run's tokenizer."""
-    from c2f_jax.model import hf
-    from c2f_jax.model.config import ConfigError, float_dtype
-
-    try:
-        dtype = None if dtype is None else float_dtype(dtype, "dtype").name
-    except ConfigError as e:
-        raise WorkdirError(str(e)) from None
-    check_output(out, {"workdir": path})
-    if Path(out).exists() and not overwrite:
-        raise WorkdirError(f"{out}: already exists (pass overwrite=True / --overwrite to replace it)")
-    if not Path(out).absolute().parent.is_dir():
-        raise WorkdirError(f"{Path(out).absolute().parent}: parent folder does not exist")
-    config, params, tokenizer_dir = load_model(path, step)
-    hf.save_pretrained(out, config, params, dtype=dtype, tokenizer_source=tokenizer_dir, overwrite=overwrite)
-    return Path(out)
