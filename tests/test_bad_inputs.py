@@ -57,7 +57,10 @@ def test_tensorstore_read_echoes_are_dropped_and_nothing_else(caplog):
     import asyncio
     import gc
 
-    from c2f_jax.runtime import checkpoint  # noqa: F401  (installs the filter)
+    from c2f_jax.runtime import checkpoint
+
+    before = sys.unraisablehook
+    remove = checkpoint.drop_read_echoes()  # what a restore installs, and leaves installed when it fails
     loop = asyncio.new_event_loop()
     echo = ('OUT_OF_RANGE: Error reading "critic.opt_state.1.0.nu.layers.mlp.up/0.0.0" in OCDBT database at local '
             'file "/w/checkpoints/8/state/": Requested byte range [31936166, 31947619) is not valid for value of '
@@ -68,5 +71,11 @@ def test_tensorstore_read_echoes_are_dropped_and_nothing_else(caplog):
         del future
         gc.collect()
     loop.close()
+    remove()
     logged = [r.getMessage() + str(r.exc_info[1]) for r in caplog.records if r.name == "asyncio"]
     assert len(logged) == 1 and "a bug of ours" in logged[0], logged
+    assert sys.unraisablehook is before
+    # and importing the module installs nothing
+    code = ("import logging, sys; hook = sys.unraisablehook; import c2f_jax.runtime.checkpoint; "
+            "assert sys.unraisablehook is hook and not logging.getLogger('asyncio').filters")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)

@@ -8,6 +8,7 @@ mesh, which may differ from the one that saved it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -15,7 +16,7 @@ import re
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -47,16 +48,42 @@ def _read_echo(record: logging.LogRecord) -> bool:
     return _from_orbax(tb) or bool(re.match(r"[A-Z_]+: Error reading ", str(exc)))
 
 
-def _drop_read_echoes(unraisable, previous=sys.unraisablehook) -> None:
-    closed = isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"
-    code = getattr(unraisable.object, "cr_code", None)
-    if not (closed or (code is not None and "orbax" in code.co_filename) or _from_orbax(unraisable.exc_traceback)):
-        previous(unraisable)
+def drop_read_echoes() -> Callable[[], None]:
+    """Installs the filters of these echoes (sys.unraisablehook, the asyncio logger, one warning); returns the
+    function that removes them again."""
+    previous = sys.unraisablehook
+
+    def hook(unraisable) -> None:
+        closed = isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"
+        code = getattr(unraisable.object, "cr_code", None)
+        if not (closed or (code is not None and "orbax" in code.co_filename) or _from_orbax(unraisable.exc_traceback)):
+            previous(unraisable)
+
+    def log_filter(record) -> bool:
+        return not _read_echo(record)
+
+    sys.unraisablehook = hook
+    logging.getLogger("asyncio").addFilter(log_filter)
+    warnings.filterwarnings("ignore", message="coroutine '_read_array_index_and_device_put' was never awaited")
+    added = warnings.filters[0]
+
+    def remove() -> None:
+        if sys.unraisablehook is hook:
+            sys.unraisablehook = previous
+        logging.getLogger("asyncio").removeFilter(log_filter)
+        if added in warnings.filters:
+            warnings.filters.remove(added)
+
+    return remove
 
 
-sys.unraisablehook = _drop_read_echoes
-logging.getLogger("asyncio").addFilter(lambda r: not _read_echo(r))
-warnings.filterwarnings("ignore", message="coroutine '_read_array_index_and_device_put' was never awaited")
+@contextlib.contextmanager
+def _echoes_of_a_failed_read_dropped():
+    """For the duration of a restore. A failed one leaves the filters in place: its echoes arrive after it has
+    raised (when the read futures are collected), and the command then ends with its error."""
+    remove = drop_read_echoes()
+    yield
+    remove()
 
 
 # Files every step Checkpointer.save writes holds, relative to the step folder.
@@ -169,8 +196,9 @@ class Checkpointer:
         step_dir = self.directory / str(step)
         check_files(step_dir)
         try:
-            restored = self.manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+            with _echoes_of_a_failed_read_dropped():
+                restored = self.manager.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
         except Exception as e:  # TensorStore's and Orbax's errors (of several types) for a file cut short or garbled
             raise unreadable(step_dir, e) from None
         return restored["state"], restored["meta"]
@@ -204,8 +232,9 @@ class Checkpointer:
             lambda path, m: ocp.RestoreArgs(restore_type=np.ndarray) if inside(path) else ocp.PLACEHOLDER, saved)
         handler = ocp.PyTreeCheckpointHandler()
         try:
-            restored = handler.restore(state_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=args))
-            meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+            with _echoes_of_a_failed_read_dropped():
+                restored = handler.restore(state_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=args))
+                meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         except Exception as e:
             raise unreadable(state_dir.parent, e) from None
         finally:
