@@ -15,8 +15,8 @@ import pytest
 
 from c2f_jax import train
 from c2f_jax.jobs import coarse
-from c2f_jax.runtime import metrics
 from c2f_jax.model import export
+from c2f_jax.runtime import distributed, metrics
 from c2f_jax.runtime import workdir as c2f_workdir
 from c2f_jax.runtime.local_job import LocalJob
 from conftest import ROOT, SHORT, TIMING_KEYS, cli_env, comparable
@@ -159,6 +159,25 @@ def test_an_exception_in_one_process_ends_every_process_promptly(demo, tmp_path)
     assert len(named) == 1 and named[0].endswith(
         "[process 0] error: stopping: process 1 failed: RuntimeError: injected failure in step 2"), named
     for e in (survivor, failing):
+        assert not any(trace in e.log for trace in NO_CPP_TRACES), e.log[-3000:]
+
+
+def test_processes_at_different_barriers_end_in_seconds_naming_both(tmp_path):
+    """A process that skipped a barrier would leave the others waiting BARRIER_TIMEOUT (3 hours): the watchdog
+    sees each waiting at another barrier and ends the job."""
+    code = ("import sys; from c2f_jax.runtime import cli, distributed\n"
+            "def main():\n"
+            "    distributed.barrier('start')\n"
+            "    distributed.barrier('export' if distributed.process_index() == 0 else 'checkpoint')\n"
+            "cli.run(main)\n")
+    with LocalJob([sys.executable, "-c", code], devices=1, processes=2, cwd=ROOT, env=cli_env(),
+                  log_dir=tmp_path / "logs") as job:
+        exits = job.wait(timeout=120)
+    for e in exits:
+        assert e.returncode == distributed.EXIT_PEER_FAILED, e.log[-2000:]
+        assert e.seconds < distributed.BARRIER_MISMATCH + 40, e.seconds
+        assert "waits at barrier 'export#1', process 1 at 'checkpoint#1'" in e.log or \
+               "waits at barrier 'checkpoint#1', process 0 at 'export#1'" in e.log, e.log[-2000:]
         assert not any(trace in e.log for trace in NO_CPP_TRACES), e.log[-3000:]
 
 

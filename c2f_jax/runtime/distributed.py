@@ -23,6 +23,7 @@ Nothing here imports JAX at module level: file-only tools (the merger) use
 
 from __future__ import annotations
 
+import collections
 import os
 import sys
 import threading
@@ -37,11 +38,16 @@ ACK_WAIT = 5
 # A barrier waits for the slowest process's work (an export of a 7B model, a long compile);
 # a failure ends the wait through the watchdog, not through this timeout.
 BARRIER_TIMEOUT = 3 * 3600
+# A process waiting at one barrier while a peer waits at another has taken a different code path: nothing
+# will ever release them. The watchdog ends the job once that has lasted this long (a peer leaving a barrier
+# clears its entry within milliseconds of the others entering the next one).
+BARRIER_MISMATCH = 10
 
-FAILED_KEY, ALIVE_KEY, ACK_KEY = "c2f/failed/", "c2f/alive/", "c2f/ack/"  # directories: one key per process
+# Directories, one key per process: its failure, its heartbeat, its acknowledgement, the barrier it waits at.
+FAILED_KEY, ALIVE_KEY, ACK_KEY, AT_KEY = "c2f/failed/", "c2f/alive/", "c2f/ack/", "c2f/at/"
 EXIT_PEER_FAILED = 3
 
-_state = {"barriers": 0, "watchdog": None, "stop": threading.Event()}
+_state = {"barriers": collections.Counter(), "watchdog": None, "stop": threading.Event()}
 
 
 def _client():
@@ -94,7 +100,7 @@ def initialize() -> None:
 
 def _watch() -> None:
     client, me, n = _client(), process_index(), process_count()
-    beats, last_change = {}, {}
+    beats, last_change, mismatch = {}, {}, None
     count = 0
     while not _state["stop"].wait(1.0):
         count += 1
@@ -108,6 +114,7 @@ def _watch() -> None:
             _exit_now(f"error: lost the coordinator (process 0): {str(e).splitlines()[0][:200]}")
         if failed:
             _acknowledge_and_exit(client, me, n, f"error: stopping: {failed[0][1]}")
+        mismatch = _barrier_mismatch(client, me, mismatch)
         now = time.monotonic()
         for key, value in alive.items():
             peer = int(key.rsplit("/", 1)[-1])
@@ -119,6 +126,27 @@ def _watch() -> None:
                 message = f"process {peer} stopped responding (no heartbeat for {PEER_TIMEOUT} s)"
                 _announce(client, message)
                 _acknowledge_and_exit(client, me, n, f"error: stopping: {message}")
+
+
+def _barrier_mismatch(client, me: int, seen: tuple | None) -> tuple | None:
+    """(what, since when) of a peer waiting at another barrier than this process; ends the job once that has
+    lasted BARRIER_MISMATCH seconds."""
+    try:
+        at = {int(k.rsplit("/", 1)[-1]): v for k, v in client.key_value_dir_get(AT_KEY)}
+    except Exception:
+        return None
+    mine = at.get(me, "")
+    other = next(((peer, b) for peer, b in sorted(at.items()) if mine and b and b != mine), None)
+    if other is None:
+        return None
+    what = f"process {me} waits at barrier {mine!r}, process {other[0]} at {other[1]!r}"
+    if seen is None or seen[0] != what:
+        return what, time.monotonic()
+    if time.monotonic() - seen[1] > BARRIER_MISMATCH:
+        message = f"{what}: the processes took different paths"
+        _announce(client, message)
+        _acknowledge_and_exit(client, me, process_count(), f"error: stopping: {message}")
+    return seen
 
 
 def _announce(client, message: str) -> None:
@@ -175,13 +203,18 @@ def fail(message: str, code: int) -> None:
 
 
 def barrier(name: str) -> None:
-    """Every process waits here until all have arrived (a no-op for one process). Calls must come in
-    the same order on every process; `name` says what is awaited, for the log of a stuck job."""
+    """Every process waits here until all have arrived (a no-op for one process). `name` says what is
+    awaited; the n-th barrier of a name on one process meets the n-th of that name on the others, so a
+    barrier one process skips desynchronises only its own name. A process waiting at a different barrier
+    from its peers ends the job within BARRIER_MISMATCH seconds (the watchdog), not BARRIER_TIMEOUT."""
     client = _client()
     if client is None:
         return
-    _state["barriers"] += 1
-    client.wait_at_barrier(f"c2f/{_state['barriers']}/{name}", BARRIER_TIMEOUT * 1000)
+    _state["barriers"][name] += 1
+    at = f"{name}#{_state['barriers'][name]}"
+    client.key_value_set(f"{AT_KEY}{process_index()}", at, allow_overwrite=True)
+    client.wait_at_barrier(f"c2f/barrier/{at}", BARRIER_TIMEOUT * 1000)
+    client.key_value_set(f"{AT_KEY}{process_index()}", "", allow_overwrite=True)
 
 
 def shutdown() -> None:
