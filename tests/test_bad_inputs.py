@@ -1,4 +1,4 @@
-"""Every bad input of tools/bad_inputs.py, run through the CLIs: exit 2, one `error:` line, no traceback, nothing
+"""Every bad input of tests/bad_inputs.py, run through the CLIs: exit 2, one `error:` line, no traceback, nothing
 created or changed. The table runs in one process that forks a child per case (the CLIs imported once); the
 cases that once ended in a traceback, a native abort or library logging also run as real subprocesses."""
 
@@ -10,8 +10,7 @@ import pytest
 
 from conftest import ROOT, SHORT, cli_env
 
-sys.path.insert(0, str(ROOT / "tools"))
-import bad_inputs  # noqa: E402
+import bad_inputs  # noqa: E402  (tests/bad_inputs.py, the table's harness)
 
 # Each once printed a traceback, aborted, or logged above our line.
 AS_SUBPROCESS = ("train truncated checkpoint file", "train garbage .jsonl", "train config syntax error",
@@ -23,7 +22,7 @@ def _run_table(demo, tmp_path_factory, *extra):
     folder = tmp_path_factory.mktemp("bad_inputs")
     (folder / "run_args.json").write_text(json.dumps(SHORT))
     out = folder / "results.json"
-    done = subprocess.run([sys.executable, str(ROOT / "tools" / "bad_inputs.py"), "--fixtures", str(folder / "fx"),
+    done = subprocess.run([sys.executable, str(ROOT / "tests" / "bad_inputs.py"), "--fixtures", str(folder / "fx"),
                            "--run", str(workdir), "--run-args", str(folder / "run_args.json"), "--json", str(out),
                            *extra], capture_output=True, text=True, cwd=ROOT, env=cli_env(), timeout=1200)
     print(done.stdout[-5000:])

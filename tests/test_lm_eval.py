@@ -148,7 +148,7 @@ def test_in_memory_merge_equals_the_merged_folder(folder, tmp_path):
     config, params = hf.load_pretrained(folder)
     other = tmp_path / "other"
     hf.save_pretrained(other, config, jax.tree.map(lambda a: a * 0.5 + 0.01, params), tokenizer_source=folder)
-    merge.merge_checkpoints(folder, other, [0.7], tmp_path / "merged")
+    merge.write_merge(merge.plan_merge(folder, other, [0.7]), tmp_path / "merged")
     merged_dir = tmp_path / "merged"
     if not (merged_dir / "config.json").exists():
         merged_dir = next(p for p in merged_dir.iterdir() if (p / "config.json").exists())

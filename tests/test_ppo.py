@@ -9,6 +9,24 @@ from c2f_jax.model import model
 from c2f_jax.rl import optim, ppo, reward, rollout
 from c2f_jax.runtime import backend
 
+ppo_lib = ppo  # for the helpers below, whose PPOConfig argument is named `ppo` as in c2f_jax.rl.ppo
+
+
+def experience(actor, reference, critic, seq_ids, seq_mask, response_mask, score, kl_coef=None, *, actor_config,
+               ref_config, critic_config, ppo):
+    """The unfused scoring of a rollout (what `ppo.iteration` does before its update), each forward pass whole."""
+    R = response_mask.shape[1]
+    old, _ = ppo_lib.policy_logprobs(actor_config, actor, seq_ids, seq_mask, R, ppo)
+    ref, _ = ppo_lib.policy_logprobs(ref_config, reference, seq_ids, seq_mask, R, ppo)
+    values = ppo_lib.response_values(critic_config, critic, seq_ids, seq_mask, R)
+    return ppo_lib.scored_experience(seq_ids, seq_mask, response_mask, old, ref, values, score, kl_coef, ppo)
+
+
+make_experience = jax.jit(experience, static_argnames=("actor_config", "ref_config", "critic_config", "ppo"))
+ppo_update = jax.jit(ppo_lib.update, static_argnames=("actor_config", "critic_config", "ppo"), donate_argnums=(0, 1))
+ppo_iteration = jax.jit(ppo_lib.iteration, static_argnames=("actor_config", "ref_config", "critic_config", "ppo"),
+                        donate_argnums=(0, 1))
+
 
 def prefix_mask(rng, batch, length):
     lengths = rng.integers(1, length + 1, batch)
@@ -88,7 +106,7 @@ def test_kl_is_zero_when_actor_equals_reference(tiny_roles):
     seq = jax.random.randint(jax.random.key(2), (4, 12), 3, 128)
     seq_mask = jnp.ones_like(seq)
     response_mask = jnp.ones((4, 5), jnp.int32)
-    exp = ppo.make_experience(actor, actor, critic, seq, seq_mask, response_mask, jnp.zeros(4), actor_config=config,
+    exp = make_experience(actor, actor, critic, seq, seq_mask, response_mask, jnp.zeros(4), actor_config=config,
                               ref_config=config, critic_config=critic_config, ppo=ppo.PPOConfig())
     np.testing.assert_array_equal(np.asarray(exp.old_logprobs), np.asarray(exp.ref_logprobs))
     assert not np.asarray(exp.rewards).any()  # no KL, zero score
@@ -121,7 +139,7 @@ def run_ppo(config, actor, critic_config, critic, iterations, pc, score_fn, seed
         out = rollout.generate(r_config, r_params, prompts, prompt_mask, k1, max_new_tokens=R, suppress_token_ids=(2,))
         seq, seq_mask = ppo.join(prompts, prompt_mask, out.tokens, out.mask)
         score = score_fn(out.tokens)
-        actor_state, critic_state, _, metrics = ppo.ppo_iteration(
+        actor_state, critic_state, _, metrics = ppo_iteration(
             actor_state, critic_state, actor, seq, seq_mask, out.mask, score, k2, actor_config=config,
             ref_config=config, critic_config=critic_config, ppo=pc)
         scores.append(float(score.mean()))
@@ -164,12 +182,12 @@ def test_iteration_equals_experience_then_update(tiny_roles, epochs, minibatches
     states = lambda: (optim.create_state(actor, pc.actor), optim.create_state(critic, pc.critic))
 
     a, c = states()
-    exp = ppo.make_experience(a.params, reference, c.params, seq, seq_mask, response_mask, score, ref_config=config,
+    exp = make_experience(a.params, reference, c.params, seq, seq_mask, response_mask, score, ref_config=config,
                               **kw)
-    a1, c1, m1 = ppo.ppo_update(a, c, exp, jax.random.key(7), **kw)
+    a1, c1, m1 = ppo_update(a, c, exp, ppo.epoch_orders(jax.random.key(7), B, epochs), **kw)
     m1 = {**m1, **ppo.experience_metrics(exp)}
     a, c = states()
-    a2, c2, exp2, m2 = ppo.ppo_iteration(a, c, reference, seq, seq_mask, response_mask, score, jax.random.key(7),
+    a2, c2, exp2, m2 = ppo_iteration(a, c, reference, seq, seq_mask, response_mask, score, jax.random.key(7),
                                          ref_config=config, **kw)
     for x, y in zip(jax.tree.leaves(exp), jax.tree.leaves(exp2)):  # same rows in the same order
         np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-5, atol=1e-6)
@@ -192,11 +210,11 @@ def test_iteration_runs_one_actor_and_one_critic_forward_fewer(tiny_roles):
     kw = dict(actor_config=config, critic_config=critic_config, ppo=pc)
     a, c = optim.create_state(actor, pc.actor), optim.create_state(critic, pc.critic)
     flops = lambda fn, *args, **static: fn.lower(*args, **static).compile().cost_analysis()["flops"]
-    exp = ppo.make_experience(a.params, actor, c.params, seq, seq_mask, response_mask, score, ref_config=config, **kw)
-    separate = (flops(ppo.make_experience, a.params, actor, c.params, seq, seq_mask, response_mask, score,
+    exp = make_experience(a.params, actor, c.params, seq, seq_mask, response_mask, score, ref_config=config, **kw)
+    separate = (flops(make_experience, a.params, actor, c.params, seq, seq_mask, response_mask, score,
                       ref_config=config, **kw)
-                + flops(ppo.ppo_update, a, c, exp, jax.random.key(0), **kw))
-    fused = flops(ppo.ppo_iteration, a, c, actor, seq, seq_mask, response_mask, score, jax.random.key(0),
+                + flops(ppo_update, a, c, exp, ppo.epoch_orders(jax.random.key(0), B, 1), **kw))
+    fused = flops(ppo_iteration, a, c, actor, seq, seq_mask, response_mask, score, jax.random.key(0),
                   ref_config=config, **kw)
     actor_fwd = flops(jax.jit(ppo.response_logprobs, static_argnums=(0, 4)), config, actor, seq, seq_mask, R)
     critic_fwd = flops(jax.jit(ppo.response_values, static_argnums=(0, 4)), critic_config, critic, seq, seq_mask, R)

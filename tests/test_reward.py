@@ -14,6 +14,8 @@ from c2f_jax.rl import optim, reward
 # Held-out accuracy the tiny model must reach on the bundled sample (measured: 0.86-0.92 over seeds/steps).
 MIN_ACCURACY = 0.85
 
+train_step = jax.jit(reward.train, static_argnames=("config", "optim_config"), donate_argnums=(0,))
+
 
 def test_bradley_terry_by_hand():
     m = reward.bradley_terry(jnp.array([2.0, 0.0]), jnp.array([1.0, 1.0]))
@@ -34,7 +36,7 @@ def trained(tmp_path_factory):
     it = data.BatchIterator(len(train), 16, seed=0)
     for _ in range(60):
         batch = data.preference_batch(tok, [train[i] for i in it.next()], (64, 128))
-        state, _ = reward.train_step(state, batch, config=rm_config, optim_config=oc)
+        state, _ = train_step(state, batch, config=rm_config, optim_config=oc)
     held = data.preference_batch(tok, held_out, (64, 128))
     return rm_config, state.params, held, tok
 

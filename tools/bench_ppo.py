@@ -26,6 +26,10 @@ from c2f_jax.model import hf, model
 from c2f_jax.rl import optim, ppo, reward, rollout
 from c2f_jax.runtime import backend
 
+# The coarse job compiles ppo.iteration with shardings (rl/programs.py); on one device a plain jit is the same.
+ppo_iteration = jax.jit(ppo.iteration, static_argnames=("actor_config", "ref_config", "critic_config", "ppo"),
+                        donate_argnums=(0, 1))
+
 
 def ours(config, actor, critic_config, critic, ids, mask, new_tokens, iterations):
     pc = ppo.PPOConfig(actor=optim.OptimConfig(lr=5e-6), critic=optim.OptimConfig(lr=5e-7))
@@ -41,10 +45,10 @@ def ours(config, actor, critic_config, critic, ids, mask, new_tokens, iterations
         jax.block_until_ready(out.tokens)
         t1 = time.perf_counter()
         seq, seq_mask = ppo.join(ids, mask, out.tokens, out.mask)
-        score = jax.block_until_ready(ppo.score_sequences(critic, seq, seq_mask, config=critic_config))
+        score = jax.block_until_ready(reward.score_sequences(critic, seq, seq_mask, config=critic_config))
         t2 = time.perf_counter()
         # Old/reference logprobs, values, advantages and the update: one program (ppo.iteration).
-        actor_state, critic_state, _, _ = jax.block_until_ready(ppo.ppo_iteration(
+        actor_state, critic_state, _, _ = jax.block_until_ready(ppo_iteration(
             actor_state, critic_state, actor, seq, seq_mask, out.mask, score, jax.random.key(it), actor_config=config,
             ref_config=config, critic_config=critic_config, ppo=pc))
         t3 = time.perf_counter()

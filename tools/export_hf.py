@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 
 from c2f_jax.model import export
-from c2f_jax.runtime import cli, distributed, workdir
+from c2f_jax.runtime import cli, distributed
 
 
 def main(argv=None) -> int:

@@ -11,7 +11,6 @@ length and removes the repetition. tools/evaluate.py and tools/sweep.py print th
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 from pathlib import Path
@@ -23,7 +22,7 @@ import numpy as np
 
 from c2f_jax import data
 from c2f_jax.model import export, hf, model, tokenizer
-from c2f_jax.rl import ppo, rollout
+from c2f_jax.rl import reward, rollout
 from c2f_jax.runtime import backend, distributed, workdir
 from c2f_jax.model.model import MistralConfig, Params
 
@@ -179,7 +178,7 @@ def reward_scores(rm: Loaded, prompts: Sequence[str], responses: Sequence[str], 
     scores = []
     for chunk, padded in _batches(seqs, batch_size):
         ids, mask = data.left_pad(padded, buckets, tok.pad_token_id, truncate=True)
-        scores.extend(np.asarray(ppo.score_sequences(rm.params, ids, mask, config=rm.config))[:len(chunk)].tolist())
+        scores.extend(np.asarray(reward.score_sequences(rm.params, ids, mask, config=rm.config))[:len(chunk)].tolist())
     return np.asarray(scores, np.float64)
 
 

@@ -29,7 +29,6 @@ from functools import partial
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
@@ -43,7 +42,7 @@ except ImportError:  # the eval extra is optional
 
 from c2f_jax.eval import evaluate
 from c2f_jax.merge import merge
-from c2f_jax.model import model, sharding
+from c2f_jax.model import sharding
 from c2f_jax.rl import rollout
 from c2f_jax.runtime import backend
 from c2f_jax.model.config import float_dtype

@@ -7,9 +7,8 @@ from pathlib import Path
 
 import jax
 
-from c2f_jax.model import hf, model, sharding
 from c2f_jax.jobs import settings
-from c2f_jax.model import tokenizer
+from c2f_jax.model import hf, model, sharding, tokenizer
 from c2f_jax.rl import optim
 from c2f_jax.runtime import checkpoint, distributed, workdir
 

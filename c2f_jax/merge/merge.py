@@ -476,11 +476,3 @@ def _finish_folder(plan: MergePlan, folder: Path, gamma: float, shards, digests)
     }
     (folder / PROVENANCE_NAME).write_text(json.dumps(provenance, indent=2))
     return provenance
-
-
-def merge_checkpoints(coarse, sft, gammas, out, dtype=None, max_shard_size: int | str = "5GB",
-                      overwrite: bool = False, allow_tokenizer_mismatch: bool = False) -> list[str]:
-    """plan_merge + write_merge in one call; returns the plan's warnings."""
-    plan = plan_merge(coarse, sft, gammas, dtype, allow_tokenizer_mismatch)
-    write_merge(plan, out, max_shard_size, overwrite)
-    return plan.warnings

@@ -123,8 +123,7 @@ def _dense_bwd(out_dtype, res, dy):
 _dense.defvjp(_dense_fwd, _dense_bwd)
 
 
-def _init(config: MistralConfig):
-    return nn.initializers.normal(stddev=0.02)
+_INIT = nn.initializers.normal(stddev=0.02)
 
 
 class RMSNorm(nn.Module):
@@ -153,10 +152,10 @@ class Attention(nn.Module):
         c = self.config
         N, K, H, D = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.hidden_size
         pdt, cdt = jnp.dtype(c.param_dtype), jnp.dtype(c.compute_dtype)
-        wq = self.param("q", _init(c), (D, N, H), pdt).astype(cdt)
-        wk = self.param("k", _init(c), (D, K, H), pdt).astype(cdt)
-        wv = self.param("v", _init(c), (D, K, H), pdt).astype(cdt)
-        wo = self.param("o", _init(c), (N, H, D), pdt).astype(cdt)
+        wq = self.param("q", _INIT, (D, N, H), pdt).astype(cdt)
+        wk = self.param("k", _INIT, (D, K, H), pdt).astype(cdt)
+        wv = self.param("v", _INIT, (D, K, H), pdt).astype(cdt)
+        wo = self.param("o", _INIT, (N, H, D), pdt).astype(cdt)
 
         project = lambda w: dense(x, w.reshape(D, -1)).reshape(*x.shape[:-1], *w.shape[1:])  # BTD,D(NH)->BTNH
         q = shard_as(apply_rope(project(wq), sin, cos), BATCH, None, "tensor", None)
@@ -229,14 +228,14 @@ class MLP(nn.Module):
         c = self.config
         pdt, cdt = jnp.dtype(c.param_dtype), jnp.dtype(c.compute_dtype)
         D, F = c.hidden_size, c.intermediate_size
-        gate = dense(x, self.param("gate", _init(c), (D, F), pdt).astype(cdt))  # BTD,DF->BTF
-        up = dense(x, self.param("up", _init(c), (D, F), pdt).astype(cdt))  # BTD,DF->BTF
+        gate = dense(x, self.param("gate", _INIT, (D, F), pdt).astype(cdt))  # BTD,DF->BTF
+        up = dense(x, self.param("up", _INIT, (D, F), pdt).astype(cdt))  # BTD,DF->BTF
         hidden = jax.nn.silu(gate) * up  # [B, T, F]
         if c.transposed_down:  # the CPU rollout copy (rollout.rollout_layout)
-            w = self.param("down_t", _init(c), (D, F), pdt).astype(cdt)
+            w = self.param("down_t", _INIT, (D, F), pdt).astype(cdt)
             # Out [D, B, T], then turned back: as "BTF,DF->BTD" an 8-row decode chain ran 1.6x slower on XLA:CPU.
             return jnp.einsum("DF,BTF->DBT", w, hidden).transpose(1, 2, 0)
-        return dense(hidden, self.param("down", _init(c), (F, D), pdt).astype(cdt))  # BTF,FD->BTD
+        return dense(hidden, self.param("down", _INIT, (F, D), pdt).astype(cdt))  # BTF,FD->BTD
 
 
 class DecoderLayer(nn.Module):
@@ -269,7 +268,7 @@ class Mistral(nn.Module):
     def __call__(self, input_ids, positions, bias, kv=None, write_index=0, head=True):
         c = self.config
         pdt, cdt = jnp.dtype(c.param_dtype), jnp.dtype(c.compute_dtype)
-        embed = self.param("embed", _init(c), (c.vocab_size, c.hidden_size), pdt)
+        embed = self.param("embed", _INIT, (c.vocab_size, c.hidden_size), pdt)
         x = shard_as(jnp.take(embed, input_ids, axis=0).astype(cdt), BATCH, None, None)  # [B, T, D]
         sin, cos = rope_sin_cos(positions, c.head_dim, c.rope_theta)
 
@@ -299,9 +298,9 @@ class Mistral(nn.Module):
             return x, kv
         head_params = {"embed": embed}
         if not c.has_lm_head:
-            head_params["score"] = self.param("score", _init(c), (c.hidden_size, c.num_labels), pdt)
+            head_params["score"] = self.param("score", _INIT, (c.hidden_size, c.num_labels), pdt)
         elif not c.tie_word_embeddings:
-            head_params["lm_head"] = self.param("lm_head", _init(c), (c.hidden_size, c.vocab_size), pdt)
+            head_params["lm_head"] = self.param("lm_head", _INIT, (c.hidden_size, c.vocab_size), pdt)
         return head_output(c, head_params, x), kv
 
 

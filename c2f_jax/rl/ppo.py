@@ -239,30 +239,13 @@ def join(prompt_ids, prompt_mask, tokens, response_mask) -> tuple[jax.Array, jax
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
-def score_sequences(params: Params, seq_ids, seq_mask, *, config: MistralConfig) -> jax.Array:
-    """Reward-model score at each sequence's last real token, float32 [B]."""
-    return model.sequence_scores(config, params, seq_ids, seq_mask)[:, 0]
-
-
 def policy_logprobs(config: MistralConfig, params: Params, seq_ids, seq_mask, response_len: int,
                     ppo: PPOConfig) -> tuple[jax.Array, jax.Array]:
     """`response_logprobs` under the sampler's policy as `ppo` records it (temperature, suppressed ids)."""
     return response_logprobs(config, params, seq_ids, seq_mask, response_len, ppo.temperature, ppo.suppress_token_ids)
 
 
-def experience(actor: Params, reference: Params, critic: Params, seq_ids, seq_mask, response_mask, score,
-               kl_coef=None, *, actor_config: MistralConfig, ref_config: MistralConfig, critic_config: MistralConfig,
-               ppo: PPOConfig) -> Experience:
-    """Scores a rollout: old and reference logprobs, values, shaped rewards, whitened advantages, returns.
-    kl_coef: float32 [] (the adaptive controller's value), default ppo.kl_coef."""
-    R = response_mask.shape[1]
-    old, _ = policy_logprobs(actor_config, actor, seq_ids, seq_mask, R, ppo)
-    ref, _ = policy_logprobs(ref_config, reference, seq_ids, seq_mask, R, ppo)
-    values = response_values(critic_config, critic, seq_ids, seq_mask, R)
-    return _scored(seq_ids, seq_mask, response_mask, old, ref, values, score, kl_coef, ppo)
-
-
-def _scored(seq_ids, seq_mask, response_mask, old, ref, values, score, kl_coef, ppo: PPOConfig) -> Experience:
+def scored_experience(seq_ids, seq_mask, response_mask, old, ref, values, score, kl_coef, ppo: PPOConfig) -> Experience:
     """Shaped rewards, GAE and whitened advantages from the forward passes' outputs."""
     mask = response_mask.astype(jnp.float32)
     kl_coef = ppo.kl_coef if kl_coef is None else kl_coef
@@ -270,9 +253,6 @@ def _scored(seq_ids, seq_mask, response_mask, old, ref, values, score, kl_coef, 
     advantages, returns = gae(rewards, values, mask, ppo.gamma, ppo.lam)
     return Experience(seq_ids, seq_mask, mask, old * mask, ref * mask, values * mask, rewards,
                       whiten(advantages, mask), returns, score)
-
-
-make_experience = jax.jit(experience, static_argnames=("actor_config", "ref_config", "critic_config", "ppo"))
 
 
 def experience_metrics(exp: Experience) -> dict:
@@ -312,8 +292,8 @@ def minibatch_size(batch: int, minibatches: int, names: tuple[str, str] = ("batc
     return batch // minibatches
 
 
-def _epoch_orders(rng: jax.Array, batch: int, epochs: int) -> jax.Array:
-    """Each epoch's own shuffled order of the batch's rows, int32 [epochs, batch]."""
+def epoch_orders(rng: jax.Array, batch: int, epochs: int) -> jax.Array:
+    """Each epoch's own shuffled order of the batch's rows, int32 [epochs, batch]: drawn once per iteration."""
     return jnp.stack([jax.random.permutation(key, batch) for key in jax.random.split(rng, epochs)])
 
 
@@ -336,24 +316,20 @@ def _critic_forward(config: MistralConfig, params: Params, seq_ids, seq_mask, re
 MAX_METRICS = ("ratio/max",)
 
 
-def _minibatch_step(states, mb: Experience, *, actor_config, critic_config, ppo: PPOConfig, forwards=None):
-    """Both AdamW steps on one minibatch, and its metrics.
-
-    Each model's gradient is its loss's gradient at the model's outputs, pulled back
-    through its forward pass. `forwards` (what `_actor_forward` and `_critic_forward`
-    return) are those passes when they already ran on these rows at these params;
-    otherwise they run here.
-    """
-    actor_state, critic_state = states
+def _forwards(states, mb: Experience, *, actor_config, critic_config, ppo: PPOConfig) -> tuple:
+    """Both models' forward passes on a minibatch at the states' params, kept for their backward passes."""
     R = mb.response_mask.shape[1]
-    logp, actor_pullback, entropy = (forwards[0] if forwards else _actor_forward(
-        actor_config, actor_state.params, mb.seq_ids, mb.seq_mask, R, ppo))
+    return (_actor_forward(actor_config, states[0].params, mb.seq_ids, mb.seq_mask, R, ppo),
+            _critic_forward(critic_config, states[1].params, mb.seq_ids, mb.seq_mask, R))
+
+
+def _minibatch_step(states, mb: Experience, forwards, *, ppo: PPOConfig):
+    """Both AdamW steps on one minibatch, and its metrics. Each model's gradient is its loss's gradient at the
+    model's outputs, pulled back through its forward pass (`forwards`, from `_forwards`)."""
+    (actor_state, critic_state), ((logp, actor_pullback, entropy), (values, critic_pullback)) = states, forwards
     (p_loss, info), d_logp = jax.value_and_grad(policy_loss, has_aux=True)(
         logp, mb.old_logprobs, mb.advantages, mb.response_mask, ppo.clip_ratio)
     actor_state, a_info = optim.apply_gradients(actor_state, actor_pullback(d_logp)[0], p_loss, ppo.actor)
-
-    values, critic_pullback = (forwards[1] if forwards else _critic_forward(
-        critic_config, critic_state.params, mb.seq_ids, mb.seq_mask, R))
     v_loss, d_values = jax.value_and_grad(value_loss)(values, mb.values, mb.returns, mb.response_mask,
                                                       ppo.value_clip)
     critic_state, c_info = optim.apply_gradients(critic_state, critic_pullback(d_values)[0], v_loss, ppo.critic)
@@ -366,61 +342,51 @@ def _minibatch_step(states, mb: Experience, *, actor_config, critic_config, ppo:
     return (actor_state, critic_state), metrics
 
 
-def update(actor_state: optim.TrainState, critic_state: optim.TrainState, exp: Experience, rng: jax.Array, *,
+def update(actor_state: optim.TrainState, critic_state: optim.TrainState, exp: Experience, orders: jax.Array, *,
            actor_config: MistralConfig, critic_config: MistralConfig, ppo: PPOConfig,
            first_forwards=None) -> tuple[optim.TrainState, optim.TrainState, dict]:
-    """`ppo.epochs` passes over the experience in `ppo.minibatches` shuffled minibatches, one program.
+    """`ppo.epochs` passes over the experience in `ppo.minibatches` minibatches, one program.
 
-    Actor and critic step with their own AdamW each minibatch; a non-finite loss or
-    gradient skips that model's step. `first_forwards`: both models' forward passes on
-    the first epoch's first minibatch (rows `_epoch_orders(rng, B, ppo.epochs)[0, :B / M]`)
-    at the states' params, which that step then reuses (see `iteration`). Returns the
-    new states and metrics over all minibatches (the mean; the maximum for MAX_METRICS).
+    orders: int32 [epochs, B], each epoch's order of the rows (`epoch_orders`). Actor and critic step with
+    their own AdamW each minibatch; a non-finite loss or gradient skips that model's step. The first
+    minibatch steps on `first_forwards`, its forward passes at the states' params when the caller has them
+    (`iteration` keeps those of its scoring), else run here; every later one runs its own. Returns the new
+    states and metrics over all minibatches (the mean; the maximum for MAX_METRICS).
     """
-    B = exp.seq_ids.shape[0]
-    minibatch_size(B, ppo.minibatches)  # a PPOError when the batch does not split evenly
-    orders = _epoch_orders(rng, B, ppo.epochs).reshape(-1)
+    minibatch_size(exp.seq_ids.shape[0], ppo.minibatches)  # a PPOError when the batch does not split evenly
     # Every epoch's minibatches in turn: [epochs * minibatches, B / minibatches, ...].
-    minibatches = _split(jax.tree.map(lambda x: x[orders], exp), ppo.epochs * ppo.minibatches)
-    step = functools.partial(_minibatch_step, actor_config=actor_config, critic_config=critic_config, ppo=ppo)
-    states, metrics = (actor_state, critic_state), []
-    if first_forwards is not None:
-        states, first = step(states, jax.tree.map(lambda x: x[0], minibatches), forwards=first_forwards)
-        metrics.append(jax.tree.map(lambda x: x[None], first))
-        minibatches = jax.tree.map(lambda x: x[1:], minibatches)
-    if minibatches.seq_ids.shape[0]:  # none left after the first in whole-batch PPO
-        states, rest = jax.lax.scan(step, states, minibatches)
-        metrics.append(rest)
-    reduced = {k: (jnp.max if k in MAX_METRICS else jnp.mean)(jnp.concatenate([m[k] for m in metrics]))
-               for k in metrics[0]}
+    minibatches = _split(jax.tree.map(lambda x: x[orders.reshape(-1)], exp), ppo.epochs * ppo.minibatches)
+    forwards = functools.partial(_forwards, actor_config=actor_config, critic_config=critic_config, ppo=ppo)
+    step = functools.partial(_minibatch_step, ppo=ppo)
+    first, later = jax.tree.map(lambda x: x[0], minibatches), jax.tree.map(lambda x: x[1:], minibatches)
+    states = (actor_state, critic_state)
+    states, first_metrics = step(states, first, first_forwards or forwards(states, first))
+    states, later_metrics = jax.lax.scan(lambda s, mb: step(s, mb, forwards(s, mb)), states, later)
+    reduced = {k: (jnp.max if k in MAX_METRICS else jnp.mean)(jnp.concatenate([first_metrics[k][None],
+                                                                             later_metrics[k]]))
+               for k in first_metrics}
     return *states, reduced
-
-
-ppo_update = jax.jit(update, static_argnames=("actor_config", "critic_config", "ppo"), donate_argnums=(0, 1))
 
 
 def iteration(actor_state: optim.TrainState, critic_state: optim.TrainState, reference: Params, seq_ids, seq_mask,
               response_mask, score, rng: jax.Array, kl_coef=None, *, actor_config: MistralConfig,
               ref_config: MistralConfig, critic_config: MistralConfig,
               ppo: PPOConfig) -> tuple[optim.TrainState, optim.TrainState, Experience, dict]:
-    """`experience` then `update` as one program, with one forward pass of actor and critic fewer.
+    """One PPO iteration as one program: score the rollout (old and reference logprobs, values, shaped rewards,
+    whitened advantages, returns: `scored_experience`), then `update`.
 
-    The first minibatch of the first epoch is scored and then stepped with the very
-    same params, so its scoring forward passes are kept (`jax.vjp`) and `update` pulls
-    that step's gradients back through them instead of running them again. With one
-    epoch and one minibatch (whole-batch PPO) that is a whole actor and a whole critic
-    forward pass of the iteration; with M minibatches, 1/M of one. The kept activations
-    of both models' first minibatch are live together while the reference is scored; in
-    the 7B plan that costs under 2% more than the update alone. Inputs as `experience`,
-    `score` float32 [B] from the reward model, `kl_coef` float32 [] (default
-    ppo.kl_coef); the result (new states, the experience, the update's metrics and
-    `experience_metrics`) equals `experience` followed by `update` with the same rng up
-    to float rounding.
+    seq_ids, seq_mask int32 [B, P+R]; response_mask int32 [B, R]; score float32 [B] from the reward model;
+    kl_coef float32 [] (default ppo.kl_coef). The epoch orders are drawn here, once. The first minibatch of
+    the first epoch is scored and then stepped with the very same params, so its scoring forward passes are
+    kept (`jax.vjp`) and its step pulls the gradients back through them instead of running them again: with
+    whole-batch PPO a whole actor and a whole critic forward pass fewer, with M minibatches 1/M of one (the
+    test counts XLA's FLOPs; the 7B plan's memory cost is in the README). Returns the new states, the
+    experience, and the update's metrics with `experience_metrics`.
     """
     B, R = response_mask.shape
     size = minibatch_size(B, ppo.minibatches)
-    order = _epoch_orders(rng, B, ppo.epochs)[0]  # the first epoch's, as `update` draws it
-    first, rest = order[:size], order[size:]
+    orders = epoch_orders(rng, B, ppo.epochs)
+    first, rest = orders[0, :size], orders[0, size:]  # the first minibatch's rows, and the others'
 
     def take(rows):  # those rows, spread over the data axes (as `update` places a minibatch)
         return shard_as(seq_ids[rows], BATCH, None), shard_as(seq_mask[rows], BATCH, None)
@@ -431,14 +397,10 @@ def iteration(actor_state: optim.TrainState, critic_state: optim.TrainState, ref
     if size < B:
         old = jnp.concatenate([old, policy_logprobs(actor_config, actor_state.params, *take(rest), R, ppo)[0]])
         values = jnp.concatenate([values, response_values(critic_config, critic_state.params, *take(rest), R)])
-    in_order = jnp.argsort(order)  # rows [first, rest] back to input order
+    in_order = jnp.argsort(orders[0])  # rows [first, rest] back to input order
     ref, _ = policy_logprobs(ref_config, reference, seq_ids, seq_mask, R, ppo)
-    exp = _scored(seq_ids, seq_mask, response_mask, old[in_order], ref, values[in_order], score, kl_coef, ppo)
-    actor_state, critic_state, metrics = update(actor_state, critic_state, exp, rng, actor_config=actor_config,
+    exp = scored_experience(seq_ids, seq_mask, response_mask, old[in_order], ref, values[in_order], score, kl_coef, ppo)
+    actor_state, critic_state, metrics = update(actor_state, critic_state, exp, orders, actor_config=actor_config,
                                                 critic_config=critic_config, ppo=ppo,
                                                 first_forwards=(actor_first, critic_first))
     return actor_state, critic_state, exp, {**metrics, **experience_metrics(exp)}
-
-
-ppo_iteration = jax.jit(iteration, static_argnames=("actor_config", "ref_config", "critic_config", "ppo"),
-                        donate_argnums=(0, 1))

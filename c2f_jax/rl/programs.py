@@ -75,7 +75,7 @@ def coarse_programs(mesh: Mesh, *, actor_config: MistralConfig, ref_config: Mist
     return CoarsePrograms(
         to_rollout=to_rollout,
         generate=generate,
-        score=_jit(mesh, ppo.score_sequences, (rm_sh, batch2, batch2), batch1, config=rm_config),
+        score=_jit(mesh, reward.score_sequences, (rm_sh, batch2, batch2), batch1, config=rm_config),
         iteration=_jit(mesh, ppo.iteration, (actor_sh, critic_sh, ref_sh, batch2, batch2, batch2, batch1, repl, repl),
                        (actor_sh, critic_sh, exp_sh, repl), donate=(0, 1), actor_config=actor_config,
                        ref_config=ref_config, critic_config=critic_config, ppo=pc),

@@ -24,11 +24,17 @@ def init_from_base(config: MistralConfig, params: Params, rng: jax.Array) -> tup
     return rm_config, rm_params
 
 
+def score_sequences(params: Params, seq_ids, seq_mask, *, config: MistralConfig) -> jax.Array:
+    """Reward-model score at each left-padded sequence's last real token: seq_ids, seq_mask int32 [B, T] ->
+    float32 [B] (the coarse job's rollouts, the evaluation's responses)."""
+    return model.sequence_scores(config, params, seq_ids, seq_mask)[:, 0]
+
+
 def pair_scores(config: MistralConfig, params: Params, batch: dict) -> tuple[jax.Array, jax.Array]:
     """Rewards float32 [B] of chosen and rejected, in one forward pass over [2B, T]."""
     ids = jnp.concatenate([batch["chosen_ids"], batch["rejected_ids"]])
     mask = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]])
-    scores = model.sequence_scores(config, params, ids, mask)[:, 0]
+    scores = score_sequences(params, ids, mask, config=config)
     n = batch["chosen_ids"].shape[0]
     return scores[:n], scores[n:]
 
@@ -56,18 +62,7 @@ def train(state: optim.TrainState, batch: dict, *, config: MistralConfig,
     return state, {**metrics, "grad_norm": info["grad_norm"], "skipped": state.skipped}
 
 
-train_step = jax.jit(train, static_argnames=("config", "optim_config"), donate_argnums=(0,))
-
-
 def margins(params: Params, batch: dict, *, config: MistralConfig) -> jax.Array:
     """r_chosen - r_rejected per pair, float32 [B] (for exact held-out averages over padded batches)."""
     chosen, rejected = pair_scores(config, params, batch)
     return chosen - rejected
-
-
-def evaluate(params: Params, batch: dict, *, config: MistralConfig) -> dict:
-    """Held-out loss, accuracy and mean margin for one batch."""
-    return bradley_terry(*pair_scores(config, params, batch))
-
-
-eval_step = jax.jit(evaluate, static_argnames=("config",))

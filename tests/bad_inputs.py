@@ -1,7 +1,7 @@
 """Every bad input a new user might type, run through the CLIs: each must be refused cleanly.
 
-  python tools/bad_inputs.py                    # makes its own tiny fixtures (about a minute), runs every case
-  python tools/bad_inputs.py --fixtures DIR --run WORKDIR --run-args ARGS.json --json out.json
+  python tests/bad_inputs.py                    # makes its own tiny fixtures (about a minute), runs every case
+  python tests/bad_inputs.py --fixtures DIR --run WORKDIR --run-args ARGS.json --json out.json
 
 Refused cleanly means: exit status 2, stderr exactly one line `error: ...` (no traceback, no library
 logging above it), and nothing created or changed under the case's folder (no stub workdir or output).
