@@ -16,8 +16,7 @@ from c2f_jax.model.safetensors_io import CODES, SafetensorsError
 
 # Read and merged this many bytes of float32 at a time: big enough that per-chunk overhead vanishes,
 # small enough that every buffer in flight (two reads per input, scratch, three writes) stays in the
-# CPU's last-level cache. On the 2-core test VM a 1 GB merge took 1.47 s in process at 2 MiB, 1.56 s at
-# 4, 2.05 s at 8, 2.22 s at 64, and 1.81 s at 256 KiB (per-chunk overhead).
+# CPU's last-level cache (the sizes tried are in the README, "Measurements behind the code's choices").
 CHUNK_BYTES = 2 << 20
 
 

@@ -95,8 +95,7 @@ def dense(x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
     x and dy over their leading token axis directly needs no copy at all.
 
     Every weight matmul that training differentiates goes through it (q, k, v, o, gate, up, down, the score
-    head): at the 4-layer bench_ppo update's shapes (3072 tokens, fp32, 2-core CPU), value_and_grad through
-    the plain einsum took 1.08-1.29x as long per matmul, the [D, 1] score head included (1.08x). Its forward
+    head; the measured gain is in the README, "Measurements behind the code's choices"). Its forward
     compiles to the same program as the plain einsum, so the forward-only paths (sampling, scoring) share it
     at no cost; only the rollout's `down_t` product, never differentiated, is spelled apart.
     """
@@ -233,7 +232,7 @@ class MLP(nn.Module):
         hidden = jax.nn.silu(gate) * up  # [B, T, F]
         if c.transposed_down:  # the CPU rollout copy (rollout.rollout_layout)
             w = self.param("down_t", _INIT, (D, F), pdt).astype(cdt)
-            # Out [D, B, T], then turned back: as "BTF,DF->BTD" an 8-row decode chain ran 1.6x slower on XLA:CPU.
+            # Out [D, B, T], then turned back: XLA:CPU runs "BTF,DF->BTD" on an 8-row decode far slower (README).
             return jnp.einsum("DF,BTF->DBT", w, hidden).transpose(1, 2, 0)
         return dense(hidden, self.param("down", _INIT, (F, D), pdt).astype(cdt))  # BTF,FD->BTD
 
