@@ -238,7 +238,6 @@ def join(prompt_ids, prompt_mask, tokens, response_mask) -> tuple[jax.Array, jax
             jnp.concatenate([prompt_mask, response_mask], axis=1).astype(jnp.int32))
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
 def policy_logprobs(config: MistralConfig, params: Params, seq_ids, seq_mask, response_len: int,
                     ppo: PPOConfig) -> tuple[jax.Array, jax.Array]:
     """`response_logprobs` under the sampler's policy as `ppo` records it (temperature, suppressed ids)."""

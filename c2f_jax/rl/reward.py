@@ -7,6 +7,7 @@ from it, as DeepSpeed-Chat and OpenRLHF do.
 
 from __future__ import annotations
 
+import functools
 import jax
 import jax.numpy as jnp
 
@@ -24,6 +25,7 @@ def init_from_base(config: MistralConfig, params: Params, rng: jax.Array) -> tup
     return rm_config, rm_params
 
 
+@functools.partial(jax.jit, static_argnames=("config",))
 def score_sequences(params: Params, seq_ids, seq_mask, *, config: MistralConfig) -> jax.Array:
     """Reward-model score at each left-padded sequence's last real token: seq_ids, seq_mask int32 [B, T] ->
     float32 [B] (the coarse job's rollouts, the evaluation's responses)."""
