@@ -27,8 +27,8 @@ def number(cell):
 def test_bench_rollout_prints_ratio_and_matmul_bound():
     out = run_tool("bench_rollout.py", "--sizes", "2x64", "--new-tokens", "8", "--repeats", "1")
     (row,) = table_rows(out, "2 layers")
-    ours, theirs, ratio, matmul_bound, share = (number(row[i]) for i in (2, 3, 4, 7, 8))
-    assert ours > 0 and theirs > 0 and abs(ratio - ours / theirs) < 0.02 * ratio
+    ours, loaded, theirs, ratio, matmul_bound, share = (number(row[i]) for i in (2, 3, 4, 5, 8, 9))
+    assert ours > 0 and loaded > 0 and theirs > 0 and abs(ratio - ours / theirs) < 0.02 * ratio
     assert matmul_bound > 0 and abs(share - 100 * ours / matmul_bound) < 1.5
 
 

@@ -213,7 +213,8 @@ class Checkpointer:
         state_dir = self.directory / str(step) / "state"  # the manager's default step naming, as `save` uses it
         check_files(state_dir.parent)
         try:
-            saved = ocp.StandardCheckpointHandler().metadata(state_dir).tree
+            with _echoes_of_a_failed_read_dropped():
+                saved = ocp.StandardCheckpointHandler().metadata(state_dir).tree
         except (FileNotFoundError, ValueError) as e:
             raise CheckpointError(f"{state_dir}: unreadable checkpoint state ({e})") from None
         node = saved
