@@ -17,7 +17,7 @@ from pathlib import Path
 from c2f_jax.jobs.coarse import run_coarse
 from c2f_jax.jobs.reward_model import run_reward
 from c2f_jax.jobs.setup import TrainError, config_dict
-from c2f_jax.runtime import cli, distributed, workdir
+from c2f_jax.runtime import cli, distributed, preemption, workdir
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"  # a source checkout's configs/, for bare names
 REQUIRED_KEYS = ("job", "steps", "seed", "checkpoint_every", "mesh.data", "mesh.fsdp", "mesh.tensor",
@@ -138,12 +138,15 @@ def main(argv=None) -> int:
         print(help_text(argv))
         return 0
     config, path = parse_args(argv)
-    if config.job == "reward":
-        run_reward(config, path)
-    elif config.job == "coarse":
-        run_coarse(config, path)
-    else:
+    if config.job not in ("reward", "coarse"):
         raise TrainError(f"job={config.job!r}; expected 'reward' or 'coarse'")
+    preemption.install()
+    try:
+        (run_reward if config.job == "reward" else run_coarse)(config, path)
+    except preemption.Stopped as e:
+        if distributed.writes_here():
+            print(f"{path}: {e}", flush=True)
+        return preemption.EXIT_RESUMABLE
     if distributed.writes_here():
         print(f"done: {path}")
     return 0

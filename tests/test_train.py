@@ -16,7 +16,7 @@ import transformers
 
 from c2f_jax import train
 from c2f_jax.model import export, hf, model
-from c2f_jax.runtime import checkpoint, metrics
+from c2f_jax.runtime import checkpoint, metrics, preemption
 from c2f_jax.runtime import workdir as c2f_workdir
 from conftest import ROOT, SHORT, cli_env, comparable
 
@@ -109,31 +109,49 @@ def test_workdir_model_is_restored_alone_and_exactly(demo):
             assert isinstance(a, np.ndarray) and a.dtype == b.dtype and np.array_equal(a, np.asarray(b))
 
 
-def test_killed_run_resumes_to_the_same_metrics_and_weights(demo, tmp_path):
-    workdir, rows = demo
-    resumed = tmp_path / "resumed"
-    # Share the demo's base and reward model so only PPO runs here.
-    args = ["--config", "tiny_coarse.py", *SHORT, f"--config.model.base={workdir / 'base_model'}",
-            f"--config.reward_model.path={workdir / 'reward_model'}", "--workdir", str(resumed)]
-    ref_args = args[:-1] + [str(tmp_path / "reference")]
-    assert run_cli(*ref_args).returncode == 0  # the same overrides, uninterrupted
+def _interrupted(args, workdir, sig, rows: int) -> tuple[int, str, str]:
+    """The CLI run of `args`, sent `sig` once `workdir` has `rows` metrics rows: (exit status, stdout, stderr)."""
     proc = subprocess.Popen([sys.executable, "-m", "c2f_jax.train", *args], cwd=ROOT, env=cli_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
-    while time.time() < deadline and len(metrics.read_metrics(resumed)) < 5:
-        time.sleep(0.2)
-    os.kill(proc.pid, signal.SIGKILL)  # mid-run: after a checkpoint (step 4), before the next
-    proc.wait()
-    assert 0 < len(metrics.read_metrics(resumed)) < 8
-    done = run_cli(*args)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert comparable(metrics.read_metrics(resumed)) == comparable(metrics.read_metrics(tmp_path / "reference"))
-    a, _ = checkpoint.Checkpointer(resumed).restore()
-    b, _ = checkpoint.Checkpointer(tmp_path / "reference").restore()
-    leaves_a, tree_a = jax.tree.flatten(a)
-    leaves_b, tree_b = jax.tree.flatten(b)
-    assert tree_a == tree_b and len(leaves_a) > 10
-    assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(leaves_a, leaves_b))
+    while time.time() < deadline and len(metrics.read_metrics(workdir)) < rows:
+        time.sleep(0.1)
+    os.kill(proc.pid, sig)
+    out, err = proc.communicate(timeout=300)
+    return proc.returncode, out, err
+
+
+def test_killed_or_signalled_run_resumes_to_the_same_metrics_and_weights(demo, tmp_path):
+    """SIGKILL loses the steps since the last checkpoint; SIGTERM (a time limit, a preemption) saves the step
+    it stops at, even with no periodic checkpoint due, and exits with EXIT_RESUMABLE. Either way the
+    relaunched command ends exactly where an uninterrupted run does."""
+    workdir, rows = demo
+    # Share the demo's base and reward model so only PPO runs here.
+    common = ["--config", "tiny_coarse.py", *SHORT, f"--config.model.base={workdir / 'base_model'}",
+              f"--config.reward_model.path={workdir / 'reward_model'}"]
+    assert run_cli(*common, "--workdir", str(tmp_path / "reference")).returncode == 0  # uninterrupted
+    killed, stopped = tmp_path / "killed", tmp_path / "stopped"
+    kill_args = [*common, "--workdir", str(killed)]
+    stop_args = [*common, "--config.checkpoint_every=100", "--workdir", str(stopped)]
+
+    _interrupted(kill_args, killed, signal.SIGKILL, 5)  # mid-run: after a checkpoint (step 4), before the next
+    assert 0 < len(metrics.read_metrics(killed)) < 8
+    code, out, err = _interrupted(stop_args, stopped, signal.SIGTERM, 3)
+    logged = len(metrics.read_metrics(stopped))
+    assert code == preemption.EXIT_RESUMABLE, err[-2000:]
+    assert 3 <= logged < 8 and checkpoint.step_dirs(stopped).keys() == {logged}, (logged, checkpoint.step_dirs(stopped))
+    assert f"stopped at step {logged} on a signal" in out
+
+    for path, args in ((killed, kill_args), (stopped, stop_args)):
+        done = run_cli(*args)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert comparable(metrics.read_metrics(path)) == comparable(metrics.read_metrics(tmp_path / "reference"))
+        a, _ = checkpoint.Checkpointer(path).restore()
+        b, _ = checkpoint.Checkpointer(tmp_path / "reference").restore()
+        leaves_a, tree_a = jax.tree.flatten(a)
+        leaves_b, tree_b = jax.tree.flatten(b)
+        assert tree_a == tree_b and len(leaves_a) > 10
+        assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(leaves_a, leaves_b))
 
 
 @pytest.mark.parametrize("extra, words", [

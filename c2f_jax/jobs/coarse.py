@@ -16,7 +16,7 @@ from c2f_jax.jobs.setup import (_as_dtype, _device_batch, _placed, _placed_state
                                 config_dict, load_base, prepare_workdir, restore, save_run_model)
 from c2f_jax.model import export, hf, model, sharding, tokenizer
 from c2f_jax.rl import cm, ppo, programs
-from c2f_jax.runtime import backend, compilations, distributed, metrics, workdir
+from c2f_jax.runtime import backend, compilations, distributed, metrics, preemption, workdir
 
 
 def tiny_base(config, path: Path, show_progress: bool = True) -> Path:
@@ -171,7 +171,7 @@ def run_coarse(config, path: Path, show_progress: bool = True) -> list[dict]:
     actor, critic, cm_state, kl_coef = run.actor, run.critic, run.cm_state, run.kl_coef
     writer = metrics.MetricsWriter(path, resume_step=run.start)
     bar = metrics.progress(config.steps, run.start, show_progress and distributed.writes_here(), desc="coarse")
-    key, rows = jax.random.key(config.seed), []
+    key, rows, stop = jax.random.key(config.seed), [], False
     for step in range(run.start + 1, config.steps + 1):
         # Per-step keys from the step number: a resumed run draws exactly what an unbroken one would.
         rollout_key, update_key = jax.random.split(jax.random.fold_in(key, step))
@@ -196,10 +196,15 @@ def run_coarse(config, path: Path, show_progress: bool = True) -> list[dict]:
         rows.append({"step": step, **row})
         bar.update(1)
         bar.set_postfix(reward=f"{row['reward/mean']:.3f}", kl=f"{row['kl']:.4f}", len=length)
-        if step % config.checkpoint_every == 0 or step == config.steps:
+        stop = preemption.requested()
+        if stop or step % config.checkpoint_every == 0 or step == config.steps:
             run.ckpt.save(step, {"actor": actor, "critic": critic},
                           {"step": step, "cm": cm_state, "kl_coef": kl_coef, "data": run.order.state(), "job": "coarse"})
+        if stop:
+            break
     bar.close()
     writer.close()
-    run.ckpt.close()
+    run.ckpt.close()  # waits until the last save is committed
+    if stop:
+        raise preemption.Stopped(step)
     return rows

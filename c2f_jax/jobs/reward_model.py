@@ -13,7 +13,7 @@ from c2f_jax.jobs.setup import (_device_batch, _placed_state, check_inputs, conf
                                 restore, save_run_model)
 from c2f_jax.model import sharding
 from c2f_jax.rl import programs, reward
-from c2f_jax.runtime import backend, compilations, distributed, metrics, workdir
+from c2f_jax.runtime import backend, compilations, distributed, metrics, preemption, workdir
 
 
 def _reward_eval(margins_fn, params, mesh, tok, pairs, buckets, batch_size, system_prompt):
@@ -57,7 +57,7 @@ def run_reward(config, path: Path, show_progress: bool = True) -> dict:
     save_run_model(path, rm_config, tok)
     writer = metrics.MetricsWriter(path, resume_step=start)
     bar = metrics.progress(config.steps, start, show_progress and distributed.writes_here(), desc="reward")
-    last_eval = {}
+    last_eval, stop = {}, False
     for step in range(start + 1, config.steps + 1):
         batch = data.preference_batch(tok, [train_pairs[i] for i in order.next()], job.seq_buckets, system)
         state, stats = backend.of_mesh(mesh).wait(progs.train(state, _device_batch(mesh, batch)))
@@ -71,9 +71,14 @@ def run_reward(config, path: Path, show_progress: bool = True) -> dict:
         writer.write(step, row)
         bar.update(1)
         bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{last_eval.get('eval/accuracy', float('nan')):.2f}")
-        if step % config.checkpoint_every == 0 or step == config.steps:
+        stop = preemption.requested()
+        if stop or step % config.checkpoint_every == 0 or step == config.steps:
             ckpt.save(step, {"reward": state}, {"step": step, "data": order.state(), "job": "reward"})
+        if stop:
+            break
     bar.close()
     writer.close()
-    ckpt.close()
+    ckpt.close()  # waits until the last save is committed
+    if stop:
+        raise preemption.Stopped(step)
     return last_eval
