@@ -5,6 +5,7 @@ Every run goes through c2f_jax.runtime.local_job, which kills whatever is left o
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -16,7 +17,7 @@ import pytest
 from c2f_jax import train
 from c2f_jax.jobs import coarse
 from c2f_jax.model import export
-from c2f_jax.runtime import distributed, metrics
+from c2f_jax.runtime import checkpoint, distributed, metrics, preemption
 from c2f_jax.runtime import workdir as c2f_workdir
 from c2f_jax.runtime.local_job import LocalJob
 from conftest import ROOT, SHORT, TIMING_KEYS, cli_env, comparable
@@ -211,6 +212,30 @@ def test_sigkill_then_relaunch_resumes_to_the_unbroken_run(demo_2x4, tmp_path):
     print(f"SIGKILL: the survivor exited {survivor.seconds - killed_at:.1f} s after the kill")
     assert survivor.returncode not in (0, None) and survivor.seconds - killed_at < 120, survivor
     assert len(metrics.read_metrics(path)) < 3
+    assert_all_succeeded(run_job(command, 2, 4))
+    assert comparable(metrics.read_metrics(path)) == comparable(metrics.read_metrics(two))
+    assert weights_relative(two, path, step=3) == 0.0
+
+
+def test_sigterm_to_every_process_saves_the_current_step_and_resumes_exactly(demo_2x4, tmp_path):
+    """A Kubernetes eviction or a SLURM time limit: SIGTERM to every process. They stop at one step, save it
+    (no periodic checkpoint is due), exit EXIT_RESUMABLE, and the relaunch ends as the unbroken run."""
+    two, _ = demo_2x4
+    base, rm = models_of(two)
+    path = tmp_path / "evicted"
+    command = [*TRAIN, *STEPS, "--config.checkpoint_every=100", f"--config.model.base={base}",
+               f"--config.reward_model.path={rm}", "--workdir", path]
+    with LocalJob(command, 4, 2, env=cli_env(), cwd=ROOT) as job:
+        deadline = time.monotonic() + 300
+        while not metrics.read_metrics(path) and time.monotonic() < deadline and not job.poll():
+            time.sleep(0.05)
+        for i in range(2):
+            job.kill(i, signal.SIGTERM)
+        exits = job.wait(200)
+    logged = len(metrics.read_metrics(path))
+    for e in exits:
+        assert e.returncode == preemption.EXIT_RESUMABLE, e.log[-3000:]
+    assert 1 <= logged < 3 and checkpoint.step_dirs(path).keys() == {logged}, (logged, checkpoint.step_dirs(path))
     assert_all_succeeded(run_job(command, 2, 4))
     assert comparable(metrics.read_metrics(path)) == comparable(metrics.read_metrics(two))
     assert weights_relative(two, path, step=3) == 0.0
