@@ -268,18 +268,45 @@ def slurm(tmp_path_factory):
         yield env
 
 
-def sbatch(env, script, tasks, devices, workdir, args, gpu_option):
-    """`sbatch --wait` of a launch script, unchanged, on this node's CPUs: the CPU overrides are
+def sbatch_command(env, script, tasks, devices, workdir, args, gpu_option, *flags):
+    """(argv, env, log) of `sbatch` for a launch script, unchanged, on this node's CPUs: the CPU overrides are
     sbatch options and environment variables only."""
     env = {**cli_env(), **env, "PATH": f"{Path(sys.executable).parent}:{env['PATH']}", "JAX_PLATFORMS": "cpu",
            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "CONFIG": "configs/tiny_coarse.py",
            "WORKDIR": str(workdir)}
     out = workdir.parent / f"{workdir.name}-slurm.out"
-    done = subprocess.run(["sbatch", "--wait", "--nodes=1", f"--ntasks-per-node={tasks}", gpu_option,
-                           "--cpus-per-task=1", f"--output={out}", f"launch/{script}", *map(str, args)],
-                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    return (["sbatch", *flags, "--nodes=1", f"--ntasks-per-node={tasks}", gpu_option, "--cpus-per-task=1",
+             f"--output={out}", f"launch/{script}", *map(str, args)], env, out)
+
+
+def sbatch(env, script, tasks, devices, workdir, args, gpu_option):
+    """`sbatch --wait` of a launch script; its log."""
+    argv, env, out = sbatch_command(env, script, tasks, devices, workdir, args, gpu_option, "--wait")
+    done = subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, (done.stderr, out.read_text()[-3000:] if out.exists() else "")
     return out.read_text()
+
+
+def test_slurms_early_warning_saves_the_step_requeues_and_ends_as_the_unbroken_run(slurm, demo_2x4, tmp_path):
+    """USR1 to the batch shell, as --signal=B:USR1@N sends it: every task saves its current step and exits 75,
+    the script requeues the job, and the requeued job resumes to the end of the unbroken run."""
+    two, _ = demo_2x4
+    base, rm = models_of(two)
+    path = tmp_path / "run"
+    argv, env, out = sbatch_command({**slurm, "BASE": str(base), "REWARD": str(rm)}, "slurm_2x8_a100.sbatch", 2, 4,
+                                    path, [*SHORT, *STEPS, "--config.checkpoint_every=100"], "--gpus-per-node=0",
+                                    "--parsable")
+    job = subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+    deadline = time.monotonic() + 300
+    while not metrics.read_metrics(path) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job], env=env, check=True)
+    while time.monotonic() < deadline + 300 and not (out.exists() and "done:" in out.read_text()):
+        time.sleep(0.5)
+    log = out.read_text()
+    assert "stopped to be resumed: requeueing job" in log and "done:" in log, log[-3000:]
+    assert comparable(metrics.read_metrics(path)) == comparable(metrics.read_metrics(two))
+    assert weights_relative(two, path, step=3) == 0.0
 
 
 def test_the_launch_script_under_slurm_equals_the_env_var_run(slurm, demo_2x4, tmp_path):
