@@ -182,28 +182,6 @@ def reward_scores(rm: Loaded, prompts: Sequence[str], responses: Sequence[str], 
     return np.asarray(scores, np.float64)
 
 
-def score_tokens(params, ids, mask, targets, *, config):
-    """Sum of log p(target) over the scored positions and whether each was the argmax, per row.
-
-    ids, mask int32 [B, T] (left-padded); targets int32 [B, K]: the tokens the last K positions predict, -1
-    where nothing is scored (K a static bucket of the batch's longest continuation). The LM head runs on those
-    K positions only: at the bench shape it is most of a forward pass, and a scored continuation is often a
-    few tokens of a long context. Returns (float32 [B], bool [B]); no logits leave the program. Used by
-    `perplexity`; the lm-eval model packs its requests (`score_packed`).
-    """
-    hidden = model.hidden_states(config, params, ids, mask)[:, -targets.shape[1]:]  # [B, K, D]
-    logits = jnp.einsum("BKD,DV->BKV", hidden, model.head_weight(config, params),
-                        preferred_element_type=jnp.float32)
-    scored = targets >= 0
-    safe = jnp.where(scored, targets, 0)[..., None]
-    logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), safe, -1)[..., 0]
-    greedy = jnp.argmax(logits, axis=-1) == safe[..., 0]
-    return jnp.sum(jnp.where(scored, logp, 0.0), -1), jnp.all(greedy | ~scored, -1)
-
-
-compiled_score_tokens = jax.jit(score_tokens, static_argnames=("config",))
-
-
 def score_packed(params, ids, positions, segments, targets, *, config) -> tuple[jax.Array, jax.Array]:
     """Log p(target) and whether it is the argmax, per scored position of packed rows.
 
@@ -224,6 +202,23 @@ def score_packed(params, ids, positions, segments, targets, *, config) -> tuple[
 
 
 compiled_score_packed = jax.jit(score_packed, static_argnames=("config",))
+
+
+def score_tokens(params, ids, mask, targets, *, config):
+    """Sum of log p(target) over the scored positions and whether each was the argmax, per row.
+
+    ids, mask int32 [B, T] (left-padded); targets int32 [B, K]: the tokens the last K positions predict, -1
+    where nothing is scored (K a static bucket of the batch's longest continuation). The LM head runs on those
+    K positions only: at the bench shape it is most of a forward pass, and a scored continuation is often a
+    few tokens of a long context. Returns (float32 [B], bool [B]); no logits leave the program. Used by
+    `perplexity`; the lm-eval model packs its requests (`score_packed`).
+    """
+    segments = jnp.where(mask > 0, 0, -1)  # one unpacked sequence per row: everything is the prefix segment
+    logp, greedy = score_packed(params, ids, model.positions_from_mask(mask), segments, targets, config=config)
+    return jnp.sum(logp, -1), jnp.all(greedy, -1)
+
+
+compiled_score_tokens = jax.jit(score_tokens, static_argnames=("config",))
 
 
 def perplexity(m: Loaded, pairs: Sequence[data.Pair], *, batch_size: int = 8,
