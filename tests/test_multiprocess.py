@@ -182,6 +182,48 @@ def test_processes_at_different_barriers_end_in_seconds_naming_both(tmp_path):
         assert not any(trace in e.log for trace in NO_CPP_TRACES), e.log[-3000:]
 
 
+LOSE_PROCESS_0 = """import os, sys, time
+import numpy as np
+from c2f_jax.runtime import cli, distributed
+def main():
+    distributed.barrier("start")
+    me = distributed.process_index()
+    if me == 0:
+        time.sleep(2)
+        print("lost at", time.monotonic(), flush=True)
+        os.kill(os.getpid(), int(sys.argv[1]))
+    elif me == 1:
+        distributed.barrier("after")
+    elif me == 2:
+        from jax.experimental import multihost_utils
+        multihost_utils.process_allgather(np.int32(me))
+    else:
+        time.sleep(300)
+cli.run(main)
+"""
+
+
+@pytest.mark.parametrize("sig, within", [(signal.SIGKILL, 10), (signal.SIGSTOP, distributed.PEER_TIMEOUT + 15)])
+def test_the_loss_of_process_0_ends_the_others_with_one_line_each(tmp_path, sig, within):
+    """Process 0 hosts the coordinator. Killed, its peers' JAX clients would abort with a C++ stack trace;
+    frozen (a node lost without a connection reset), they would wait for JAX's 120 s heartbeat timeout. The
+    others wait at a barrier, in a collective and in their own work: each ends with one line."""
+    with LocalJob([sys.executable, "-c", LOSE_PROCESS_0, str(int(sig))], devices=1, processes=4, cwd=ROOT,
+                  env=cli_env(), log_dir=tmp_path / "logs") as job:
+        deadline = time.monotonic() + within + 60
+        while time.monotonic() < deadline and not all(job.procs[i].poll() is not None for i in (1, 2, 3)):
+            time.sleep(0.1)
+        exits = job.wait(0)  # a frozen process 0 is killed here
+    lost_at = float(exits[0].log.split("lost at", 1)[1].split()[0])
+    for e in exits[1:]:
+        after = job.started + e.seconds - lost_at
+        print(f"process 0 lost ({sig.name}): process {e.index} exited {e.returncode}, {after:.1f} s later")
+        assert e.returncode not in (0, None) and after < within, (e.returncode, after)
+        lines = [line for line in e.log.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith(f"[process {e.index}] error: stopping: lost the "
+                                                       "coordinator (process 0)"), e.log[-3000:]
+
+
 def test_a_bad_input_in_one_process_ends_every_process_promptly(demo, tmp_path):
     base, rm = models_of(demo[0])
     command = [*TRAIN, f"--config.model.base={base}", f"--config.reward_model.path={rm}", "--workdir", tmp_path / "w"]

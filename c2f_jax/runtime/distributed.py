@@ -14,8 +14,10 @@ that a failing process sets with its one-line error. Either way every
 process prints one line naming the process at fault and exits at once
 (status 3), before JAX's longer heartbeat timeout would fire. Process 0
 hosts the store, so it leaves last: it waits a few seconds for the others to
-acknowledge. Only the loss of process 0 itself (a SIGKILL) is left to JAX,
-which then aborts the others within a second or two.
+acknowledge. The loss of process 0 itself (a SIGKILL, a lost node) takes the
+store with it: JAX's client aborts at once, which c2f_jax.runtime.fatal_filter
+turns into one line, and a store that stops answering ends the others after
+PEER_TIMEOUT.
 
 Nothing here imports JAX at module level: file-only tools (the merger) use
 `writes_here` and `barrier` and stay single-process without paying for it.
@@ -28,6 +30,8 @@ import os
 import sys
 import threading
 import time
+
+from c2f_jax.runtime import fatal_filter
 
 # Seconds. A peer whose heartbeat has not moved for PEER_TIMEOUT counts as dead; JAX's own heartbeat
 # timeout is set well above it so the watchdog's clean exit comes first.
@@ -89,12 +93,18 @@ def initialize() -> None:
         return
     import jax
 
+    # JAX's preemption notifier would swallow SIGTERM (c2f_jax.runtime.preemption handles it) and log its
+    # own errors when process 0 is lost.
+    jax.config.update("jax_enable_preemption_service", False)
     jax.distributed.initialize(**where, initialization_timeout=int(env.get("C2F_INIT_TIMEOUT", 300)),
                                heartbeat_timeout_seconds=JAX_HEARTBEAT_TIMEOUT,
                                shutdown_timeout_seconds=SHUTDOWN_TIMEOUT)
+    fatal_filter.start(process_index())
     _state["stop"].clear()
+    _state["answered"] = time.monotonic()
     thread = threading.Thread(target=_watch, name="c2f-watchdog", daemon=True)
     thread.start()
+    threading.Thread(target=_deadman, name="c2f-deadman", daemon=True).start()
     _state["watchdog"] = thread
 
 
@@ -108,6 +118,7 @@ def _watch() -> None:
             client.key_value_set(f"{ALIVE_KEY}{me}", str(count), allow_overwrite=True)
             failed = client.key_value_dir_get(FAILED_KEY)
             alive = dict(client.key_value_dir_get(ALIVE_KEY))
+            _state["answered"] = time.monotonic()
         except Exception as e:  # the store lives in process 0: it is gone
             if _state["stop"].is_set():
                 return
@@ -126,6 +137,15 @@ def _watch() -> None:
                 message = f"process {peer} stopped responding (no heartbeat for {PEER_TIMEOUT} s)"
                 _announce(client, message)
                 _acknowledge_and_exit(client, me, n, f"error: stopping: {message}")
+
+
+def _deadman() -> None:
+    """A store that stops answering (process 0 frozen, its node lost without a connection reset) leaves the
+    watchdog's calls hanging until JAX's heartbeat timeout: this ends the process after PEER_TIMEOUT."""
+    while not _state["stop"].wait(1.0):
+        if time.monotonic() - _state["answered"] > PEER_TIMEOUT:
+            _exit_now(f"error: stopping: lost the coordinator (process 0): its store has not answered for "
+                      f"{PEER_TIMEOUT} s")
 
 
 def _barrier_mismatch(client, me: int, seen: tuple | None) -> tuple | None:
