@@ -97,3 +97,36 @@ def demo(tmp_path_factory):
     config, _ = train.parse_args(["--config", "tiny_coarse.py", *SHORT])
     rows = coarse.run_coarse(config, workdir, show_progress=False)
     return workdir, rows
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 100 MB tmpfs (mounting needs root; skipped, saying why, where refused), for full-disk tests."""
+    import subprocess
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=100M", "tmpfs", str(disk)], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        pytest.skip(f"a full disk is a small tmpfs, and `mount -t tmpfs` was refused: {done.stderr.strip()}")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def fill(disk: Path, leave: int = 0) -> Path:
+    """Takes all of `disk`'s free space but `leave` bytes, in one file (returned: unlink it to free the space)."""
+    filler = disk / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+    try:
+        st = os.statvfs(disk)
+        size = st.f_bavail * st.f_frsize - leave
+        while size > 0:
+            try:
+                os.posix_fallocate(fd, os.fstat(fd).st_size, size)
+                break
+            except OSError:  # the filesystem's own bookkeeping takes a little: take a little less
+                size -= 1 << 16
+    finally:
+        os.close(fd)
+    return filler

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,9 +17,9 @@ import transformers
 
 from c2f_jax import train
 from c2f_jax.model import export, hf, model
-from c2f_jax.runtime import checkpoint, metrics, preemption
+from c2f_jax.runtime import checkpoint, metrics, preemption, workdir_lock
 from c2f_jax.runtime import workdir as c2f_workdir
-from conftest import ROOT, SHORT, cli_env, comparable
+from conftest import ROOT, SHORT, cli_env, comparable, fill
 
 def run_cli(*args, timeout=600):
     return subprocess.run([sys.executable, "-m", "c2f_jax.train", *args], capture_output=True, text=True,
@@ -109,49 +110,129 @@ def test_workdir_model_is_restored_alone_and_exactly(demo):
             assert isinstance(a, np.ndarray) and a.dtype == b.dtype and np.array_equal(a, np.asarray(b))
 
 
-def _interrupted(args, workdir, sig, rows: int) -> tuple[int, str, str]:
-    """The CLI run of `args`, sent `sig` once `workdir` has `rows` metrics rows: (exit status, stdout, stderr)."""
+def _saving(workdir, from_step: int) -> bool:
+    """Whether Orbax is writing the checkpoint of a step >= from_step: `<step>.orbax-checkpoint-tmp-...`."""
+    folder = Path(workdir) / "checkpoints"
+    names = [p.name for p in folder.iterdir()] if folder.is_dir() else []
+    steps = [n.split(".orbax-checkpoint-tmp")[0] for n in names if ".orbax-checkpoint-tmp" in n]
+    return any(s.isdigit() and int(s) >= from_step for s in steps)
+
+
+def _interrupted(args, workdir, sig, rows: int, during_save=None) -> tuple[int, str, str, float]:
+    """The CLI run of `args`, sent `sig` once `workdir` has `rows` metrics rows and, when given, the signal
+    `during_save` while the save that follows is being written: (exit status, stdout, stderr, seconds from the
+    first signal to the exit)."""
     proc = subprocess.Popen([sys.executable, "-m", "c2f_jax.train", *args], cwd=ROOT, env=cli_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while time.time() < deadline and len(metrics.read_metrics(workdir)) < rows:
         time.sleep(0.1)
     os.kill(proc.pid, sig)
+    signalled = time.monotonic()
+    if during_save is not None:
+        while time.time() < deadline and not _saving(workdir, rows) and proc.poll() is None:
+            time.sleep(0.001)
+        assert proc.poll() is None, "the run ended before its save could be caught"
+        os.kill(proc.pid, during_save)
     out, err = proc.communicate(timeout=300)
-    return proc.returncode, out, err
+    return proc.returncode, out, err, time.monotonic() - signalled
 
 
-def test_killed_or_signalled_run_resumes_to_the_same_metrics_and_weights(demo, tmp_path):
-    """SIGKILL loses the steps since the last checkpoint; SIGTERM (a time limit, a preemption) saves the step
-    it stops at, even with no periodic checkpoint due, and exits with EXIT_RESUMABLE. Either way the
-    relaunched command ends exactly where an uninterrupted run does."""
-    workdir, rows = demo
-    # Share the demo's base and reward model so only PPO runs here.
+@pytest.fixture(scope="module")
+def ppo_reference(demo, tmp_path_factory):
+    """(args, workdir) of an uninterrupted PPO run on the demo's base and reward model (only PPO runs). While it
+    runs, the same job submitted twice on its workdir is refused."""
+    workdir, _ = demo
     common = ["--config", "tiny_coarse.py", *SHORT, f"--config.model.base={workdir / 'base_model'}",
               f"--config.reward_model.path={workdir / 'reward_model'}"]
-    assert run_cli(*common, "--workdir", str(tmp_path / "reference")).returncode == 0  # uninterrupted
-    killed, stopped = tmp_path / "killed", tmp_path / "stopped"
-    kill_args = [*common, "--workdir", str(killed)]
-    stop_args = [*common, "--config.checkpoint_every=100", "--workdir", str(stopped)]
+    path = tmp_path_factory.mktemp("ppo") / "reference"
+    reference = subprocess.Popen([sys.executable, "-m", "c2f_jax.train", *common, "--workdir", path],
+                                 cwd=ROOT, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    while not metrics.read_metrics(path) and reference.poll() is None:
+        time.sleep(0.1)
+    second = run_cli(*common, "--workdir", str(path))
+    assert second.returncode == 2 and re.fullmatch(
+        re.escape(f"error: {path}: in use by another job (host {os.uname().nodename}, process id "
+                  f"{reference.pid}, since ") + r"[0-9: -]+ UTC\); wait for it to end or use another --workdir\n",
+        second.stderr), second.stderr[-2000:]
+    assert reference.wait(timeout=300) == 0, reference.stderr.read()[-2000:]
+    return common, path
 
-    _interrupted(kill_args, killed, signal.SIGKILL, 5)  # mid-run: after a checkpoint (step 4), before the next
-    assert 0 < len(metrics.read_metrics(killed)) < 8
-    code, out, err = _interrupted(stop_args, stopped, signal.SIGTERM, 3)
-    logged = len(metrics.read_metrics(stopped))
+
+def assert_ends_as(path, reference) -> None:
+    """The run in `path` logged the same metrics and holds the same final state as `reference`."""
+    assert comparable(metrics.read_metrics(path)) == comparable(metrics.read_metrics(reference))
+    a, _ = checkpoint.Checkpointer(path).restore()
+    b, _ = checkpoint.Checkpointer(reference).restore()
+    leaves_a, tree_a = jax.tree.flatten(a)
+    leaves_b, tree_b = jax.tree.flatten(b)
+    assert tree_a == tree_b and len(leaves_a) > 10
+    assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(leaves_a, leaves_b))
+
+
+def test_killed_or_signalled_run_resumes_to_the_same_metrics_and_weights(ppo_reference, tmp_path):
+    """SIGKILL loses the steps since the last checkpoint; SIGTERM (a time limit, a preemption) saves the step
+    it stops at, even with no periodic checkpoint due, and exits with EXIT_RESUMABLE; a second SIGTERM during
+    that save changes nothing, and a SIGKILL during it leaves the previous checkpoint as the latest. Each way
+    the relaunched command ends exactly where an uninterrupted run does."""
+    common, reference = ppo_reference
+    runs = {name: [*common, *extra, "--workdir", str(tmp_path / name)] for name, extra in (
+        ("killed", []), ("stopped", ["--config.checkpoint_every=100"]), ("killed_saving", ["--config.checkpoint_every=2"]))}
+
+    _interrupted(runs["killed"], tmp_path / "killed", signal.SIGKILL, 5)  # after a checkpoint (step 4), before the next
+    assert 0 < len(metrics.read_metrics(tmp_path / "killed")) < 8
+    code, out, err, seconds = _interrupted(runs["stopped"], tmp_path / "stopped", signal.SIGTERM, 3, signal.SIGTERM)
+    logged = len(metrics.read_metrics(tmp_path / "stopped"))
+    print(f"SIGTERM, twice: exit {code} {seconds:.1f} s after the first, step {logged} saved")
     assert code == preemption.EXIT_RESUMABLE, err[-2000:]
-    assert 3 <= logged < 8 and checkpoint.step_dirs(stopped).keys() == {logged}, (logged, checkpoint.step_dirs(stopped))
+    assert 3 <= logged < 8 and checkpoint.step_dirs(tmp_path / "stopped").keys() == {logged}
     assert f"stopped at step {logged} on a signal" in out
+    # the checkpoint due at step 2 has been written; SIGTERM at step 3, SIGKILL while step 3 is being saved
+    code, *_ = _interrupted(runs["killed_saving"], tmp_path / "killed_saving", signal.SIGTERM, 3, signal.SIGKILL)
+    assert code == -signal.SIGKILL and _saving(tmp_path / "killed_saving", 3)  # cut off half-way through the save
+    logged, saved = len(metrics.read_metrics(tmp_path / "killed_saving")), checkpoint.step_dirs(tmp_path / "killed_saving")
+    print(f"SIGTERM then SIGKILL during the save of step {logged}: latest checkpoint {max(saved)}")
+    assert max(saved) == (logged - 1) // 2 * 2, (logged, saved)
+    checkpoint.latest_checked(tmp_path / "killed_saving")  # the previous one is intact
 
-    for path, args in ((killed, kill_args), (stopped, stop_args)):
+    for name, args in runs.items():
+        path = tmp_path / name
         done = run_cli(*args)
         assert done.returncode == 0, done.stderr[-2000:]
-        assert comparable(metrics.read_metrics(path)) == comparable(metrics.read_metrics(tmp_path / "reference"))
-        a, _ = checkpoint.Checkpointer(path).restore()
-        b, _ = checkpoint.Checkpointer(tmp_path / "reference").restore()
-        leaves_a, tree_a = jax.tree.flatten(a)
-        leaves_b, tree_b = jax.tree.flatten(b)
-        assert tree_a == tree_b and len(leaves_a) > 10
-        assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(leaves_a, leaves_b))
+        # a SIGKILL leaves the hold behind; the signalled run gave it up
+        assert ("taking over the hold of a job that is gone" in done.stderr) == (name != "stopped"), done.stderr[-2000:]
+        assert not (path / workdir_lock.LOCK).exists()
+        assert_ends_as(path, reference)
+
+
+def test_a_full_disk_ends_the_run_with_one_line_and_the_resume_loses_nothing(ppo_reference, small_disk):
+    """The workdir's disk fills up mid-run: whichever write meets it first (a step's metrics, its TensorBoard
+    event, its checkpoint) ends the run with one line naming the file; the rows and checkpoints left are whole;
+    once space is freed, the same command resumes and ends as the unbroken run."""
+    common, reference = ppo_reference
+    path = small_disk / "run"
+    args = [*common, "--config.keep_checkpoints=1", "--workdir", str(path)]  # a save needs 2 x 38 MB of 100
+    proc = subprocess.Popen([sys.executable, "-m", "c2f_jax.train", *args], cwd=ROOT, env=cli_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and max([0, *(checkpoint.step_dirs(path) if path.exists() else ())]) < 2:
+        time.sleep(0.05)
+    filler = fill(small_disk)
+    out, err = proc.communicate(timeout=300)
+    errors = [line for line in re.split(r"[\r\n]", err) if "error" in line.lower()]
+    print(f"full disk at step {len(metrics.read_metrics(path))}: exit {proc.returncode}: {errors}")
+    assert proc.returncode == 2 and len(errors) == 1, err[-3000:]
+    assert errors[0].startswith("error: ") and str(path) in errors[0] and \
+        ("No space left on device" in errors[0] or "no space left on device" in errors[0]), errors
+    rows = metrics.read_metrics(path)  # every line whole
+    assert [r["step"] for r in rows] == list(range(1, len(rows) + 1)) and len(rows) < 8
+    for step_dir in checkpoint.step_dirs(path).values():
+        checkpoint.check_files(step_dir)
+    assert checkpoint.latest_checked(path) >= 2
+    filler.unlink()
+    done = run_cli(*args)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert_ends_as(path, reference)
 
 
 @pytest.mark.parametrize("extra, words", [

@@ -16,7 +16,7 @@ from c2f_jax.jobs.setup import (_as_dtype, _device_batch, _placed, _placed_state
                                 config_dict, load_base, prepare_workdir, restore, save_run_model)
 from c2f_jax.model import export, hf, model, sharding, tokenizer
 from c2f_jax.rl import cm, ppo, programs
-from c2f_jax.runtime import backend, compilations, distributed, metrics, preemption, workdir
+from c2f_jax.runtime import backend, compilations, distributed, metrics, preemption, workdir, workdir_lock
 
 
 def tiny_base(config, path: Path, show_progress: bool = True) -> Path:
@@ -205,6 +205,7 @@ def run_coarse(config, path: Path, show_progress: bool = True) -> list[dict]:
     bar.close()
     writer.close()
     run.ckpt.close()  # waits until the last save is committed
+    workdir_lock.release(path)
     if stop:
         raise preemption.Stopped(step)
     return rows

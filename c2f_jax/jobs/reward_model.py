@@ -13,7 +13,7 @@ from c2f_jax.jobs.setup import (_device_batch, _placed_state, check_inputs, conf
                                 restore, save_run_model)
 from c2f_jax.model import sharding
 from c2f_jax.rl import programs, reward
-from c2f_jax.runtime import backend, compilations, distributed, metrics, preemption, workdir
+from c2f_jax.runtime import backend, compilations, distributed, metrics, preemption, workdir, workdir_lock
 
 
 def _reward_eval(margins_fn, params, mesh, tok, pairs, buckets, batch_size, system_prompt):
@@ -79,6 +79,7 @@ def run_reward(config, path: Path, show_progress: bool = True) -> dict:
     bar.close()
     writer.close()
     ckpt.close()  # waits until the last save is committed
+    workdir_lock.release(path)
     if stop:
         raise preemption.Stopped(step)
     return last_eval

@@ -10,7 +10,7 @@ import jax
 from c2f_jax.jobs import settings
 from c2f_jax.model import hf, model, sharding, tokenizer
 from c2f_jax.rl import optim
-from c2f_jax.runtime import checkpoint, distributed, workdir
+from c2f_jax.runtime import checkpoint, distributed, workdir, workdir_lock
 
 
 class TrainError(ValueError):
@@ -77,8 +77,9 @@ def prepare_workdir(config, path: Path) -> checkpoint.Checkpointer:
     """Creates the workdir (check_inputs has passed) and opens its checkpoints."""
     if distributed.writes_here():
         path.mkdir(parents=True, exist_ok=True)
+        workdir_lock.hold(path)  # for every process of the job
     distributed.barrier("workdir")
-    return checkpoint.Checkpointer(path, keep=config.get("keep_checkpoints", 3))
+    return checkpoint.Checkpointer(path, keep=config.get("keep_checkpoints", 3), writer=True)
 
 
 

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -75,6 +76,18 @@ def drop_read_echoes() -> Callable[[], None]:
             warnings.filters.remove(added)
 
     return remove
+
+
+def _drop_save_echoes() -> Callable[[], None]:
+    """A failed asynchronous save is logged by each of Orbax's threads, a traceback apiece, before the next
+    save or wait raises it, as one line (Checkpointer._save_failures). Drops those log records while the
+    checkpointer is open; returns the function that stops dropping them."""
+    def log_filter(record) -> bool:
+        return not (record.exc_info and _from_orbax(record.exc_info[2]))
+
+    absl_logger = logging.getLogger("absl")
+    absl_logger.addFilter(log_filter)
+    return lambda: absl_logger.removeFilter(log_filter)
 
 
 @contextlib.contextmanager
@@ -170,10 +183,15 @@ def with_hint(workdir: str | os.PathLike, step: int, error: CheckpointError) -> 
 class Checkpointer:
     """`WORKDIR/checkpoints/<step>/{state, meta}`, keeping the last `keep`."""
 
-    def __init__(self, workdir: str | os.PathLike, keep: int = 3, async_save: bool = True):
+    def __init__(self, workdir: str | os.PathLike, keep: int = 3, async_save: bool = True, writer: bool = False):
+        """`writer`: the job that holds the workdir (runtime.workdir_lock); it removes the uncommitted folders
+        a save cut off (a kill, a full disk) left behind. A reader must not: they may be a running save's."""
         self.directory = Path(workdir).absolute() / "checkpoints"
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self.options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
+                                                    create=True, cleanup_tmp_directories=writer)
+        self.manager = ocp.CheckpointManager(self.directory, options=self.options)
+        self._saving: int | None = None
+        self._drop_echoes = _drop_save_echoes()
 
     def steps(self) -> list[int]:
         return list(self.manager.all_steps())
@@ -183,8 +201,11 @@ class Checkpointer:
 
     def save(self, step: int, state: Any, meta: dict) -> None:
         """Starts saving `state` (a pytree of arrays) and `meta` (JSON-able) as `step`; returns at once."""
-        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                        meta=ocp.args.JsonSave(meta)))
+        self.wait()  # the previous save: its failure is its own
+        self._saving = step
+        with self._save_failures():
+            self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                            meta=ocp.args.JsonSave(meta)))
 
     def restore(self, step: int | None = None, target: Any = None) -> tuple[Any, dict]:
         """(state, meta) of `step` (default: latest). `target`: a tree of arrays or ShapeDtypeStructs
@@ -251,8 +272,33 @@ class Checkpointer:
         return step
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        with self._save_failures():
+            self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.wait()
+        finally:
+            self.manager.close()
+            self._drop_echoes()
+
+    @contextlib.contextmanager
+    def _save_failures(self):
+        """A failed save (a full disk, a lost filesystem) as one CheckpointError naming the step; the step's
+        uncommitted folder is removed (an earlier checkpoint is the latest again)."""
+        try:
+            yield
+        except Exception as e:
+            step, self._saving = self._saving, None
+            try:  # a failed save leaves the manager's other futures of it to fail later: start afresh
+                self.manager.close()
+            except Exception:
+                pass
+            for tmp in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
+                shutil.rmtree(tmp, ignore_errors=True)
+            self.manager = ocp.CheckpointManager(self.directory, options=self.options)
+            text = str(e)
+            cause = ("no space left on device" if "No space left on device" in text or "os_error_code='28'" in text
+                     else text.splitlines()[0][:300] if text else type(e).__name__)
+            raise CheckpointError(f"{self.directory / str(step)}: the checkpoint was not saved ({cause}); the "
+                                  f"latest intact one is step {self.latest_step()}") from None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 import traceback
 
-from c2f_jax.runtime import distributed
+from c2f_jax.runtime import distributed, metrics
 
 
 class UsageError(ValueError):
@@ -48,6 +48,7 @@ def run(main) -> None:
         distributed.initialize()
         code = main()
     except (ValueError, OSError) as e:
+        metrics.close_progress_bars()
         distributed.fail(one_line(e), 2)
     except KeyboardInterrupt:
         distributed.fail("interrupted", 130)
@@ -56,6 +57,7 @@ def run(main) -> None:
             raise
         distributed.fail(f"exit status {e.code}", e.code if isinstance(e.code, int) else 2)
     except BaseException as e:
+        metrics.close_progress_bars()
         if distributed.peer_failure() is None:  # a bug here, not the echo of another process's failure
             traceback.print_exc()
         distributed.fail(f"{type(e).__name__}: {one_line(e)}", 1)

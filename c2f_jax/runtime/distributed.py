@@ -31,7 +31,7 @@ import sys
 import threading
 import time
 
-from c2f_jax.runtime import fatal_filter
+from c2f_jax.runtime import fatal_filter, workdir_lock
 
 # Seconds. A peer whose heartbeat has not moved for PEER_TIMEOUT counts as dead; JAX's own heartbeat
 # timeout is set well above it so the watchdog's clean exit comes first.
@@ -191,6 +191,7 @@ def _acknowledge_and_exit(client, me: int, n: int, line: str | None, code: int =
 def _exit_now(line: str | None, code: int = EXIT_PEER_FAILED) -> None:
     if line:
         print(f"[process {process_index()}] {line}", file=sys.stderr, flush=True)
+    workdir_lock.release_all()  # what atexit would have done
     os._exit(code)  # no atexit: JAX's shutdown barrier would wait for the processes that are gone
 
 

@@ -2,6 +2,7 @@
 
     WORKDIR/
       run_config.json      the resolved config; a restart checks it against the new one
+      job.lock             held by the running job (c2f_jax.runtime.workdir_lock)
       model_config.json    the trained model's architecture (an HF config.json dict)
       tokenizer/           the run's tokenizer (HF files)
       checkpoints/<step>/  Orbax: array state and JSON meta (c2f_jax.runtime.checkpoint)
@@ -21,6 +22,7 @@ for it. No JAX here at import time (the merger and the file tools use this modul
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -69,6 +71,11 @@ def output(path: str | os.PathLike, overwrite: bool = False, folder: bool = Fals
         tmp.mkdir()
     try:
         yield tmp
+    except OSError as e:
+        _remove(tmp)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):  # name what was being written, not its temporary name
+            raise OSError(e.errno, e.strerror, str(path)) from None
+        raise
     except BaseException:
         _remove(tmp)
         raise
