@@ -4,6 +4,7 @@ Every run goes through c2f_jax.runtime.local_job, which kills whatever is left o
 """
 
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -182,6 +183,42 @@ def test_processes_at_different_barriers_end_in_seconds_naming_both(tmp_path):
         assert not any(trace in e.log for trace in NO_CPP_TRACES), e.log[-3000:]
 
 
+STRAY_AFTER_WORK = """import time
+from c2f_jax.runtime import cli, distributed
+def main():
+    distributed.barrier("start")
+    me = distributed.process_index()
+    if me == 0:
+        with distributed.working("a 7B export"):  # longer than the stray limit: declared, so waited for
+            time.sleep(12)
+    distributed.barrier("exported")
+    print("passed the declared wait", flush=True)
+    if me == 2:
+        time.sleep(300)  # stuck elsewhere
+    distributed.barrier("end of step")
+cli.run(main)
+"""
+
+
+def test_a_declared_long_wait_completes_and_a_peer_stuck_elsewhere_ends_the_job(tmp_path):
+    """Process 0 works alone (declared) for longer than the stray limit: the others wait. Then process 2 stays
+    away from a barrier the others wait at, alive: every process ends, naming the barrier and process 2."""
+    stray = 6
+    with LocalJob([sys.executable, "-c", STRAY_AFTER_WORK], devices=1, processes=3, cwd=ROOT,
+                  env={**cli_env(), "C2F_BARRIER_STRAY": str(stray)}, log_dir=tmp_path / "logs") as job:
+        exits = job.wait(timeout=120)
+    for e in exits:
+        print(f"stuck peer: process {e.index} exited {e.returncode} after {e.seconds:.1f} s")
+        assert "passed the declared wait" in e.log and e.returncode == distributed.EXIT_PEER_FAILED, e.log[-2000:]
+        assert not any(trace in e.log for trace in NO_CPP_TRACES), e.log[-3000:]
+    for e in exits:  # each names the barrier and the stuck process, as the first waiter to judge saw it
+        lines = [line for line in e.log.splitlines() if "error" in line]
+        assert len(lines) == 1 and re.fullmatch(
+            rf"\[process {e.index}\] error: stopping: process [01] has waited at barrier 'end of step#1' for "
+            rf"{stray}.0 s; process 2 neither came nor declared long work: stuck elsewhere", lines[0]), e.log[-2000:]
+    assert max(e.seconds for e in exits) - min(e.seconds for e in exits) < 15
+
+
 LOSE_PROCESS_0 = """import os, sys, time
 import numpy as np
 from c2f_jax.runtime import cli, distributed
@@ -273,8 +310,11 @@ def test_sigterm_to_every_process_saves_the_current_step_and_resumes_exactly(dem
             time.sleep(0.05)
         for i in range(2):
             job.kill(i, signal.SIGTERM)
+        signalled = time.monotonic() - job.started
         exits = job.wait(200)
     logged = len(metrics.read_metrics(path))
+    print(f"SIGTERM to both processes: step {logged} saved, exits {[round(e.seconds - signalled, 1) for e in exits]} "
+          "s after the signal")
     for e in exits:
         assert e.returncode == preemption.EXIT_RESUMABLE, e.log[-3000:]
     assert 1 <= logged < 3 and checkpoint.step_dirs(path).keys() == {logged}, (logged, checkpoint.step_dirs(path))
@@ -343,9 +383,15 @@ def test_slurms_early_warning_saves_the_step_requeues_and_ends_as_the_unbroken_r
     while not metrics.read_metrics(path) and time.monotonic() < deadline:
         time.sleep(0.05)
     subprocess.run(["scancel", "--batch", "--signal=USR1", job], env=env, check=True)
+    signalled, requeued = time.monotonic(), None
     while time.monotonic() < deadline + 300 and not (out.exists() and "done:" in out.read_text()):
-        time.sleep(0.5)
+        if requeued is None and out.exists() and "requeueing" in out.read_text():
+            requeued = time.monotonic()
+        time.sleep(0.2)
     log = out.read_text()
+    saved = re.search(r"stopped at step (\d+) on a signal", log)
+    print(f"SLURM USR1: step {saved and saved.group(1)} saved, requeue {(requeued or 0) - signalled:.1f} s after "
+          "the signal")
     assert "stopped to be resumed: requeueing job" in log and "done:" in log, log[-3000:]
     assert comparable(metrics.read_metrics(path)) == comparable(metrics.read_metrics(two))
     assert weights_relative(two, path, step=3) == 0.0

@@ -17,7 +17,8 @@ hosts the store, so it leaves last: it waits a few seconds for the others to
 acknowledge. The loss of process 0 itself (a SIGKILL, a lost node) takes the
 store with it: JAX's client aborts at once, which c2f_jax.runtime.fatal_filter
 turns into one line, and a store that stops answering ends the others after
-PEER_TIMEOUT.
+PEER_TIMEOUT. (3) It also ends barrier waits that nothing will end (a peer at
+another barrier, or stuck elsewhere): see `barrier`.
 
 Nothing here imports JAX at module level: file-only tools (the merger) use
 `writes_here` and `barrier` and stay single-process without paying for it.
@@ -26,6 +27,7 @@ Nothing here imports JAX at module level: file-only tools (the merger) use
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import sys
 import threading
@@ -46,12 +48,19 @@ BARRIER_TIMEOUT = 3 * 3600
 # will ever release them. The watchdog ends the job once that has lasted this long (a peer leaving a barrier
 # clears its entry within milliseconds of the others entering the next one).
 BARRIER_MISMATCH = 10
+# A process waiting at a barrier while a peer is neither there, nor at another barrier, nor in work it declared
+# (`working`) is waiting for a peer stuck elsewhere (in a collective the others skipped, in a loop). Every
+# process does the same work between barriers but what it declares, so that peer is late by seconds, not by
+# this; C2F_BARRIER_STRAY overrides it (seconds).
+BARRIER_STRAY = 45
+WORKING = "working: "
 
 # Directories, one key per process: its failure, its heartbeat, its acknowledgement, the barrier it waits at.
 FAILED_KEY, ALIVE_KEY, ACK_KEY, AT_KEY = "c2f/failed/", "c2f/alive/", "c2f/ack/", "c2f/at/"
 EXIT_PEER_FAILED = 3
 
-_state = {"barriers": collections.Counter(), "watchdog": None, "stop": threading.Event()}
+_state = {"barriers": collections.Counter(), "watchdog": None, "stop": threading.Event(), "working": 0,
+          "work": ""}
 
 
 def _client():
@@ -125,7 +134,7 @@ def _watch() -> None:
             _exit_now(f"error: lost the coordinator (process 0): {str(e).splitlines()[0][:200]}")
         if failed:
             _acknowledge_and_exit(client, me, n, f"error: stopping: {failed[0][1]}")
-        mismatch = _barrier_mismatch(client, me, mismatch)
+        mismatch = _barrier_wait(client, me, mismatch)
         now = time.monotonic()
         for key, value in alive.items():
             peer = int(key.rsplit("/", 1)[-1])
@@ -148,25 +157,57 @@ def _deadman() -> None:
                       f"{PEER_TIMEOUT} s")
 
 
-def _barrier_mismatch(client, me: int, seen: tuple | None) -> tuple | None:
-    """(what, since when) of a peer waiting at another barrier than this process; ends the job once that has
-    lasted BARRIER_MISMATCH seconds."""
+def _barrier_wait(client, me: int, seen: tuple | None) -> tuple | None:
+    """(what, since when, limit) of this process's barrier wait that nothing will end: a peer waits at another
+    barrier (limit BARRIER_MISMATCH), or a peer is neither at this barrier nor in declared work (`working`) nor
+    at a barrier at all: stuck elsewhere (limit BARRIER_STRAY). Ends the job once that has lasted its limit."""
     try:
         at = {int(k.rsplit("/", 1)[-1]): v for k, v in client.key_value_dir_get(AT_KEY)}
     except Exception:
         return None
     mine = at.get(me, "")
-    other = next(((peer, b) for peer, b in sorted(at.items()) if mine and b and b != mine), None)
-    if other is None:
+    if not mine or mine.startswith(WORKING):
         return None
-    what = f"process {me} waits at barrier {mine!r}, process {other[0]} at {other[1]!r}"
+    others = [(peer, at.get(peer, "")) for peer in range(process_count()) if peer != me]
+    other = next(((peer, b) for peer, b in others if b and b != mine and not b.startswith(WORKING)), None)
+    stray = [peer for peer, b in others if not b]
+    if other is not None:
+        what, limit = (f"process {me} waits at barrier {mine!r}, process {other[0]} at {other[1]!r}: the processes "
+                       "took different paths"), BARRIER_MISMATCH
+    elif stray:
+        names = ", ".join(map(str, stray))
+        what, limit = (f"process {me} has waited at barrier {mine!r} for {_stray_limit()} s; process{'es' * (len(stray) > 1)} "
+                       f"{names} neither came nor declared long work: stuck elsewhere"), _stray_limit()
+    else:
+        return None
     if seen is None or seen[0] != what:
         return what, time.monotonic()
-    if time.monotonic() - seen[1] > BARRIER_MISMATCH:
-        message = f"{what}: the processes took different paths"
-        _announce(client, message)
-        _acknowledge_and_exit(client, me, process_count(), f"error: stopping: {message}")
+    if time.monotonic() - seen[1] > limit:
+        _announce(client, what)
+        _acknowledge_and_exit(client, me, process_count(), f"error: stopping: {what}")
     return seen
+
+
+def _stray_limit() -> float:
+    return float(os.environ.get("C2F_BARRIER_STRAY", BARRIER_STRAY))
+
+
+@contextlib.contextmanager
+def working(what: str):
+    """Declares long work that only this process does while its peers wait at a barrier (process 0 writing a 7B
+    export): they wait for it up to BARRIER_TIMEOUT instead of judging it stuck after BARRIER_STRAY."""
+    client = _client()
+    _state["working"] += 1
+    try:
+        if _state["working"] == 1:
+            _state["work"] = what
+        if client is not None and _state["working"] == 1:
+            client.key_value_set(f"{AT_KEY}{process_index()}", f"{WORKING}{what}", allow_overwrite=True)
+        yield
+    finally:
+        _state["working"] -= 1
+        if client is not None and _state["working"] == 0:
+            client.key_value_set(f"{AT_KEY}{process_index()}", "", allow_overwrite=True)
 
 
 def _announce(client, message: str) -> None:
@@ -226,8 +267,9 @@ def fail(message: str, code: int) -> None:
 def barrier(name: str) -> None:
     """Every process waits here until all have arrived (a no-op for one process). `name` says what is
     awaited; the n-th barrier of a name on one process meets the n-th of that name on the others, so a
-    barrier one process skips desynchronises only its own name. A process waiting at a different barrier
-    from its peers ends the job within BARRIER_MISMATCH seconds (the watchdog), not BARRIER_TIMEOUT."""
+    barrier one process skips desynchronises only its own name. The watchdog ends a wait that nothing will
+    end: a peer at a different barrier after BARRIER_MISMATCH seconds, a peer stuck elsewhere after
+    BARRIER_STRAY; a peer in declared work (`working`) is waited for up to BARRIER_TIMEOUT."""
     client = _client()
     if client is None:
         return
@@ -235,7 +277,8 @@ def barrier(name: str) -> None:
     at = f"{name}#{_state['barriers'][name]}"
     client.key_value_set(f"{AT_KEY}{process_index()}", at, allow_overwrite=True)
     client.wait_at_barrier(f"c2f/barrier/{at}", BARRIER_TIMEOUT * 1000)
-    client.key_value_set(f"{AT_KEY}{process_index()}", "", allow_overwrite=True)
+    after = f"{WORKING}{_state['work']}" if _state["working"] else ""  # a barrier inside declared work stays in it
+    client.key_value_set(f"{AT_KEY}{process_index()}", after, allow_overwrite=True)
 
 
 def shutdown() -> None:

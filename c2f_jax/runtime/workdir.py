@@ -106,7 +106,7 @@ def write(path: str | os.PathLike, fill: Callable[[Path], object], overwrite: bo
     if writing:
         _nested["depth"] += 1
         try:
-            with output(path, overwrite, folder) as tmp:
+            with distributed.working(f"writing {path}"), output(path, overwrite, folder) as tmp:
                 fill(tmp)
         finally:
             _nested["depth"] -= 1
