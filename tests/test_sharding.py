@@ -148,3 +148,31 @@ def test_chunked_decode_with_early_stop_matches_one_device():
     np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(want.tokens))
     np.testing.assert_array_equal(np.asarray(out.mask), np.asarray(want.mask))
     assert int(ran) == int(want_ran) < 11  # every row stopped before the last chunks, which did not run
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_the_layer_by_layer_reshard_equals_the_whole_copy(scan_layers):
+    """The rollout copy, built by one program per layer on a sharded mesh, equals rollout_params of the cast
+    params exactly, in the rollout layout's sharding; the two programs compile once."""
+    mesh = sharding.make_mesh(1, 4, 2)
+    config = model.TINY.replace(vocab_size=256, scan_layers=scan_layers, compute_dtype="bfloat16")
+    params = model.init_params(config, jax.random.key(3))
+    state = optim.create_state(sharding.place(params, sharding.param_shardings(mesh, params)), optim.OptimConfig(lr=1e-3))
+    state = sharding.place(state, sharding.like_params(mesh, state, state.params))
+    critic_config, critic = reward.init_from_base(config, params, jax.random.key(1))
+    critic_state = optim.create_state(critic, optim.OptimConfig(lr=1e-3))
+    progs = programs.coarse_programs(
+        mesh, actor_config=config, ref_config=config, critic_config=critic_config, rm_config=critic_config,
+        pc=ppo.PPOConfig(actor=optim.OptimConfig(lr=1e-3), critic=optim.OptimConfig(lr=1e-3)),
+        sampling=rollout.SamplingConfig(), eos_token_ids=(2,), pad_id=0, actor_state=state,
+        critic_state=critic_state, reference=params, rm_params=critic)
+    layout = rollout.rollout_layout(config, backend.of_mesh(mesh))
+    want = rollout.rollout_params(layout, jax.tree.map(lambda a: a.astype("bfloat16"), params))
+    before = compilations.total()
+    got = progs.to_rollout(state.params)
+    assert compilations.total() - before == 2 and config.num_hidden_layers > 1
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    shardings = sharding.param_shardings(mesh, want, "rollout")
+    for a, b, sh in zip(jax.tree.leaves(got), jax.tree.leaves(want), jax.tree.leaves(shardings)):
+        assert a.dtype == b.dtype and np.array_equal(np.asarray(a), np.asarray(b))
+        assert a.sharding.is_equivalent_to(sh, a.ndim)

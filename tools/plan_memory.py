@@ -10,7 +10,10 @@ XLA's memory analysis is read per device. The devices are N fake CPU devices
 (--devices), or with --topology the chips of a TPU topology, compiled ahead of time
 by libtpu's compiler with no TPU present (the tpu extra: `pip install -e '.[tpu]'`). When
 model.base is neither a local folder nor a preset name ("tiny") the Mistral-7B
-v0.1 architecture is used. With --json the last line is a JSON object
+v0.1 architecture is used. Then the time: FLOPs and bytes moved per program (counted from
+the shapes by c2f_jax.rl.cost, which a test checks against XLA's count) and the seconds they
+make on A100-40GB, A100-80GB, H100 and v5p chips, per iteration and for the config's steps.
+With --json the last line is a JSON object
 {program: {argument_bytes, output_bytes, temp_bytes, total_bytes}}.
 """
 
@@ -120,7 +123,6 @@ def main(argv=None) -> int:
     layout = rollout.rollout_layout(actor_config, backend.of_mesh(mesh))
     r_params = jax.eval_shape(lambda s: rollout.rollout_params(layout, s), shapes)
     plan = {
-        "reshard_to_rollout": (progs.to_rollout, (shapes,)),
         f"rollout_{P}+{R}": (progs.generate(R), (r_params, i32(B, P), i32(B, P), key)),
         "reward_score": (progs.score, (rm_params, i32(B, P + R), i32(B, P + R))),
         "ppo_iteration": (progs.iteration, (actor_state, critic_state, reference, i32(B, P + R), i32(B, P + R),
@@ -133,15 +135,29 @@ def main(argv=None) -> int:
     print("| program | arguments GB | outputs GB | temporaries GB | total GB | compile s |")
     print("|---|---|---|---|---|---|")
     result = {}
-    for name, (fn, fargs) in plan.items():
-        start = time.perf_counter()
-        mem = fn.lower(*fargs).compile().memory_analysis()
-        took = time.perf_counter() - start
-        arg, out, tmp = mem.argument_size_in_bytes, mem.output_size_in_bytes, mem.temp_size_in_bytes
-        total = arg + out + tmp - mem.alias_size_in_bytes  # donated outputs reuse their inputs
+
+    def row(name: str, arg: int, out: int, tmp: int, total: int, took: float) -> None:
         result[name] = {"argument_bytes": arg, "output_bytes": out, "temp_bytes": tmp, "total_bytes": total}
         print(f"| {name} | {arg / GB:.2f} | {out / GB:.2f} | {tmp / GB:.2f} | {total / GB:.2f} | {took:.0f} |",
               flush=True)
+
+    # The reshard is one program for the weights outside the layers and one for a layer, called once per layer:
+    # its arguments are the train params, its outputs the whole copy, its temporaries the largest call's.
+    start, parts = time.perf_counter(), {}
+    for part, (fn, args_of) in progs.copy_programs.items():
+        parts[part] = fn.lower(*args_of(shapes)).compile().memory_analysis()
+    layers = actor_config.num_hidden_layers
+    arg = sum(m.argument_size_in_bytes for m in parts.values())
+    out = parts["copy_rest"].output_size_in_bytes + layers * parts["copy_layer"].output_size_in_bytes
+    tmp = max(m.temp_size_in_bytes for m in parts.values())
+    row("reshard_to_rollout", arg, out, tmp, arg + out + tmp, time.perf_counter() - start)
+    for name, (fn, fargs) in plan.items():
+        start = time.perf_counter()
+        mem = fn.lower(*fargs).compile().memory_analysis()
+        total = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+                 - mem.alias_size_in_bytes)  # donated outputs reuse their inputs
+        row(name, mem.argument_size_in_bytes, mem.output_size_in_bytes, mem.temp_size_in_bytes, total,
+            time.perf_counter() - start)
     def per_device(tree, layout_tree):
         shardings = sharding.like_params(mesh, tree, layout_tree)
         return sum(int(np.prod(sh.shard_shape(x.shape))) * x.dtype.itemsize
@@ -153,15 +169,42 @@ def main(argv=None) -> int:
     # from the reshard to the end of the rollout).
     beside = {"reshard_to_rollout": trained + ref + rm - result["reshard_to_rollout"]["argument_bytes"],
               f"rollout_{P}+{R}": trained + ref + rm, "reward_score": trained + ref, "ppo_iteration": rm}
-    peak = max(result[name]["total_bytes"] + beside[name] for name in plan)
+    peak = max(result[name]["total_bytes"] + beside[name] for name in result)
     print(f"\nresident per device: train states {trained / GB:.2f} GB, "
           f"reference + reward model {(ref + rm) / GB:.2f} GB")
     fits = "".join(f"; fits {what}: {'yes' if peak < size else 'no'}" for what, size in capacity)
     print(f"\npeak per device (estimate, largest program plus what stays resident): {peak / GB:.1f} GB"
           f"{fits or f'; HBM of a {kind} not known here'}")
+    print_time_estimate(config, roles, pc, B, P, R, mesh.size)
     if args.json:
         print(json.dumps(result))
     return 0
+
+
+def print_time_estimate(config, roles, pc, B: int, P: int, R: int, chips: int) -> None:
+    """FLOPs and bytes per program (c2f_jax.rl.cost) and the time they make on each named chip, per iteration,
+    for the config's steps, and per 1024 prompts beside OpenRLHF's published figure."""
+    from c2f_jax.rl import cost
+
+    costs = cost.iteration_cost(roles.actor, roles.critic, roles.reference, roles.reward, B, P, R, pc.epochs,
+                                pc.minibatches, chips)
+    names = list(cost.HARDWARE)
+    times = {hw: cost.seconds(costs, hw, chips) for hw in names}
+    print(f"\ntime estimate on {chips} chips (rollout at {cost.ROLLOUT_BANDWIDTH_EFFICIENCY:.0%} of the bandwidth "
+          f"bound, the rest at {cost.UPDATE_MFU:.1%} MFU; response at its longest bucket, {R}: an upper bound)\n")
+    print("| program | TFLOP (all chips) | GB moved per chip | " + " | ".join(f"{hw} s" for hw in names) + " |")
+    print("|---|---|---|" + "---|" * len(names))
+    for name, c in costs.items():
+        print(f"| {name} | {c.flops / 1e12:,.0f} | {c.bytes / GB:,.0f} | "
+              + " | ".join(f"{times[hw][name]:.1f}" for hw in names) + " |")
+    total = {hw: sum(times[hw].values()) for hw in names}
+    print("| iteration | " + f"{sum(c.flops for c in costs.values()) / 1e12:,.0f} | | "
+          + " | ".join(f"{total[hw]:.1f}" for hw in names) + " |")
+    print(f"\n{config.steps} steps: " + "; ".join(
+        f"{hw} {total[hw] * config.steps / 3600:.1f} h ({total[hw] * config.steps * chips / 3600:,.0f} chip-hours)"
+        for hw in names))
+    print(f"per 1024 prompts on {chips} A100-80GB: {total['A100-80GB'] * 1024 / B:.0f} s "
+          "(OpenRLHF publishes 471 s for 7B PPO on 16 A800s)")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import dataclasses
 import functools
 
 import jax
+import numpy as np
 from jax.sharding import Mesh
 
 from c2f_jax.model import sharding
@@ -33,11 +34,12 @@ def _jit(mesh, fn, in_shardings, out_shardings, donate=(), **static):
 
 @dataclasses.dataclass
 class CoarsePrograms:
-    """to_rollout (train -> rollout layout), generate(length) -> the sampling program for that
+    """to_rollout (train -> rollout layout; `copy_programs` are its compiled parts), generate(length) -> the sampling program for that
     response bucket, score (reward model), iteration (experience and PPO update, `ppo.iteration`, with the
     KL coefficient as its last argument)."""
 
     to_rollout: object
+    copy_programs: dict
     generate: object
     score: object
     iteration: object
@@ -57,13 +59,7 @@ def coarse_programs(mesh: Mesh, *, actor_config: MistralConfig, ref_config: Mist
     rollout_shapes = jax.eval_shape(lambda p: rollout.rollout_params(layout, p), actor_state.params)
     rollout_sh = sharding.param_shardings(mesh, rollout_shapes, "rollout")
 
-    def cast_then_gather(params):
-        # Cast in the (sharded) train layout first, so the gather to the rollout layout moves compute-dtype bytes.
-        cast = jax.tree.map(lambda a, s: jax.lax.with_sharding_constraint(a.astype(actor_config.compute_dtype), s),
-                            params, actor_sh.params)
-        return rollout.rollout_params(layout, cast)
-
-    to_rollout = _jit(mesh, cast_then_gather, (actor_sh.params,), rollout_sh)
+    to_rollout, copy_programs = _rollout_copy(mesh, layout, actor_config, actor_sh.params, rollout_sh)
 
     @functools.lru_cache(maxsize=None)
     def generate(length: int):
@@ -74,12 +70,53 @@ def coarse_programs(mesh: Mesh, *, actor_config: MistralConfig, ref_config: Mist
     exp_sh = ppo.Experience(*([batch2] * 9), batch1)
     return CoarsePrograms(
         to_rollout=to_rollout,
+        copy_programs=copy_programs,
         generate=generate,
         score=_jit(mesh, reward.score_sequences, (rm_sh, batch2, batch2), batch1, config=rm_config),
         iteration=_jit(mesh, ppo.iteration, (actor_sh, critic_sh, ref_sh, batch2, batch2, batch2, batch1, repl, repl),
                        (actor_sh, critic_sh, exp_sh, repl), donate=(0, 1), actor_config=actor_config,
                        ref_config=ref_config, critic_config=critic_config, ppo=pc),
     )
+
+
+def _rollout_copy(mesh, layout: MistralConfig, config: MistralConfig, train_sh: Params, rollout_sh: Params):
+    """(to_rollout, {name: (program, its arguments from the params)}). to_rollout: params in the train layout ->
+    the rollout copy, `rollout.rollout_params(layout, params)` in compute dtype, built by one program for the
+    weights outside the layers and one program for a layer, called for each.
+
+    Each program casts and slices in the sharded train layout, so the gather moves compute-dtype bytes, and
+    gathers one layer at a time: as one program, XLA:TPU gathers every weight into a temporary before copying
+    it into its output, holding a second whole copy (README, "Measurements behind the code's choices").
+    """
+    cast = lambda tree, sh: jax.tree.map(
+        lambda a, s: jax.lax.with_sharding_constraint(a.astype(config.compute_dtype), s), tree, sh)
+    rest = [k for k in train_sh if not k.startswith("layers")]
+    rest_sh = {k: train_sh[k] for k in rest}
+    copy_rest = _jit(mesh, lambda p: rollout.rollout_params(layout, cast(p, rest_sh)), (rest_sh,),
+                     {k: rollout_sh[k] for k in rest})
+    if config.scan_layers:  # layer i of the stacked weights, i a traced index: one program for every layer
+        def one_layer(stacked, i):
+            one = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, i, 1), stacked)
+            return rollout.rollout_params(layout, {"layers": cast(one, train_sh["layers"])})["layers_0"]
+
+        layer_sh = (train_sh["layers"], sharding.replicated(mesh))
+        layer = lambda params, i: (params["layers"], np.int32(i))
+    else:
+        def one_layer(weights):
+            return rollout.rollout_params(layout, {"layers_0": cast(weights, train_sh["layers_0"])})["layers_0"]
+
+        layer_sh = (train_sh["layers_0"],)
+        layer = lambda params, i: (params[f"layers_{i}"],)
+    copy_layer = _jit(mesh, one_layer, layer_sh, rollout_sh["layers_0"])
+
+    rest_of = lambda params: ({k: params[k] for k in rest},)
+
+    def to_rollout(params: Params) -> Params:
+        copy = copy_rest(*rest_of(params))
+        for i in range(config.num_hidden_layers):
+            copy[f"layers_{i}"] = copy_layer(*layer(params, i))
+        return copy
+    return to_rollout, {"copy_rest": (copy_rest, rest_of), "copy_layer": (copy_layer, lambda params: layer(params, 0))}
 
 
 @dataclasses.dataclass
