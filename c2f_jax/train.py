@@ -17,7 +17,7 @@ from pathlib import Path
 from c2f_jax.jobs.coarse import run_coarse
 from c2f_jax.jobs.reward_model import run_reward
 from c2f_jax.jobs.setup import TrainError, config_dict
-from c2f_jax.runtime import cli, distributed, preemption, workdir
+from c2f_jax.runtime import cli, distributed, preemption, workdir, workdir_lock
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"  # a source checkout's configs/, for bare names
 REQUIRED_KEYS = ("job", "steps", "seed", "checkpoint_every", "mesh.data", "mesh.fsdp", "mesh.tensor",
@@ -147,6 +147,8 @@ def main(argv=None) -> int:
         if distributed.writes_here():
             print(f"{path}: {e}", flush=True)
         return preemption.EXIT_RESUMABLE
+    finally:  # however the job ended (an error too), its workdirs are free again
+        workdir_lock.release_all()
     if distributed.writes_here():
         print(f"done: {path}")
     return 0

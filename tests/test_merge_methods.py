@@ -7,6 +7,7 @@ from the package registry, as tools/bench_merge.py makes it); where that cannot 
 why."""
 
 import importlib.util
+import json
 import subprocess
 
 import ml_dtypes
@@ -15,13 +16,20 @@ import pytest
 import torch
 from conftest import ROOT, hf_model
 
-from c2f_jax.merge import methods
+from c2f_jax.merge import merge, methods
 from c2f_jax.model import hf
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
-_spec = importlib.util.spec_from_file_location("bench_merge", ROOT / "tools" / "bench_merge.py")
-bench_merge = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench_merge)
+
+
+def _tool(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+bench_merge, merge_tool = _tool("bench_merge"), _tool("merge")
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +64,7 @@ def tensors(folder) -> dict:
 
 
 def run_mergekit(exe, folder, config: str):
+    """mergekit-yaml on `config` (written beside `folder` as FOLDER.yml) into `folder`: its tensors."""
     (folder.parent / f"{folder.name}.yml").write_text(config)
     done = subprocess.run([str(exe), str(folder.parent / f"{folder.name}.yml"), str(folder), "--no-copy-tokenizer",
                            "--no-write-model-card", "--quiet"], capture_output=True, text=True)
@@ -63,41 +72,55 @@ def run_mergekit(exe, folder, config: str):
     return tensors(folder)
 
 
-def ours(method: str, ins: dict, name: str, **kw) -> np.ndarray:
-    base, a, b = (ins[k][name] for k in ("base", "a", "b"))
-    if method == "slerp":
-        return methods.slerp(kw["t"], a, b)
-    return methods.task_vectors(method, base, [a, b], **kw)
-
-
-CASES = {  # method: (mergekit's YAML body, our arguments)
-    "slerp": ("base_model: {a}\nmodels:\n  - model: {a}\n  - model: {b}\nparameters: {{t: 0.3}}\n", {"t": 0.3}),
-    "task_arithmetic": ("base_model: {base}\nmodels:\n  - model: {a}\n    parameters: {{weight: 0.7}}\n"
-                        "  - model: {b}\n    parameters: {{weight: 0.5}}\n", {"weights": [0.7, 0.5]}),
-    "ties": ("base_model: {base}\nmodels:\n  - model: {a}\n    parameters: {{weight: 0.7, density: 0.4}}\n"
-             "  - model: {b}\n    parameters: {{weight: 0.5, density: 0.6}}\n",
-             {"weights": [0.7, 0.5], "densities": [0.4, 0.6]}),
+CASES = {  # method: mergekit's YAML body
+    "linear": "models:\n  - model: {a}\n    parameters: {{weight: 0.7}}\n  - model: {b}\n    parameters: {{weight: 0.2}}\n",
+    "slerp": "base_model: {a}\nmodels:\n  - model: {a}\n  - model: {b}\nparameters: {{t: [0.1, 0.8]}}\n",
+    "task_arithmetic": "base_model: {base}\nmodels:\n  - model: {a}\n    parameters: {{weight: 0.7}}\n"
+                       "  - model: {b}\n    parameters: {{weight: [0.2, 0.5]}}\n",
+    "ties": "base_model: {base}\nmodels:\n  - model: {base}\n  - model: {a}\n    parameters: {{weight: 0.7, density: 0.4}}\n"
+            "  - model: {b}\n    parameters: {{weight: 0.5, density: 0.6}}\n",
 }
 
 
 @pytest.mark.parametrize("method", list(CASES))
 @pytest.mark.parametrize("out_dtype", ["float32", "bfloat16"])
-def test_a_method_equals_mergekits_tensor_by_tensor(mergekit, folders, tmp_path, method, out_dtype):
-    body, kw = CASES[method]
-    config = f"merge_method: {method}\n" + body.format(**folders) + f"dtype: float32\nout_dtype: {out_dtype}\n"
-    theirs = run_mergekit(mergekit, tmp_path / "out", config)
-    ins = {k: tensors(v) for k, v in folders.items()}
-    assert set(theirs) == set(ins["base"])
+def test_a_recipe_merges_as_mergekit_does_tensor_by_tensor(mergekit, folders, tmp_path, method, out_dtype):
+    """The same YAML through mergekit-yaml and through tools/merge.py --config (gradients over the layers
+    included): float32 within 1e-6, bfloat16 within one ulp (the float32 values may straddle a rounding tie)."""
+    config = f"merge_method: {method}\n" + CASES[method].format(**folders) + f"dtype: float32\nout_dtype: {out_dtype}\n"
+    theirs = run_mergekit(mergekit, tmp_path / "theirs", config)
+    assert merge_tool.main(["--config", str(tmp_path / "theirs.yml"), "--out", str(tmp_path / "ours")]) == 0
+    mine = tensors(tmp_path / "ours")
+    assert set(mine) == set(theirs)
     worst = 0.0
     for name, want in theirs.items():
-        got = ours(method, ins, name, **kw)
+        got = mine[name]
+        assert got.dtype == want.dtype, name
         if out_dtype == "float32":
-            worst = max(worst, float(np.abs(got - want.astype(np.float32)).max()))
-        else:  # rounded to nearest: at most one bf16 ulp from mergekit's where the float32 values straddle a tie
-            ulps = np.abs(got.astype(BF16).view(np.int16).astype(np.int32) - want.view(np.int16).astype(np.int32))
+            worst = max(worst, float(np.abs(got - want).max()))
+        else:
+            ulps = np.abs(got.view(np.int16).astype(np.int32) - want.view(np.int16).astype(np.int32))
             worst = max(worst, float(ulps.max()))
     print(f"{method} {out_dtype}: max |ours - mergekit| = {worst:.3g}{' ulp' if out_dtype == 'bfloat16' else ''}")
     assert worst <= (1e-6 if out_dtype == "float32" else 1)
+    provenance = json.loads((tmp_path / "ours" / "merge_provenance.json").read_text())
+    assert provenance["method"].startswith(method) and provenance["seed"] == 0
+
+
+@pytest.mark.parametrize("line, words", [
+    ("slices: []\n", "unsupported key 'slices'"),
+    ("parameters: {{t: 0.3, filter_wise: true}}\n", "parameters: unsupported key 'filter_wise' for slerp"),
+    ("parameters: {{t: [{{filter: self_attn, value: 0.2}}]}}\n", "parameters.t: a list must hold numbers"),
+    ("tokenizer_source: union\n", "tokenizer_source: 'union' is not supported"),
+])
+def test_an_unsupported_recipe_is_refused_in_one_line(folders, tmp_path, capsys, line, words):
+    yml = tmp_path / "r.yml"
+    yml.write_text("merge_method: slerp\nbase_model: {a}\nmodels:\n  - model: {b}\n".format(**folders)
+                   + line.format())
+    with pytest.raises(merge.MergeError) as e:
+        merge_tool.main(["--config", str(yml), "--out", str(tmp_path / "out")])
+    assert str(e.value).startswith(f"{yml}: ") and words in str(e.value) and "\n" not in str(e.value), e.value
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("method", ["dare_linear", "dare_ties"])

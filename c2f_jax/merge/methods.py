@@ -41,6 +41,17 @@ def slerp(t: float, base: np.ndarray, other: np.ndarray, dot_threshold: float = 
     return (F32(coef_a) * a + F32(coef_b) * b).reshape(base.shape)
 
 
+def linear(models: list[np.ndarray], weights: list[float], normalize: bool = True) -> np.ndarray:
+    """float32 sum of weight_i * model_i, divided by the weights' sum when normalising (mergekit's linear; the
+    Knowledge Residue Merger's two-model case is c2f_jax.merge.merge.lerp)."""
+    out = np.zeros(models[0].shape, F32)
+    for x, w in zip(models, weights):
+        out += x.astype(F32) * F32(w)
+    if normalize:
+        out /= np.sum(np.asarray(weights, F32), dtype=F32)
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class TaskVectorMethod:
     sparsify: str | None  # "magnitude", "random" or None
