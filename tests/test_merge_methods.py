@@ -10,13 +10,14 @@ import importlib.util
 import json
 import subprocess
 
+import jax
 import ml_dtypes
 import numpy as np
 import pytest
 import torch
 from conftest import ROOT, hf_model
 
-from c2f_jax.merge import merge, methods
+from c2f_jax.merge import merge, methods, recipe
 from c2f_jax.model import hf
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -147,3 +148,16 @@ def test_dare_keeps_its_density_rescales_to_the_l1_norm_and_follows_its_seed(mer
     mass = lambda out: float(np.abs(out - base).sum())
     print(f"{method}: merged delta L1 mass, ours {mass(run(7)):.4g}, mergekit {mass(theirs):.4g}")
     assert mass(run(7)) == pytest.approx(mass(theirs), rel=0.05)
+
+
+def test_the_in_memory_slerp_of_the_sweep_equals_the_recipe_folder(folders, tmp_path):
+    """tools/sweep.py --method slerp merges in memory for lm-eval (merge.merge_params on our stacked param
+    trees) and through a recipe for its folders: the two agree, tensor for tensor."""
+    (_, coarse), (_, sft) = hf.load_pretrained(folders["b"]), hf.load_pretrained(folders["a"])
+    merged = merge.merge_params(coarse, sft, 0.3, method="slerp")
+    made = recipe.write_recipe(recipe.slerp_recipe(folders["b"], folders["a"], 0.3), tmp_path / "r")
+    _, written = hf.load_pretrained(tmp_path / "r")
+    assert made["parameters"] == {"t": 0.3}
+    worst = max(float(np.abs(np.asarray(x) - np.asarray(y)).max())
+                for x, y in zip(jax.tree.leaves(merged), jax.tree.leaves(written), strict=True))
+    assert worst <= 1e-6, worst

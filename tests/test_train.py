@@ -295,6 +295,14 @@ def test_gamma_sweep_end_to_end_on_the_demo_models(demo, tmp_path):
     assert image.shape[0] > 200 and image.shape[1] > 400 and image.std() > 0.01
     page = (out / "generations.md").read_text()
     assert page.count("## Prompt") == 2 and page.count("| 0.3 |") == 2 and page.count("| 1 (coarse) |") == 2
+    # SLERP swept the same way: its ends are the same two models, its middle a model of its own
+    _tool("sweep").main(["--coarse", str(workdir), "--sft", str(tmp_path / "sft"), "--gammas", "0.5", "--method",
+                         "slerp", "--reward-model", str(workdir / "reward_model"), "--out",
+                         str(tmp_path / "slerp"), "--show", "1", *few])
+    slerp = json.loads((tmp_path / "slerp" / "sweep.json").read_text())
+    assert slerp["method"] == "slerp" and [r["gamma"] for r in slerp["rows"]] == [0.0, 0.5, 1.0]
+    assert [r["metrics"] for r in slerp["rows"][::2]] == [rows[0]["metrics"], rows[-1]["metrics"]]
+    assert all(np.isfinite(list(slerp["rows"][1]["metrics"].values())))
     # The sweep's gamma-1 row is the workdir's actor: tools/evaluate.py on the workdir gives the same numbers.
     _tool("evaluate").main(["--model", str(workdir), "--reward-model", str(workdir / "reward_model"),
                             "--json", str(tmp_path / "eval.json"), *few])

@@ -10,7 +10,8 @@ All gammas come out of one pass of the merger over the inputs. The SFT model its
   sweep.png        every metric against gamma
   generations.md   the responses to the first --show prompts at every gamma (Table 11's shape)
   models/          the merged HF folders, with --keep-models
-Everything is written to a temporary folder and renamed into place at the end.
+Everything is written to a temporary folder and renamed into place at the end. --method slerp sweeps SLERP's
+t the same way (t 0 is the SFT model, 1 the Coarse Actor; c2f_jax.merge.recipe), one merge per t.
 
 With --tasks (lm-eval task names, `name:shots`, or `paper` for the paper's 11 benchmarks) the sweep is the
 paper's Table 3 instead: every gamma merged in memory (merge.merge_params, as tools/merge.py computes it; no
@@ -39,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from evaluate import add_eval_args, input_paths, inputs_from, settings_from  # noqa: E402  (tools/evaluate.py)
 
 from c2f_jax.eval import evaluate  # noqa: E402
-from c2f_jax.merge import merge  # noqa: E402
+from c2f_jax.merge import merge, recipe  # noqa: E402
 from c2f_jax.runtime import cli, distributed, workdir  # noqa: E402
 
 
@@ -49,6 +50,8 @@ def parse_args(argv=None):
     p.add_argument("--coarse-step", type=int, default=None, help="checkpoint step of a workdir --coarse")
     p.add_argument("--sft", required=True, help="the SFT / Instruct model (HF folder)")
     p.add_argument("--gammas", default="0.1,0.3,0.5,0.7,0.9", help="comma-separated weights of the coarse model")
+    p.add_argument("--method", choices=("linear", "slerp"), default="linear",
+                   help="linear (the paper's) or slerp, whose t runs from the SFT model (0) to the coarse (1)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--show", type=int, default=3, help="prompts whose responses go into generations.md")
     p.add_argument("--keep-models", action="store_true", help="keep the merged folders under OUT/models")
@@ -72,7 +75,7 @@ def table3(tmp: Path, args, gammas: list[float]) -> None:
     (tmp / "lm_eval").mkdir()
     rows = []
     for g in gammas:
-        params = merge.merge_params(coarse.params, sft.params, g)
+        params = merge.merge_params(coarse.params, sft.params, g, method=args.method)
         lm = c2f_lm_eval.C2FJaxLM.from_params(sft.config, params, sft.tokenizer, f"gamma {g:g}", mesh=args.mesh,
                                               batch_size=args.batch_size, max_length=args.max_length)
         scores, outputs = c2f_lm_eval.run_tasks(lm, tasks, limit=args.task_limit, include_path=args.include_path)
@@ -97,7 +100,7 @@ def table3(tmp: Path, args, gammas: list[float]) -> None:
                                    f", limit: {args.task_limit}\n\n{table}\n")
     (tmp / "table3.json").write_text(json.dumps({"coarse": str(args.coarse), "sft": str(args.sft), "tasks": tasks,
                                                  "limit": args.task_limit, "rows": rows}, indent=1) + "\n")
-    plot(rows, tmp / "table3.png", names)
+    plot(rows, tmp / "table3.png", names, args.method)
     print(table)
 
 
@@ -105,7 +108,7 @@ def label(gamma: float) -> str:
     return {0.0: "0 (SFT)", 1.0: "1 (coarse)"}.get(gamma, f"{gamma:g}")
 
 
-def plot(rows: list[dict], path: Path, keys: list[str] | None = None) -> None:
+def plot(rows: list[dict], path: Path, keys: list[str] | None = None, method: str = "linear") -> None:
     """One panel per metric (default: evaluate's) against gamma."""
     import matplotlib
 
@@ -126,8 +129,8 @@ def plot(rows: list[dict], path: Path, keys: list[str] | None = None) -> None:
     for ax in list(axes.flat)[len(keys):]:
         ax.axis("off")
     for ax in axes[-1]:
-        ax.set_xlabel("gamma (weight of the Coarse Actor)")
-    fig.suptitle("theta = gamma * coarse + (1 - gamma) * SFT")
+        ax.set_xlabel("gamma (weight of the Coarse Actor)" if method == "linear" else "t (0: SFT, 1: Coarse Actor)")
+    fig.suptitle("theta = gamma * coarse + (1 - gamma) * SFT" if method == "linear" else "theta = slerp(t; SFT, coarse)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -168,7 +171,11 @@ def main(argv=None) -> int:
 
     def merge_and_evaluate(tmp: Path, coarse: Path) -> None:
         inner = [g for g in gammas if 0 < g < 1]
-        if inner:
+        if inner and args.method == "slerp":
+            (tmp / "models").mkdir()
+            for g in inner:
+                recipe.write_recipe(recipe.slerp_recipe(coarse, sft, g), tmp / "models" / merge.gamma_folder(g))
+        elif inner:
             plan = merge.plan_merge(coarse, sft, inner)
             for w in plan.warnings:
                 print(f"warning: {w}", file=sys.stderr)
@@ -190,11 +197,11 @@ def main(argv=None) -> int:
         (tmp / "sweep.md").write_text(f"# Gamma sweep\n\ncoarse: `{args.coarse}`, SFT: `{args.sft}`, reward model: "
                                       f"`{args.reward_model}`, {len(prompts)} prompts\n\n{table}\n")
         (tmp / "sweep.json").write_text(json.dumps({
-            "coarse": str(args.coarse), "sft": str(args.sft), "reward_model": str(args.reward_model),
+            "coarse": str(args.coarse), "sft": str(args.sft), "method": args.method, "reward_model": str(args.reward_model),
             "settings": dataclasses.asdict(settings), "num_prompts": len(prompts),
             "rows": [{"gamma": r["gamma"], "metrics": r["metrics"]} for r in rows]}, indent=1) + "\n")
         (tmp / "generations.md").write_text(generations_page(rows, args.show))
-        plot(rows, tmp / "sweep.png")
+        plot(rows, tmp / "sweep.png", method=args.method)
         print(table)
 
     # A workdir --coarse is exported beside --out by every process (each reads its part of the checkpoint);

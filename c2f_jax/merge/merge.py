@@ -137,8 +137,9 @@ def _lerp_jax(a, b, gamma: float, dtype):
     return (x + y).astype(dtype)
 
 
-def merge_params(coarse, sft, gamma: float, dtype=None):
-    """The merged pytree `gamma * coarse + (1 - gamma) * sft`, leaf by leaf with `jax.tree.map`.
+def merge_params(coarse, sft, gamma: float, dtype=None, method: str = "linear"):
+    """The merged pytree `gamma * coarse + (1 - gamma) * sft`, leaf by leaf with `jax.tree.map`; with method
+    "slerp", `methods.slerp(gamma, sft, coarse)` per HF tensor (a stacked `layers` leaf per layer), on the host.
 
     coarse, sft: pytrees of the same structure and leaf shapes (jax or NumPy float arrays, sharded or not;
     each output leaf keeps its input's sharding). dtype in any spelling; None gives each leaf the SFT leaf's.
@@ -165,6 +166,20 @@ def merge_params(coarse, sft, gamma: float, dtype=None):
                              f"SFT shape {tuple(b.shape)}")
         if not (_is_float(a.dtype) and _is_float(b.dtype)):
             raise MergeError(f"param {jax.tree_util.keystr(path)}: not floating point ({a.dtype}, {b.dtype})")
+    if method == "slerp":
+        from c2f_jax.merge import methods
+
+        def slerp_leaf(path, a, b):
+            a, b = np.asarray(a), np.asarray(b)
+            if getattr(path[0], "key", None) == "layers":  # stacked: one HF tensor per layer
+                out = np.stack([methods.slerp(gamma, b[i], a[i]) for i in range(a.shape[0])])
+            else:
+                out = methods.slerp(gamma, b, a)
+            return _cast(out, np_dtype(dtype or b.dtype))
+
+        return jax.tree_util.tree_map_with_path(slerp_leaf, coarse, sft)
+    if method != "linear":
+        raise MergeError(f"method={method!r}; the pytree merge does 'linear' and 'slerp'")
     return jax.tree.map(lambda a, b: _lerp_jax(jnp.asarray(a), jnp.asarray(b), gamma, np_dtype(dtype or b.dtype)),
                         coarse, sft)
 

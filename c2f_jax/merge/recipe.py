@@ -49,7 +49,12 @@ class Recipe:
     parameters: dict
     dtype: str | None
     out_dtype: str | None
-    source: Path  # the YAML file
+    source: Path | None  # the YAML file
+
+
+def slerp_recipe(coarse, sft, t: float) -> Recipe:
+    """SLERP from the SFT model (t = 0) to the Coarse Actor (t = 1), as gamma runs in the linear merge."""
+    return Recipe("slerp", Path(sft), ((Path(coarse), {}),), {"t": merge.check_gamma(t)}, None, None, None)
 
 
 def _fail(source, text: str):
@@ -205,7 +210,7 @@ def write_recipe(recipe: Recipe, out, seed: int = 0, max_shard_size: int | str =
         (tmp / merge.PROVENANCE_NAME).write_text(json.dumps(provenance, indent=2))
 
     provenance = {"method": f"{recipe.method} (c2f_jax.merge.methods, as mergekit 0.1.5)",
-                  "recipe": str(recipe.source.resolve()), "base": str(recipe.base) if recipe.base else None,
+                  "recipe": str(recipe.source.resolve()) if recipe.source else None, "base": str(recipe.base) if recipe.base else None,
                   "models": [{"model": str(m), "parameters": p} for m, p in recipe.models],
                   "parameters": recipe.parameters, "seed": seed, "dtype": recipe.dtype, "out_dtype": out_dtype,
                   "tensors": len(plans)}
