@@ -119,6 +119,16 @@ def mergekit_config(path: Path, coarse: Path, sft: Path) -> Path:
     return path
 
 
+def method_recipe(path: Path, method: str, coarse: Path, sft: Path) -> Path:
+    """A mergekit YAML recipe of `method` on the pair: the SFT model as base (SLERP's t = 0 end), the coarse
+    model as the other (weight and t GAMMA, density 0.5)."""
+    params = f"{{t: {GAMMA}}}" if method == "slerp" else "{normalize: false}"
+    model = "" if method == "slerp" else f"\n    parameters: {{weight: {GAMMA}, density: 0.5}}"
+    path.write_text(f"merge_method: {method}\nbase_model: {sft}\nmodels:\n  - model: {coarse}{model}\n"
+                    f"parameters: {params}\ndtype: float32\nout_dtype: float32\n")
+    return path
+
+
 def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -142,6 +152,8 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=2, help="runs per contender; best wall and CPU time, highest RSS")
     p.add_argument("--mergekit", action="store_true", help="also time mergekit (creates its venv if needed)")
     p.add_argument("--no-sweep", action="store_true", help="skip the 5-gamma sweep")
+    p.add_argument("--methods", default="", help="comma-separated recipe methods to time too (slerp, "
+                   "task_arithmetic, ties, dare_linear, dare_ties): SFT as base, the coarse model as the one model")
     args = p.parse_args(argv)
 
     work = Path(args.workdir)
@@ -172,6 +184,15 @@ def main(argv=None) -> None:
         mk = [str(exe), str(cfg), str(work / "out-mergekit"), "--no-copy-tokenizer", "--no-write-model-card",
               "--out-shard-size", "100M", "--quiet"]
         runs.append(("mergekit linear: mergekit-yaml", mk, [str(exe), "--help"], 0))
+    for method in args.methods.split(",") if args.methods else []:
+        recipe = method_recipe(work / f"{method}.yml", method, coarse, sft)
+        runs.append((f"ours {method}: tools/merge.py --config", tool + ["--config", str(recipe), "--out",
+                     str(work / f"out-ours-{method}"), "--max-shard-size", "400MB", "--overwrite"],
+                     tool + ["--help"], 0))
+        if args.mergekit:
+            runs.append((f"mergekit {method}: mergekit-yaml", [str(exe), str(recipe), str(work / f"out-mk-{method}"),
+                         "--no-copy-tokenizer", "--no-write-model-card", "--out-shard-size", "100M", "--quiet"],
+                         [str(exe), "--help"], 0))
 
     for f in shards:  # warm the page cache the same way for everyone
         Path(f).read_bytes()

@@ -157,6 +157,24 @@ def merge_tensor(recipe: Recipe, name: str, base, models: list, layers: int, see
                                 lam=shared.get("lambda", 1.0), normalize=shared.get("normalize"), rngs=rngs)
 
 
+def _read_whole(reader: hf.CheckpointReader, name: str) -> np.ndarray:
+    """The tensor `name` read into memory of its own (a memmap's touched pages would count towards RSS while
+    it lives: a model's worth across a merge)."""
+    mapped = reader.get(name)  # used only for its file, offset, shape and dtype
+    out = np.empty(mapped.shape, mapped.dtype)
+    path, offset = mapped.filename, mapped.offset
+    del mapped
+    view, done = out.reshape(-1).view(np.uint8), 0
+    with open(path, "rb", buffering=0) as f:
+        f.seek(offset)
+        while done < view.size:
+            n = f.readinto(view[done:])
+            if not n:
+                raise merge.MergeError(f"{path}: tensor {name} is cut short")
+            done += n
+    return out
+
+
 def write_recipe(recipe: Recipe, out, seed: int = 0, max_shard_size: int | str = "5GB",
                  overwrite: bool = False) -> dict:
     """Merges by `recipe` into the HF folder `out` (written under a temporary name, renamed when whole): the
@@ -187,7 +205,7 @@ def write_recipe(recipe: Recipe, out, seed: int = 0, max_shard_size: int | str =
             header = safetensors_io.header(list(shard))
             writer.write(f, np.frombuffer(header, np.uint8))
             for name, _, dtype in shard:
-                arrays = [np.asarray(r.get(name)) for r in readers]
+                arrays = [_read_whole(r, name) for r in readers]
                 if read_as is not None:
                     arrays = [merge._cast(a, read_as) for a in arrays]
                 base, models = (arrays[0], arrays[1:]) if recipe.base else (None, arrays)
