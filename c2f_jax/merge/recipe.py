@@ -61,12 +61,20 @@ def _fail(source, text: str):
     raise merge.MergeError(f"{source}: {text}")
 
 
-def _check_value(source, where: str, value) -> None:
-    if isinstance(value, list):
-        if not value or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
-            _fail(source, f"{where}: a list must hold numbers (a gradient); filters per tensor are not supported")
-    elif not isinstance(value, (int, float, bool)):
-        _fail(source, f"{where}: {value!r} is not supported (a number, a boolean or a list of numbers)")
+def _parameters(source, where: str, params, allowed: set, method: str) -> dict:
+    """`params` (a mapping or None) once every key is one `method` takes there and every value a number, a
+    boolean or a list of numbers (a gradient)."""
+    params = params or {}
+    for key, value in params.items():
+        if key not in allowed:
+            _fail(source, f"{where}: unsupported key {key!r} for {method}")
+        if isinstance(value, list):
+            if not value or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+                _fail(source, f"{where}.{key}: a list must hold numbers (a gradient); filters per tensor are not "
+                              "supported")
+        elif not isinstance(value, (int, float, bool)):
+            _fail(source, f"{where}.{key}: {value!r} is not supported (a number, a boolean or a list of numbers)")
+    return params
 
 
 def read_recipe(path) -> Recipe:
@@ -91,11 +99,7 @@ def read_recipe(path) -> Recipe:
     for key in ("dtype", "out_dtype"):
         if doc.get(key) is not None and doc[key] not in merge.DTYPES:
             _fail(path, f"{key}: {doc[key]!r}; expected one of {sorted(merge.DTYPES)}")
-    shared = doc.get("parameters") or {}
-    for key, value in shared.items():
-        if key not in SHARED[method]:
-            _fail(path, f"parameters: unsupported key {key!r} for {method}")
-        _check_value(path, f"parameters.{key}", value)
+    shared = _parameters(path, "parameters", doc.get("parameters"), SHARED[method], method)
     base = Path(doc["base_model"]) if doc.get("base_model") else None
     if base is None and method != "linear":
         _fail(path, f"{method} needs a base_model")
@@ -106,11 +110,7 @@ def read_recipe(path) -> Recipe:
         for key in entry:
             if key not in ("model", "parameters"):
                 _fail(path, f"models[{i}]: unsupported key {key!r}")
-        params = entry.get("parameters") or {}
-        for key, value in params.items():
-            if key not in PER_MODEL[method]:
-                _fail(path, f"models[{i}].parameters: unsupported key {key!r} for {method}")
-            _check_value(path, f"models[{i}].parameters.{key}", value)
+        params = _parameters(path, f"models[{i}].parameters", entry.get("parameters"), PER_MODEL[method], method)
         if base is not None and Path(entry["model"]) == base and method != "linear":
             continue  # the base listed among the models, as mergekit's examples do
         models.append((Path(entry["model"]), params))
