@@ -9,12 +9,14 @@ mesh, which may differ from the one that saved it.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import os
 import re
 import shutil
 import sys
+import traceback
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -97,6 +99,13 @@ def _echoes_of_a_failed_read_dropped():
     remove = drop_read_echoes()
     yield
     remove()
+
+
+def _finalise_failed_read(error: BaseException) -> None:
+    """Finalises what a failed read abandoned (coroutines never awaited) now, while the filter of their warning
+    is in place, instead of at exit, when another thread's `warnings.catch_warnings` may have dropped it."""
+    traceback.clear_frames(error.__traceback__)
+    gc.collect()
 
 
 # Files every step Checkpointer.save writes holds, relative to the step folder.
@@ -221,6 +230,7 @@ class Checkpointer:
                 restored = self.manager.restore(step, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
         except Exception as e:  # TensorStore's and Orbax's errors (of several types) for a file cut short or garbled
+            _finalise_failed_read(e)
             raise unreadable(step_dir, e) from None
         return restored["state"], restored["meta"]
 
@@ -258,6 +268,7 @@ class Checkpointer:
                 restored = handler.restore(state_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=args))
                 meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         except Exception as e:
+            _finalise_failed_read(e)
             raise unreadable(state_dir.parent, e) from None
         finally:
             handler.close()
