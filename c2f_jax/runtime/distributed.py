@@ -158,7 +158,7 @@ def _deadman() -> None:
 
 
 def _barrier_wait(client, me: int, seen: tuple | None) -> tuple | None:
-    """(what, since when, limit) of this process's barrier wait that nothing will end: a peer waits at another
+    """(what, since when) of this process's barrier wait that nothing will end: a peer waits at another
     barrier (limit BARRIER_MISMATCH), or a peer is neither at this barrier nor in declared work (`working`) nor
     at a barrier at all: stuck elsewhere (limit BARRIER_STRAY). Ends the job once that has lasted its limit."""
     try:
