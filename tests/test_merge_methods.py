@@ -124,6 +124,19 @@ def test_an_unsupported_recipe_is_refused_in_one_line(folders, tmp_path, capsys,
     assert not (tmp_path / "out").exists()
 
 
+class SparsifyOnly:
+    """A merger of one input that only sparsifies it (a methods sparsifier, as merge_whole runs mergers)."""
+
+    def __init__(self, sparsifier):
+        self.sparsifier, self.counting_passes = sparsifier, sparsifier.counting_passes
+
+    def observe(self, p, start, chunks):
+        self.sparsifier.observe(p, start, chunks[0])
+
+    def merge(self, start, chunks):
+        return self.sparsifier.apply(start, chunks[0])
+
+
 @pytest.mark.parametrize("method", ["dare_linear", "dare_ties"])
 def test_dare_keeps_its_density_rescales_to_the_l1_norm_and_follows_its_seed(mergekit, folders, tmp_path, method):
     ins = {k: tensors(v) for k, v in folders.items()}
@@ -131,13 +144,13 @@ def test_dare_keeps_its_density_rescales_to_the_l1_norm_and_follows_its_seed(mer
     base, a = ins["base"][name], ins["a"][name]
     delta = a - base
     for density in (0.2, 0.5, 0.9):
-        kept = methods.sparsified(delta, density, "random", rescale=True, rng=methods.drop_rng(7, name, 0))
+        drops = methods.RandomDrops(density, rescale=True, seed=7, tensor=name, model=0)
+        kept = methods.merge_whole(SparsifyOnly(drops), [delta])
         share = np.count_nonzero(kept) / delta.size
         assert abs(share - density) < 4 * np.sqrt(density * (1 - density) / delta.size), (density, share)
         assert np.abs(kept).sum() == pytest.approx(np.abs(delta).sum(), rel=1e-5)  # mergekit's L1 rescale
-    kw = {"weights": [0.7, 0.5], "densities": [0.5, 0.5]}
-    run = lambda seed: methods.task_vectors(method, base, [a, ins["b"][name]], **kw,
-                                            rngs=[methods.drop_rng(seed, name, i) for i in range(2)])
+    run = lambda seed: methods.merge_whole(
+        methods.TaskVectors(method, [0.7, 0.5], base.size, [0.5, 0.5], seed=seed, tensor=name), [base, a, ins["b"][name]])
     assert np.array_equal(run(7), run(7)) and not np.array_equal(run(7), run(8))
     # mergekit's own drops (torch's RNG) on the same inputs: the merged delta has the same L1 mass
     config = (f"merge_method: {method}\nbase_model: {folders['base']}\nmodels:\n"
@@ -161,3 +174,131 @@ def test_the_in_memory_slerp_of_the_sweep_equals_the_recipe_folder(folders, tmp_
     worst = max(float(np.abs(np.asarray(x) - np.asarray(y)).max())
                 for x, y in zip(jax.tree.leaves(merged), jax.tree.leaves(written), strict=True))
     assert worst <= 1e-6, worst
+
+
+def merge_in_chunks(merger, arrays, chunk):
+    """`merger` run as the streaming merge runs it: every pass over chunks of `chunk` elements, in order."""
+    flat = [a.reshape(-1).astype(np.float32) for a in arrays]
+    pieces = lambda: [(s, [x[s:s + chunk] for x in flat]) for s in range(0, flat[0].size, chunk)]
+    for p in range(merger.counting_passes):
+        for start, chunks in pieces():
+            merger.observe(p, start, chunks)
+    return np.concatenate([merger.merge(start, chunks) for start, chunks in pieces()])
+
+
+def tied_inputs(size=10_003, models=2, seed=0):
+    """A base and `models` fine-tunes whose deltas take few distinct values (many equal magnitudes, zeros
+    among them), as bfloat16 checkpoints make them: the hard case for a magnitude cut."""
+    rng = np.random.default_rng(seed)
+    base = np.round(rng.standard_normal(size, dtype=np.float32) * 64) / 64  # so that every delta is exact
+    return [base] + [base + rng.integers(-4, 5, size).astype(np.float32) * np.float32(0.25) for _ in range(models)]
+
+
+MERGERS = {
+    "slerp": lambda size: methods.Slerp(0.3),
+    "linear": lambda size: methods.Linear([0.7, 0.2, 0.4]),
+    "task_arithmetic": lambda size: methods.TaskVectors("task_arithmetic", [0.7, 0.5], size, lam=0.8),
+    "ties": lambda size: methods.TaskVectors("ties", [0.7, 0.5], size, [0.3, 0.61]),
+    "dare_linear": lambda size: methods.TaskVectors("dare_linear", [0.7, 0.5], size, [0.3, 0.6], seed=3, tensor="x"),
+    "dare_ties": lambda size: methods.TaskVectors("dare_ties", [0.7, 0.5], size, [0.3, 0.6], seed=3, tensor="x"),
+}
+
+
+@pytest.mark.parametrize("method", list(MERGERS))
+@pytest.mark.parametrize("chunk", [64, 1000])
+def test_a_method_merges_in_chunks_as_it_merges_whole(method, chunk):
+    """Chunking changes nothing: bit for bit, or where a whole-tensor sum is added in another order (SLERP's
+    norms and dot, DARE's L1 norms), within float32 rounding."""
+    inputs = tied_inputs()[: 2 if method == "slerp" else 3]
+    whole = methods.merge_whole(MERGERS[method](inputs[0].size), inputs)
+    chunked = merge_in_chunks(MERGERS[method](inputs[0].size), inputs, chunk)
+    if method in ("slerp", "dare_linear", "dare_ties"):  # whole-tensor sums, added in another order
+        np.testing.assert_allclose(chunked, whole, rtol=1e-6, atol=1e-7)
+    else:
+        np.testing.assert_array_equal(chunked, whole)
+
+
+@pytest.mark.parametrize("density", [0.0001, 0.3, 0.5, 0.99])
+def test_ties_keeps_exactly_the_largest_magnitudes_when_many_are_equal(density):
+    """The streaming cut keeps max(1, int(density * n)) entries, none smaller than one it drops (argsort's
+    magnitudes, as mergekit keeps), and of the entries equal to the cut the first ones in index order."""
+    values = np.array([-1, -0.75, -0.5, -0.25, 0.25, 0.5, 0.75, 1], np.float32)  # eight magnitudes: ties galore
+    delta = np.random.default_rng(0).choice(values, 10_003)
+    keep = max(1, int(density * delta.size))
+    kept = merge_in_chunks(SparsifyOnly(methods.TopMagnitudes(delta.size, density)), [delta], 96)
+    on, magnitude = kept != 0, np.abs(delta)
+    assert on.sum() == keep
+    np.testing.assert_array_equal(kept[on], delta[on])
+    np.testing.assert_array_equal(np.sort(magnitude[on]), np.sort(magnitude)[-keep:])
+    cut = magnitude[on].min()
+    assert (~on).all() or magnitude[~on].max() <= cut
+    equal_kept = np.flatnonzero(on & (magnitude == cut))
+    np.testing.assert_array_equal(equal_kept, np.flatnonzero(magnitude == cut)[:len(equal_kept)])
+
+
+def test_dare_draws_are_addressed_by_element_not_by_chunk():
+    drops = methods.RandomDrops(0.4, rescale=True, seed=5, tensor="model.layers.0.mlp.up_proj.weight", model=1)
+    whole = drops.kept(0, 10_002)
+    assert np.array_equal(whole, np.concatenate([drops.kept(s, min(64, 10_002 - s)) for s in range(0, 10_002, 64)]))
+    assert abs(whole.mean() - 0.4) < 4 * np.sqrt(0.4 * 0.6 / whole.size)
+    other = methods.RandomDrops(0.4, rescale=True, seed=5, tensor="model.layers.0.mlp.up_proj.weight", model=0)
+    assert not np.array_equal(whole, other.kept(0, 10_002))
+    with pytest.raises(ValueError, match="not a multiple of 4"):
+        drops.kept(6, 10)
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "slerp"])
+def test_the_recipe_streams_in_chunks_and_hashes_each_input_once(folders, tmp_path, method):
+    """A folder merged in 256-byte chunks equals the default (2 MiB) merge, tensor for tensor; each input's
+    sha256 is the same whether the method reads it once or three times."""
+    body = CASES.get(method) or CASES["ties"].replace("ties", method)
+    config = tmp_path / "r.yml"
+    config.write_text(f"merge_method: {method}\n" + body.format(**folders) + "dtype: float32\n")
+    made = [recipe.write_recipe(recipe.read_recipe(config), tmp_path / name, seed=4, chunk_bytes=size)
+            for name, size in (("small", 256), ("default", 2 << 20))]
+    small, default = tensors(tmp_path / "small"), tensors(tmp_path / "default")
+    assert set(small) == set(default)
+    for name in small:  # the whole-tensor sums (SLERP's dot, DARE's L1) are added in another order
+        np.testing.assert_allclose(small[name], default[name], rtol=0 if method == "ties" else 1e-6,
+                                   atol=0 if method == "ties" else 1e-7, err_msg=name)
+    assert made[0]["inputs"] == made[1]["inputs"]
+    linear = recipe.write_recipe(recipe.read_recipe(_linear_recipe(tmp_path, folders)), tmp_path / "linear")
+    digests = {e["path"]: e["sha256"] for e in linear["inputs"]}
+    assert all(digests[e["path"]] == e["sha256"] for e in made[0]["inputs"] if e["path"] in digests)
+    assert any(e["path"] in digests for e in made[0]["inputs"])
+
+
+def _linear_recipe(tmp_path, folders):
+    path = tmp_path / "linear.yml"
+    path.write_text("merge_method: linear\n" + CASES["linear"].format(**folders))
+    return path
+
+
+def test_a_recipe_merge_holds_a_few_chunks_whatever_the_tensor_size(tmp_path):
+    """Traced host memory (NumPy's buffers included) of a TIES merge of three models, with a 1 MB and with a
+    16 MB embedding and LM head: the peak (reads, histograms, the write-behind ring, in 64 KiB chunks) does not
+    grow with the tensors, where merging whole tensors held several float32 copies of the largest."""
+    import tracemalloc
+
+    from c2f_jax.model import model
+
+    peaks = {}
+    for vocab in (2048, 32768):
+        config = model.MistralConfig(vocab_size=vocab, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, head_dim=32)
+        paths = [tmp_path / f"{name}-{vocab}" for name in ("base", "a", "b")]
+        for seed, path in enumerate(paths):
+            bench_merge.write_checkpoint(path, config, seed)
+        yml = tmp_path / f"ties-{vocab}.yml"
+        yml.write_text(f"merge_method: ties\nbase_model: {paths[0]}\nmodels:\n"
+                       + "".join(f"  - model: {p}\n    parameters: {{weight: 0.5, density: 0.4}}\n" for p in paths[1:]))
+        tracemalloc.start()
+        try:
+            recipe.write_recipe(recipe.read_recipe(yml), tmp_path / f"out-{vocab}", chunk_bytes=64 << 10)
+            peaks[vocab * 128 * 4] = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    print("TIES of 3 models, 64 KiB chunks: traced peak " +
+          ", ".join(f"{p / 2**20:.2f} MiB with a {n / 2**20:.0f} MiB embedding" for n, p in peaks.items()))
+    (small, small_peak), (large, large_peak) = peaks.items()
+    assert large_peak - small_peak < (large - small) / 16 and large_peak < large / 4, peaks

@@ -139,7 +139,7 @@ def _lerp_jax(a, b, gamma: float, dtype):
 
 def merge_params(coarse, sft, gamma: float, dtype=None, method: str = "linear"):
     """The merged pytree `gamma * coarse + (1 - gamma) * sft`, leaf by leaf with `jax.tree.map`; with method
-    "slerp", `methods.slerp(gamma, sft, coarse)` per HF tensor (a stacked `layers` leaf per layer), on the host.
+    "slerp", SLERP from sft (0) to coarse (1) (`methods.Slerp`) per HF tensor (a stacked `layers` leaf per layer), on the host.
 
     coarse, sft: pytrees of the same structure and leaf shapes (jax or NumPy float arrays, sharded or not;
     each output leaf keeps its input's sharding). dtype in any spelling; None gives each leaf the SFT leaf's.
@@ -172,9 +172,9 @@ def merge_params(coarse, sft, gamma: float, dtype=None, method: str = "linear"):
         def slerp_leaf(path, a, b):
             a, b = np.asarray(a), np.asarray(b)
             if getattr(path[0], "key", None) == "layers":  # stacked: one HF tensor per layer
-                out = np.stack([methods.slerp(gamma, b[i], a[i]) for i in range(a.shape[0])])
+                out = np.stack([methods.merge_whole(methods.Slerp(gamma), [b[i], a[i]]) for i in range(a.shape[0])])
             else:
-                out = methods.slerp(gamma, b, a)
+                out = methods.merge_whole(methods.Slerp(gamma), [b, a])
             return _cast(out, np_dtype(dtype or b.dtype))
 
         return jax.tree_util.tree_map_with_path(slerp_leaf, coarse, sft)

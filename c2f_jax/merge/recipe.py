@@ -14,14 +14,16 @@ Reads mergekit's format for the methods of c2f_jax.merge.methods (and linear):
 
 A value may be a list, a gradient over the layers as mergekit reads it (layer i of L at position i / (L - 1),
 tensors outside the layers at 0). Any other key, or a per-tensor filter, is refused in one line naming it.
-Tensors are merged whole, one at a time (SLERP, TIES and DARE need a tensor's norms, ranks or sums before
-any output), so memory holds the inputs and a few float32 copies of the largest tensor. DARE's drops come
-from `seed`, recorded in merge_provenance.json.
+Tensors stream through in chunks, as the linear merge's do, so memory holds a few chunks whatever the model's
+size; SLERP, TIES and DARE first read a tensor in counting passes for what they need of it whole (norms and
+dot product, a magnitude threshold, L1 sums). DARE's drops come from `seed`, recorded in merge_provenance.json.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import itertools
 import json
 import re
 import shutil
@@ -31,6 +33,7 @@ import numpy as np
 
 from c2f_jax.merge import merge, merge_io, methods
 from c2f_jax.model import hf, safetensors_io
+from c2f_jax.model.safetensors_io import SafetensorsError
 from c2f_jax.runtime import workdir
 
 TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source"}
@@ -142,44 +145,46 @@ def position(name: str, layers: int) -> float:
     return int(found.group(1)) / (layers - 1)
 
 
-def merge_tensor(recipe: Recipe, name: str, base, models: list, layers: int, seed: int) -> np.ndarray:
-    """float32: one tensor merged by the recipe (`base` None for linear without a base)."""
+def merger_for(recipe: Recipe, name: str, size: int, layers: int, seed: int):
+    """The c2f_jax.merge.methods merger of one tensor (`size` entries) by the recipe, its settings read at the
+    tensor's place among the layers."""
     at = position(name, layers)
     shared = {k: value_at(v, at) for k, v in recipe.parameters.items()}
     per = [{k: value_at(v, at) for k, v in p.items()} for _, p in recipe.models]
     if recipe.method == "slerp":
-        return methods.slerp(shared["t"], base, models[0])
+        return methods.Slerp(shared["t"])
     weights = [p["weight"] for p in per]
     if recipe.method == "linear":
-        return methods.linear(models, weights, shared.get("normalize", True))
-    rngs = [methods.drop_rng(seed, name, i) for i in range(len(models))]
-    return methods.task_vectors(recipe.method, base, models, weights, [p.get("density", 1.0) for p in per],
-                                lam=shared.get("lambda", 1.0), normalize=shared.get("normalize"), rngs=rngs)
+        return methods.Linear(weights, shared.get("normalize", True))
+    return methods.TaskVectors(recipe.method, weights, size, [p.get("density", 1.0) for p in per],
+                               lam=shared.get("lambda", 1.0), normalize=shared.get("normalize"), seed=seed,
+                               tensor=name)
 
 
-def _read_whole(reader: hf.CheckpointReader, name: str) -> np.ndarray:
-    """The tensor `name` read into memory of its own (a memmap's touched pages would count towards RSS while
-    it lives: a model's worth across a merge)."""
-    mapped = reader.get(name)  # used only for its file, offset, shape and dtype
-    out = np.empty(mapped.shape, mapped.dtype)
-    path, offset = mapped.filename, mapped.offset
-    del mapped
-    view, done = out.reshape(-1).view(np.uint8), 0
-    with open(path, "rb", buffering=0) as f:
-        f.seek(offset)
-        while done < view.size:
-            n = f.readinto(view[done:])
-            if not n:
-                raise merge.MergeError(f"{path}: tensor {name} is cut short")
-            done += n
-    return out
+@dataclasses.dataclass(frozen=True)
+class _Tensor:
+    name: str
+    shape: tuple[int, ...]
+    out_dtype: np.dtype
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape))
+
+    @property
+    def out_nbytes(self) -> int:
+        return self.size * self.out_dtype.itemsize
 
 
 def write_recipe(recipe: Recipe, out, seed: int = 0, max_shard_size: int | str = "5GB",
-                 overwrite: bool = False) -> dict:
+                 overwrite: bool = False, chunk_bytes: int = merge_io.CHUNK_BYTES) -> dict:
     """Merges by `recipe` into the HF folder `out` (written under a temporary name, renamed when whole): the
     tensors, the base model's (or first model's) config.json, tokenizer and generation files, and
-    merge_provenance.json. Returns the provenance."""
+    merge_provenance.json (with each input's sha256, as the linear merge records them). Returns the provenance.
+
+    Tensors stream through in chunks of `chunk_bytes` of float32, as in the linear merge: a method's counting
+    passes read a tensor's chunks first (c2f_jax.merge.methods), then its output pass reads them again and
+    writes the merged chunks; the inputs' readers run one chunk ahead through all passes alike."""
     out = Path(out)
     folders = ([recipe.base] if recipe.base else []) + [m for m, _ in recipe.models]
     workdir.check_output(out, [(str(f), f) for f in folders], "--out")
@@ -191,30 +196,53 @@ def write_recipe(recipe: Recipe, out, seed: int = 0, max_shard_size: int | str =
             if n not in reader.names() or reader.shape(n) != first.shape(n):
                 raise merge.MergeError(f"tensor {n}: missing or of another shape in {folder} than in {folders[0]}")
     out_dtype = recipe.out_dtype or recipe.dtype
-    dtype_of = lambda n: merge.DTYPES[out_dtype] if out_dtype else first.dtype(n)
-    plans = [(n, first.shape(n), dtype_of(n)) for n in names]
-    nbytes = lambda p: int(np.prod(p[1])) * p[2].itemsize
-    shards = safetensors_io.plan_shards(plans, nbytes, hf.parse_size(max_shard_size))
+    tensors = [_Tensor(n, first.shape(n), merge.DTYPES[out_dtype] if out_dtype else first.dtype(n)) for n in names]
+    shards = safetensors_io.plan_shards(tensors, lambda t: t.out_nbytes, hf.parse_size(max_shard_size))
     layers = hf.read_config(folders[0]).num_hidden_layers
     read_as = merge.DTYPES[recipe.dtype] if recipe.dtype else None
+    chunk = max(4, chunk_bytes // 16 * 4)  # elements, a multiple of 4 (DARE's draws come four to 64 bits)
+    mergers = {t.name: merger_for(recipe, t.name, t.size, layers, seed) for t in tensors}
+    # Every chunk each input reader yields, in order: a tensor's counting passes, then its output pass. The
+    # inputs' sha256 is taken on a tensor's first pass, where the arithmetic leaves the CPU most room.
+    jobs, first_pass = [], []
+    for shard in shards:
+        for t in shard:
+            for p in range(mergers[t.name].counting_passes + 1):
+                for start in range(0, t.size, chunk):
+                    jobs.append((t, start, min(chunk, t.size - start)))
+                    first_pass.append(p == 0)
+
+    def as_f32(x: np.ndarray) -> np.ndarray:
+        return (merge._cast(x, read_as) if read_as is not None else x).astype(np.float32, copy=False)
 
     def fill(tmp: Path) -> None:
-        writer = merge_io.ChunkWriter(max(nbytes(p) for p in plans))
-        for shard, fname in zip(shards, safetensors_io.shard_names(len(shards))):
-            f = writer.open(tmp / fname)
-            header = safetensors_io.header(list(shard))
-            writer.write(f, np.frombuffer(header, np.uint8))
-            for name, _, dtype in shard:
-                arrays = [_read_whole(r, name) for r in readers]
-                if read_as is not None:
-                    arrays = [merge._cast(a, read_as) for a in arrays]
-                base, models = (arrays[0], arrays[1:]) if recipe.base else (None, arrays)
-                merged = merge_tensor(recipe, name, base, models, layers, seed)
-                writer.write(f, merge._cast(merged, dtype))
-            writer.finish(f, len(header) + sum(nbytes(p) for p in shard))
-        writer.drain()
-        writer.close()
-        safetensors_io.write_index(tmp, [[p[0] for p in shard] for shard in shards], sum(map(nbytes, plans)))
+        merge_io.reuse_freed_memory()
+        streams = [merge_io.ChunkReader(r, {t.name: r.dtype(t.name) for t in tensors}, chunk) for r in readers]
+        writer = merge_io.ChunkWriter(chunk * max(t.out_dtype.itemsize for t in tensors))
+        with contextlib.ExitStack() as closing:
+            for c in (*streams, writer):
+                closing.callback(c.close)
+            chunks = zip(jobs, *(s.chunks(jobs, hashed=first_pass) for s in streams))
+            for shard, fname in zip(shards, safetensors_io.shard_names(len(shards))):
+                f = writer.open(tmp / fname)
+                header = safetensors_io.header([(t.name, t.shape, t.out_dtype) for t in shard])
+                writer.write(f, np.frombuffer(header, np.uint8))
+                for t in shard:
+                    merger = mergers.pop(t.name)
+                    for p in range(merger.counting_passes):
+                        for (_, start, _), *arrays in itertools.islice(chunks, -(-t.size // chunk)):
+                            merger.observe(p, start, [as_f32(a) for a in arrays])
+                    for (_, start, _), *arrays in itertools.islice(chunks, -(-t.size // chunk)):
+                        merged = merger.merge(start, [as_f32(a) for a in arrays])
+                        buffer = writer.buffer(merged.shape, t.out_dtype)
+                        np.copyto(buffer, merged, casting="unsafe")  # round to nearest even, as astype does
+                        writer.write(f, buffer)
+                writer.finish(f, len(header) + sum(t.out_nbytes for t in shard))
+            writer.drain()
+        for entry, s in zip(provenance["inputs"], streams):
+            entry["sha256"] = s.sha.hexdigest()
+        safetensors_io.write_index(tmp, [[t.name for t in shard] for shard in shards],
+                                   sum(t.out_nbytes for t in tensors))
         config = json.loads((folders[0] / "config.json").read_text())
         if out_dtype:
             for key in ("dtype", "torch_dtype"):
@@ -228,9 +256,15 @@ def write_recipe(recipe: Recipe, out, seed: int = 0, max_shard_size: int | str =
         (tmp / merge.PROVENANCE_NAME).write_text(json.dumps(provenance, indent=2))
 
     provenance = {"method": f"{recipe.method} (c2f_jax.merge.methods, as mergekit 0.1.5)",
-                  "recipe": str(recipe.source.resolve()) if recipe.source else None, "base": str(recipe.base) if recipe.base else None,
+                  "recipe": str(recipe.source.resolve()) if recipe.source else None,
+                  "base": str(recipe.base) if recipe.base else None,
                   "models": [{"model": str(m), "parameters": p} for m, p in recipe.models],
                   "parameters": recipe.parameters, "seed": seed, "dtype": recipe.dtype, "out_dtype": out_dtype,
-                  "tensors": len(plans)}
-    workdir.write(out, fill, overwrite, folder=True)
+                  "tensors": len(tensors),
+                  "inputs": [{"path": str(f.resolve())} for f in folders],
+                  "sha256_covers": "each input tensor's 'name|dtype|shape' line and bytes, in natural name order"}
+    try:
+        workdir.write(out, fill, overwrite, folder=True)
+    except SafetensorsError as e:  # an input that changed or broke after it was checked
+        raise merge.MergeError(str(e)) from None
     return provenance
