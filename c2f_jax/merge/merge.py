@@ -32,12 +32,12 @@ import numpy as np
 from c2f_jax.merge import merge_io
 from c2f_jax.model import hf, safetensors_io
 from c2f_jax.runtime import workdir
-from c2f_jax.model.config import CAUSAL_LM, ConfigError, dtype_name, np_dtype
-from c2f_jax.model.safetensors_io import DTYPES as FILE_DTYPES, SafetensorsError
+from c2f_jax.model.config import CAUSAL_LM, ConfigError, DtypeTable, dtype_name, np_dtype
+from c2f_jax.model.safetensors_io import SafetensorsError
 
 PROVENANCE_NAME = "merge_provenance.json"
-DTYPES = {name: np_dtype(name) for name in ("float32", "bfloat16", "float16")}
-_FLOATS = {FILE_DTYPES[c] for c in ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")}
+DTYPES = DtypeTable({name: name for name in ("float32", "bfloat16", "float16")})
+_FLOATS = {"float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2"}
 # Files of the SFT folder copied besides the tokenizer (hf.TOKENIZER_FILES).
 _EXTRA_FILES = ("generation_config.json", "chat_template.jinja")
 # The files that define token ids; tokenizer_config.json is left out on purpose: an Instruct model's chat
@@ -84,7 +84,7 @@ def _dtype_name(dtype) -> str | None:
 
 
 def _is_float(dtype) -> bool:
-    return np.dtype(dtype) in _FLOATS
+    return np.dtype(dtype).name in _FLOATS
 
 
 # ----------------------------------------------------------------------------- the arithmetic

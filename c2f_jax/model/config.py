@@ -7,31 +7,58 @@ checks) start in a fraction of a second.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 
 Params = dict[str, Any]
 
 
+def _numpy_dtype(dtype) -> np.dtype | None:
+    try:
+        return None if dtype is None else np.dtype(dtype)  # np.dtype(None) would be float64
+    except (TypeError, ValueError):
+        return None
+
+
 def np_dtype(dtype, field: str = "dtype") -> np.dtype:
     """The NumPy dtype of any spelling a user types: "bfloat16", np.float32, jnp.bfloat16 (a class whose
     `.dtype` NumPy reads), jnp.dtype("bfloat16"). A ConfigError naming `field` for anything else."""
-    try:
-        d = None if dtype is None else np.dtype(dtype)  # np.dtype(None) would be float64
-    except (TypeError, ValueError):
-        d = None
-    # ml_dtypes (imported above, which teaches NumPy the names) holds bfloat16 and the float8 types.
-    if d is None or (d.kind not in "biufc" and d.type.__module__ != ml_dtypes.__name__):
+    d = _numpy_dtype(dtype)
+    if d is None and isinstance(dtype, str):
+        # bfloat16 and the float8 types are ml_dtypes', whose import teaches NumPy their names. Imported only
+        # when a name needs it: the import costs 0.57 s (ml_dtypes 0.7, NumPy 2.3), more than a 1 GB float32
+        # merge's arithmetic.
+        import ml_dtypes  # noqa: F401
+
+        d = _numpy_dtype(dtype)
+    if d is None or (d.kind not in "biufc" and d.type.__module__ != "ml_dtypes"):
         raise ConfigError(f"{field}={dtype!r} is not a dtype")
     return d
+
+
+class DtypeTable(Mapping):
+    """key -> np.dtype, read as a dict is, from {key: dtype name}; a dtype is made on its first lookup (so
+    that a table naming bfloat16 does not import ml_dtypes: np_dtype)."""
+
+    def __init__(self, names: dict[str, str]):
+        self.names = names
+
+    def __getitem__(self, key: str) -> np.dtype:
+        return np_dtype(self.names[key])
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
 
 
 def float_dtype(dtype, field: str = "dtype") -> np.dtype:
     """np_dtype, for the places only a floating-point type can go (weights, compute, exports)."""
     d = np_dtype(dtype, field)
-    if d.kind != "f" and not (d.type.__module__ == ml_dtypes.__name__ and d.name.startswith(("bfloat", "float"))):
+    if d.kind != "f" and not (d.type.__module__ == "ml_dtypes" and d.name.startswith(("bfloat", "float"))):
         raise ConfigError(f"{field}={dtype!r} is not a floating-point dtype (float32, bfloat16, float16, ...)")
     return d
 

@@ -14,26 +14,36 @@ import json
 import os
 import re
 import struct
+from collections.abc import Mapping
 from pathlib import Path
 
-import ml_dtypes
 import numpy as np
 
-DTYPES = {
-    "F64": np.dtype(np.float64),
-    "F32": np.dtype(np.float32),
-    "F16": np.dtype(np.float16),
-    "BF16": np.dtype(ml_dtypes.bfloat16),
-    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
-    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
-    "I64": np.dtype(np.int64),
-    "I32": np.dtype(np.int32),
-    "I16": np.dtype(np.int16),
-    "I8": np.dtype(np.int8),
-    "U8": np.dtype(np.uint8),
-    "BOOL": np.dtype(np.bool_),
-}
-CODES = {v: k for k, v in DTYPES.items()}
+from c2f_jax.model.config import DtypeTable
+
+# Each safetensors dtype code and the NumPy dtype it stands for, resolved when first used: bfloat16 and the
+# float8 types come from ml_dtypes, whose import the float32-only tools should not pay (config.np_dtype).
+_DTYPE_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn",
+                "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
+                "BOOL": "bool"}
+
+
+class _Codes(Mapping):
+    """np.dtype -> code."""
+
+    _BY_NAME = {name: code for code, name in _DTYPE_NAMES.items()}
+
+    def __getitem__(self, dtype) -> str:
+        return self._BY_NAME[np.dtype(dtype).name]
+
+    def __iter__(self):
+        return (DTYPES[code] for code in _DTYPE_NAMES)
+
+    def __len__(self) -> int:
+        return len(_DTYPE_NAMES)
+
+
+DTYPES, CODES = DtypeTable(_DTYPE_NAMES), _Codes()
 _MAX_HEADER = 100 * 1024 * 1024
 SINGLE_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
