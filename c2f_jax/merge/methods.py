@@ -41,6 +41,22 @@ def merge_whole(merger, arrays: list[np.ndarray]) -> np.ndarray:
     return merger.merge(0, flat).reshape(arrays[0].shape)
 
 
+def rounding(dtype):
+    """x (float32) -> x rounded to nearest even in `dtype`, as float32: the value a torch op on `dtype` tensors
+    yields (it computes in float32 and rounds). Identity for float32 or None."""
+    dtype = None if dtype is None else np.dtype(dtype)
+    if dtype is None or dtype == F32:
+        return lambda x: x
+    if dtype.name == "bfloat16":  # the top 16 bits, rounded half to even: a third of ml_dtypes' cast there and back
+        def to_bfloat16(x):
+            bits = np.asarray(x, F32).view(np.uint32)
+            bits = bits + (np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1)))
+            bits &= np.uint32(0xFFFF0000)
+            return bits.view(F32)
+        return to_bfloat16
+    return lambda x: np.asarray(x, F32).astype(dtype).astype(F32)
+
+
 class Slerp:
     """SLERP from `base` (t = 0) to `other` (t = 1): the two tensors as vectors at angle theta,
     sin((1-t) theta) / sin(theta) * base + sin(t theta) / sin(theta) * other; (1-t) * base + t * other where
@@ -184,8 +200,8 @@ class RandomDrops:
 
     STEPS = 1 << 16
 
-    def __init__(self, density: float, rescale: bool, seed: int, tensor: str, model: int):
-        self.threshold = round(density * self.STEPS)
+    def __init__(self, density: float, rescale: bool, seed: int, tensor: str, model: int, rounded=rounding(None)):
+        self.threshold, self.rounded = round(density * self.STEPS), rounded
         self.seed = np.random.SeedSequence([seed, zlib.crc32(tensor.encode()), model])
         self.counting_passes = 1 if rescale else 0
         self.l1 = np.zeros(2)  # before and after the drop
@@ -207,10 +223,10 @@ class RandomDrops:
         masked = delta * self.kept(start, delta.size).astype(F32)
         if self.counting_passes:
             if self.scale is None:
-                before, after = self.l1
-                self.scale = F32(1) if before < 1e-7 or after < 1e-7 else F32(before / after)
+                before, after = self.rounded(self.l1.astype(F32))
+                self.scale = F32(1) if before < 1e-7 or after < 1e-7 else self.rounded(before / after)
             if self.scale != 1:
-                masked *= self.scale
+                masked = self.rounded(masked * self.scale)
         return masked
 
 
@@ -234,15 +250,15 @@ METHODS = {
 
 
 def sparsifier(how: str | None, density: float, size: int, rescale: bool, seed: int = 0, tensor: str = "",
-               model: int = 0):
+               model: int = 0, rounded=rounding(None)):
     """What keeps which entries of one delta of `size` entries: "magnitude" (TIES), "random" (DARE, drawn
-    from seed, tensor and model) or None."""
+    from seed, tensor and model; its rescaling rounded by `rounded`) or None."""
     if how is None or density >= 1:
         return Unchanged()
     if how == "magnitude":
         return Dropped() if density <= 0 or size == 0 else TopMagnitudes(size, density)
     if how == "random":
-        return RandomDrops(density, rescale, seed, tensor, model)
+        return RandomDrops(density, rescale, seed, tensor, model, rounded)
     raise ValueError(f"sparsification {how!r}: expected 'magnitude' or 'random'")
 
 
@@ -250,15 +266,19 @@ class TaskVectors:
     """`base + lam * merge(models - base)` by METHODS[method] for one tensor of `size` entries: each delta
     sparsified to its density, scaled by its weight; with sign election only the entries agreeing with the
     sign of their sum count; the sum divided by the (counted) weights when normalising (the method's default
-    unless `normalize` says). DARE's drops come from `seed` and the tensor's name."""
+    unless `normalize` says). DARE's drops come from `seed` and the tensor's name.
+
+    mergekit does this arithmetic in the recipe's `dtype` (its tensors are of that dtype), so with `dtype`
+    bfloat16 or float16 every step's result is rounded to it as torch rounds it; sums are float32 first."""
 
     def __init__(self, method: str, weights: list[float], size: int, densities: list[float] | None = None,
-                 lam: float = 1.0, normalize: bool | None = None, seed: int = 0, tensor: str = ""):
+                 lam: float = 1.0, normalize: bool | None = None, seed: int = 0, tensor: str = "", dtype=None):
         self.how = METHODS[method]
-        self.weights = np.asarray(weights, F32)
+        self.rounded = rounding(dtype)
+        self.weights = self.rounded(np.asarray(weights, F32))
         self.lam, self.normalize = lam, self.how.normalize if normalize is None else normalize
         densities = densities or [1.0] * len(weights)
-        self.sparsifiers = [sparsifier(self.how.sparsify, d, size, self.how.rescale, seed, tensor, i)
+        self.sparsifiers = [sparsifier(self.how.sparsify, d, size, self.how.rescale, seed, tensor, i, self.rounded)
                             for i, d in enumerate(densities)]
         self.counting_passes = max(s.counting_passes for s in self.sparsifiers)
 
@@ -266,29 +286,29 @@ class TaskVectors:
         base = chunks[0]
         for s, model in zip(self.sparsifiers, chunks[1:]):
             if p < s.counting_passes:
-                s.observe(p, start, model - base)
+                s.observe(p, start, self.rounded(model - base))
 
     def merge(self, start: int, chunks: list[np.ndarray]) -> np.ndarray:
-        base, models = chunks[0], chunks[1:]
+        base, models, r = chunks[0], chunks[1:], self.rounded
         deltas = np.empty((len(models), base.size), F32)
         for i, (s, model) in enumerate(zip(self.sparsifiers, models)):
-            deltas[i] = s.apply(start, model - base)
+            deltas[i] = s.apply(start, r(model - base))
         w = self.weights.reshape(-1, 1)
-        deltas *= w
+        deltas = r(deltas * w)
         if self.how.elect_signs:
             # sign(delta) == the sign of the sum (+1 where it is >= 0): zeros agree with neither. Boolean
             # operators, not np.where, which is ten times slower on a chunk.
-            positive = np.sum(deltas, axis=0, dtype=F32) >= 0
+            positive = r(np.sum(deltas, axis=0, dtype=F32)) >= 0
             mask = ((deltas > 0) & positive | (deltas < 0) & ~positive).astype(F32)
-            mixed = np.sum(deltas * mask, axis=0, dtype=F32)
-            divisor = np.sum(w * mask, axis=0, dtype=F32)
+            mixed = r(np.sum(deltas * mask, axis=0, dtype=F32))
+            divisor = r(np.sum(w * mask, axis=0, dtype=F32))
             divisor += divisor == 0  # 1 where no weight counts (a masked assignment is ten times slower)
         else:
-            mixed = np.sum(deltas, axis=0, dtype=F32)
-            divisor = np.sum(w, axis=0, dtype=F32)
+            mixed = r(np.sum(deltas, axis=0, dtype=F32))
+            divisor = r(np.sum(w, axis=0, dtype=F32))
             divisor = np.where(np.abs(divisor) < 1e-8, F32(1), divisor)
         if self.normalize:
-            mixed = mixed / divisor
+            mixed = r(mixed / divisor)
         if self.lam != 1:
-            mixed = mixed * F32(self.lam)
-        return base + mixed
+            mixed = r(mixed * F32(self.lam))
+        return r(base + mixed)

@@ -8,7 +8,7 @@ Reads mergekit's format for the methods of c2f_jax.merge.methods (and linear):
       - model: FOLDER
         parameters: {weight: 0.7, density: 0.5}
     parameters: {t: 0.3, normalize: true, lambda: 1.0}
-    dtype: float32                     # the inputs are read as this; the arithmetic is float32 either way
+    dtype: float32                     # the inputs are read as this (the task-vector methods compute in it)
     out_dtype: bfloat16                # default: dtype, else each tensor as the base model stores it
     tokenizer_source: base
 
@@ -145,9 +145,10 @@ def position(name: str, layers: int) -> float:
     return int(found.group(1)) / (layers - 1)
 
 
-def merger_for(recipe: Recipe, name: str, size: int, layers: int, seed: int):
+def merger_for(recipe: Recipe, name: str, size: int, layers: int, seed: int, stored=None):
     """The c2f_jax.merge.methods merger of one tensor (`size` entries) by the recipe, its settings read at the
-    tensor's place among the layers."""
+    tensor's place among the layers; `stored` is the dtype the first input stores it in (the task-vector
+    methods compute in the recipe's dtype, else in that one, as mergekit does)."""
     at = position(name, layers)
     shared = {k: value_at(v, at) for k, v in recipe.parameters.items()}
     per = [{k: value_at(v, at) for k, v in p.items()} for _, p in recipe.models]
@@ -158,7 +159,7 @@ def merger_for(recipe: Recipe, name: str, size: int, layers: int, seed: int):
         return methods.Linear(weights, shared.get("normalize", True))
     return methods.TaskVectors(recipe.method, weights, size, [p.get("density", 1.0) for p in per],
                                lam=shared.get("lambda", 1.0), normalize=shared.get("normalize"), seed=seed,
-                               tensor=name)
+                               tensor=name, dtype=merge.DTYPES[recipe.dtype] if recipe.dtype else stored)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,7 +202,7 @@ def write_recipe(recipe: Recipe, out, seed: int = 0, max_shard_size: int | str =
     layers = hf.read_config(folders[0]).num_hidden_layers
     read_as = merge.DTYPES[recipe.dtype] if recipe.dtype else None
     chunk = max(4, chunk_bytes // 16 * 4)  # elements, a multiple of 4 (DARE's draws come four to 64 bits)
-    mergers = {t.name: merger_for(recipe, t.name, t.size, layers, seed) for t in tensors}
+    mergers = {t.name: merger_for(recipe, t.name, t.size, layers, seed, first.dtype(t.name)) for t in tensors}
     # Every chunk each input reader yields, in order: a tensor's counting passes, then its output pass. The
     # inputs' sha256 is taken on a tensor's first pass, where the arithmetic leaves the CPU most room.
     jobs, first_pass = [], []
