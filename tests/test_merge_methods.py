@@ -340,3 +340,18 @@ def test_a_float32_merge_starts_without_jax_or_ml_dtypes(folders, tmp_path):
 
     assert imported("", "out") == "[]"
     assert imported("out_dtype: bfloat16\n", "out16") == "['ml_dtypes']"
+
+
+def test_rounding_to_bfloat16_is_ml_dtypes_round_to_nearest_even():
+    """The bit-level rounding the task vectors use for a bfloat16 dtype, against ml_dtypes' cast: random values,
+    halfway cases, subnormals, the largest finite value (which rounds to inf), inf, -0.0 and NaN."""
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.standard_normal(100_000, dtype=np.float32) * np.float32(10) ** rng.integers(-40, 38, 100_000).astype(np.float32),
+                        np.array([1 + 2**-8, 1 + 3 * 2**-8, 1e-40, -1e-41, np.finfo(np.float32).max, np.inf, -np.inf,
+                                  -0.0, np.nan], np.float32),
+                        np.uint32([0x7F800001, 0xFFC00001]).view(np.float32)])
+    with np.errstate(over="ignore", invalid="ignore"):  # ml_dtypes' cast warns of the NaN and the overflow
+        got, want = methods.rounding(BF16)(x), x.astype(BF16).astype(np.float32)
+    assert np.array_equal(np.isnan(got), np.isnan(want))
+    finite = ~np.isnan(want)
+    assert np.array_equal(got[finite].view(np.uint32), want[finite].view(np.uint32))

@@ -18,9 +18,10 @@ elements [start, start + n) of the flattened tensor. `merge_whole` runs all pass
   and dare_ties (random dropping to `density`, rescaled to keep each delta's L1 norm; dare_ties also elects
   signs). METHODS maps each name to its settings.
 
-The element-wise arithmetic is float32 in mergekit's order, so chunking does not change a bit of it; the sums
-are float32 per chunk and float64 across chunks. Only DARE's random drops differ from mergekit's (our RNG: see
-`RandomDrops`).
+The element-wise arithmetic is mergekit's, in its order and precision (float32; the task vectors in the recipe's
+dtype, see `TaskVectors`), so chunking does not change a bit of it; the sums are float32 per chunk and float64
+across chunks. Only DARE's random drops differ from mergekit's (our RNG: see `RandomDrops`), and which of
+several magnitudes equal to TIES's cut are kept (see `TopMagnitudes`).
 """
 
 from __future__ import annotations
@@ -49,9 +50,11 @@ def rounding(dtype):
         return lambda x: x
     if dtype.name == "bfloat16":  # the top 16 bits, rounded half to even: a third of ml_dtypes' cast there and back
         def to_bfloat16(x):
-            bits = np.asarray(x, F32).view(np.uint32)
+            x = np.asarray(x, F32)
+            bits = x.view(np.uint32)
             bits = bits + (np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1)))
             bits &= np.uint32(0xFFFF0000)
+            bits |= (x != x).astype(np.uint32) << np.uint32(22)  # a NaN stays NaN (its low bits may round away)
             return bits.view(F32)
         return to_bfloat16
     return lambda x: np.asarray(x, F32).astype(dtype).astype(F32)
@@ -136,7 +139,8 @@ _HIGH_BINS = 1 << 15  # the top 16 bits of |x|'s float32 bit pattern; its sign b
 
 class TopMagnitudes:
     """TIES's pruning of one delta of `size` entries: keeps its `max(1, int(density * size))` largest
-    magnitudes, as mergekit's argsort picks them. Found over chunks by a radix select on the float32 bit
+    magnitudes, as mergekit's argsort picks them (of those equal to the cut, torch's unstable sort picks in no
+    documented order; ours keeps the first in index order). Found over chunks by a radix select on the float32 bit
     patterns of |delta|, which order as the magnitudes do: pass 0 counts the top 16 bits, pass 1 the low 16
     within the bin where the cut falls; the output pass keeps everything above the cut and, of the entries
     equal to it, the first ones in index order."""

@@ -8,8 +8,10 @@ mesh, which may differ from the one that saved it.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import gc
+import inspect
 import json
 import logging
 import os
@@ -17,6 +19,7 @@ import re
 import shutil
 import sys
 import traceback
+import types
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -51,6 +54,9 @@ def _read_echo(record: logging.LogRecord) -> bool:
     return _from_orbax(tb) or bool(re.match(r"[A-Z_]+: Error reading ", str(exc)))
 
 
+_UNREAD = "_read_array_index_and_device_put"  # Orbax's per-array read coroutine
+
+
 def drop_read_echoes() -> Callable[[], None]:
     """Installs the filters of these echoes (sys.unraisablehook, the asyncio logger, one warning); returns the
     function that removes them again."""
@@ -67,7 +73,7 @@ def drop_read_echoes() -> Callable[[], None]:
 
     sys.unraisablehook = hook
     logging.getLogger("asyncio").addFilter(log_filter)
-    warnings.filterwarnings("ignore", message="coroutine '_read_array_index_and_device_put' was never awaited")
+    warnings.filterwarnings("ignore", message=f"coroutine '{_UNREAD}' was never awaited")
     added = warnings.filters[0]
 
     def remove() -> None:
@@ -103,9 +109,25 @@ def _echoes_of_a_failed_read_dropped():
 
 def _finalise_failed_read(error: BaseException) -> None:
     """Finalises what a failed read abandoned (coroutines never awaited) now, while the filter of their warning
-    is in place, instead of at exit, when another thread's `warnings.catch_warnings` may have dropped it."""
+    is in place, and once more at exit (`_close_abandoned_reads`) for those still held then."""
     traceback.clear_frames(error.__traceback__)
     gc.collect()
+    atexit.unregister(_close_abandoned_reads)
+    atexit.register(_close_abandoned_reads)
+
+
+def _close_abandoned_reads() -> None:
+    """At exit, after the other threads have ended: closes the never-started read coroutines of a failed read
+    that something still holds (closing one that never ran raises no warning) and filters the warning of any
+    collected later. Without it, an intermittent 'coroutine ... was never awaited' printed at interpreter exit,
+    under the command's one error line: the filter set during the read can be dropped by another thread's
+    `warnings.catch_warnings` restoring its copy of the filters."""
+    warnings.filterwarnings("ignore", message=f"coroutine '{_UNREAD}' was never awaited")
+    gc.collect()
+    for obj in gc.get_objects():
+        if (isinstance(obj, types.CoroutineType) and obj.cr_code.co_name == _UNREAD
+                and inspect.getcoroutinestate(obj) == inspect.CORO_CREATED):
+            obj.close()
 
 
 # Files every step Checkpointer.save writes holds, relative to the step folder.
