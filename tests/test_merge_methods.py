@@ -349,9 +349,58 @@ def test_rounding_to_bfloat16_is_ml_dtypes_round_to_nearest_even():
     x = np.concatenate([rng.standard_normal(100_000, dtype=np.float32) * np.float32(10) ** rng.integers(-40, 38, 100_000).astype(np.float32),
                         np.array([1 + 2**-8, 1 + 3 * 2**-8, 1e-40, -1e-41, np.finfo(np.float32).max, np.inf, -np.inf,
                                   -0.0, np.nan], np.float32),
-                        np.uint32([0x7F800001, 0xFFC00001]).view(np.float32)])
+                        np.uint32([0x7F800001, 0xFFC00001, 0x7FFFFFFF, 0xFFFFFFFF, 0x7FFF8000]).view(np.float32)])
     with np.errstate(over="ignore", invalid="ignore"):  # ml_dtypes' cast warns of the NaN and the overflow
         got, want = methods.rounding(BF16)(x), x.astype(BF16).astype(np.float32)
     assert np.array_equal(np.isnan(got), np.isnan(want))
     finite = ~np.isnan(want)
     assert np.array_equal(got[finite].view(np.uint32), want[finite].view(np.uint32))
+
+
+def test_linear_merges_its_models_not_a_base_model_beside_them(folders, tmp_path):
+    """mergekit's linear ignores a base_model that is not among its models; so does ours (the base is neither
+    weighted nor read)."""
+    body = CASES["linear"].format(**folders)
+    (tmp_path / "plain.yml").write_text("merge_method: linear\n" + body)
+    (tmp_path / "based.yml").write_text(f"merge_method: linear\nbase_model: {folders['base']}\n" + body)
+    made = [recipe.write_recipe(recipe.read_recipe(tmp_path / f"{n}.yml"), tmp_path / n) for n in ("plain", "based")]
+    plain, based = tensors(tmp_path / "plain"), tensors(tmp_path / "based")
+    assert all(np.array_equal(plain[n], based[n]) for n in plain)
+    assert [e["path"] for e in made[1]["inputs"]] == [str(folders["a"].resolve()), str(folders["b"].resolve())]
+
+
+def test_dare_in_float16_rescales_in_float32_as_mergekit_does():
+    """A float16 delta's L1 norm overflows float16 (65504): mergekit drops and rescales it in float32 and rounds
+    the result; rounding the norms to float16 made the merge inf and NaN."""
+    base = np.zeros(200_000, np.float32)
+    model = np.full(200_000, 0.5, np.float32)
+    merged = methods.merge_whole(methods.TaskVectors("dare_linear", [1.0], base.size, [0.5], dtype=np.float16,
+                                                     tensor="x"), [base, model])
+    assert np.isfinite(merged).all()
+    assert np.abs(merged).sum() == pytest.approx(np.abs(model).sum(), rel=1e-3)
+
+
+def test_dare_without_rescale_keeps_the_kept_entries_as_they_are(folders, tmp_path):
+    """parameters.rescale: false (mergekit's) is honoured: every entry is the delta or nothing."""
+    (tmp_path / "r.yml").write_text(f"merge_method: dare_linear\nbase_model: {folders['base']}\nmodels:\n"
+                                    f"  - model: {folders['a']}\n    parameters: {{weight: 1.0, density: 0.5}}\n"
+                                    "parameters: {rescale: false}\n")
+    recipe.write_recipe(recipe.read_recipe(tmp_path / "r.yml"), tmp_path / "out", seed=3)
+    base, a, out = tensors(folders["base"]), tensors(folders["a"]), tensors(tmp_path / "out")
+    name = "model.layers.0.mlp.down_proj.weight"
+    delta, kept = a[name] - base[name], out[name] - base[name]
+    dropped = kept == 0
+    assert 0.4 < dropped.mean() < 0.6
+    np.testing.assert_allclose(kept[~dropped], delta[~dropped], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("line, words", [
+    ("parameters: {{t: .nan}}\n", "parameters.t: nan is not a finite number"),
+    ("dtype: [bfloat16]\n", "dtype: ['bfloat16'] is not a string"),
+])
+def test_a_recipe_value_of_the_wrong_kind_is_refused_in_one_line(folders, tmp_path, line, words):
+    yml = tmp_path / "r.yml"
+    yml.write_text("merge_method: slerp\nbase_model: {a}\nmodels:\n  - model: {b}\n".format(**folders) + line.format())
+    with pytest.raises(merge.MergeError) as e:
+        recipe.read_recipe(yml)
+    assert words in str(e.value) and "\n" not in str(e.value), e.value

@@ -54,7 +54,9 @@ def rounding(dtype):
             bits = x.view(np.uint32)
             bits = bits + (np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1)))
             bits &= np.uint32(0xFFFF0000)
-            bits |= (x != x).astype(np.uint32) << np.uint32(22)  # a NaN stays NaN (its low bits may round away)
+            nan = x != x
+            if nan.any():  # a NaN stays a (quiet) NaN: the rounding could carry its payload into inf or 0
+                bits[nan] = (x.view(np.uint32)[nan] & np.uint32(0xFFFF0000)) | np.uint32(0x00400000)
             return bits.view(F32)
         return to_bfloat16
     return lambda x: np.asarray(x, F32).astype(dtype).astype(F32)
@@ -204,8 +206,11 @@ class RandomDrops:
 
     STEPS = 1 << 16
 
-    def __init__(self, density: float, rescale: bool, seed: int, tensor: str, model: int, rounded=rounding(None)):
-        self.threshold, self.rounded = round(density * self.STEPS), rounded
+    def __init__(self, density: float, rescale: bool, seed: int, tensor: str, model: int, dtype=None):
+        self.threshold = round(density * self.STEPS)
+        # mergekit drops and rescales a bfloat16 delta in bfloat16, any other in float32, then rounds the result
+        bf16 = dtype is not None and np.dtype(dtype).name == "bfloat16"
+        self.rounded, self.work = rounding(dtype), rounding(dtype if bf16 else None)
         self.seed = np.random.SeedSequence([seed, zlib.crc32(tensor.encode()), model])
         self.counting_passes = 1 if rescale else 0
         self.l1 = np.zeros(2)  # before and after the drop
@@ -227,8 +232,8 @@ class RandomDrops:
         masked = delta * self.kept(start, delta.size).astype(F32)
         if self.counting_passes:
             if self.scale is None:
-                before, after = self.rounded(self.l1.astype(F32))
-                self.scale = F32(1) if before < 1e-7 or after < 1e-7 else self.rounded(before / after)
+                before, after = self.work(self.l1.astype(F32))
+                self.scale = F32(1) if before < 1e-7 or after < 1e-7 else self.work(before / after)
             if self.scale != 1:
                 masked = self.rounded(masked * self.scale)
         return masked
@@ -254,15 +259,15 @@ METHODS = {
 
 
 def sparsifier(how: str | None, density: float, size: int, rescale: bool, seed: int = 0, tensor: str = "",
-               model: int = 0, rounded=rounding(None)):
+               model: int = 0, dtype=None):
     """What keeps which entries of one delta of `size` entries: "magnitude" (TIES), "random" (DARE, drawn
-    from seed, tensor and model; its rescaling rounded by `rounded`) or None."""
+    from seed, tensor and model; rescaled as mergekit does in `dtype`) or None."""
     if how is None or density >= 1:
         return Unchanged()
     if how == "magnitude":
         return Dropped() if density <= 0 or size == 0 else TopMagnitudes(size, density)
     if how == "random":
-        return RandomDrops(density, rescale, seed, tensor, model, rounded)
+        return RandomDrops(density, rescale, seed, tensor, model, dtype)
     raise ValueError(f"sparsification {how!r}: expected 'magnitude' or 'random'")
 
 
@@ -270,19 +275,23 @@ class TaskVectors:
     """`base + lam * merge(models - base)` by METHODS[method] for one tensor of `size` entries: each delta
     sparsified to its density, scaled by its weight; with sign election only the entries agreeing with the
     sign of their sum count; the sum divided by the (counted) weights when normalising (the method's default
-    unless `normalize` says). DARE's drops come from `seed` and the tensor's name.
+    unless `normalize` says; DARE rescales unless `rescale` says). DARE's drops come from `seed` and the
+    tensor's name.
 
     mergekit does this arithmetic in the recipe's `dtype` (its tensors are of that dtype), so with `dtype`
-    bfloat16 or float16 every step's result is rounded to it as torch rounds it; sums are float32 first."""
+    bfloat16 or float16 every step's result is rounded to it as torch rounds it; sums are float32 first.
+    (DARE's drop and rescale run in float32 except for bfloat16, as mergekit's do.)"""
 
     def __init__(self, method: str, weights: list[float], size: int, densities: list[float] | None = None,
-                 lam: float = 1.0, normalize: bool | None = None, seed: int = 0, tensor: str = "", dtype=None):
+                 lam: float = 1.0, normalize: bool | None = None, seed: int = 0, tensor: str = "", dtype=None,
+                 rescale: bool | None = None):
         self.how = METHODS[method]
         self.rounded = rounding(dtype)
         self.weights = self.rounded(np.asarray(weights, F32))
         self.lam, self.normalize = lam, self.how.normalize if normalize is None else normalize
         densities = densities or [1.0] * len(weights)
-        self.sparsifiers = [sparsifier(self.how.sparsify, d, size, self.how.rescale, seed, tensor, i, self.rounded)
+        rescale = self.how.rescale if rescale is None else rescale
+        self.sparsifiers = [sparsifier(self.how.sparsify, d, size, rescale, seed, tensor, i, dtype)
                             for i, d in enumerate(densities)]
         self.counting_passes = max(s.counting_passes for s in self.sparsifiers)
 

@@ -25,6 +25,7 @@ import contextlib
 import dataclasses
 import itertools
 import json
+import math
 import re
 import shutil
 from pathlib import Path
@@ -77,6 +78,8 @@ def _parameters(source, where: str, params, allowed: set, method: str) -> dict:
                               "supported")
         elif not isinstance(value, (int, float, bool)):
             _fail(source, f"{where}.{key}: {value!r} is not supported (a number, a boolean or a list of numbers)")
+        if not all(math.isfinite(v) for v in (value if isinstance(value, list) else [value])):
+            _fail(source, f"{where}.{key}: {value!r} is not a finite number")
     return params
 
 
@@ -94,6 +97,9 @@ def read_recipe(path) -> Recipe:
     for key in doc:
         if key not in TOP_KEYS:
             _fail(path, f"unsupported key {key!r} (supported: {', '.join(sorted(TOP_KEYS))})")
+    for key in ("merge_method", "dtype", "out_dtype", "tokenizer_source", "base_model"):
+        if doc.get(key) is not None and not isinstance(doc[key], str):
+            _fail(path, f"{key}: {doc[key]!r} is not a string")
     method = doc.get("merge_method")
     if method not in SHARED:
         _fail(path, f"merge_method: {method!r} is not supported (supported: {', '.join(SHARED)})")
@@ -159,7 +165,8 @@ def merger_for(recipe: Recipe, name: str, size: int, layers: int, seed: int, sto
         return methods.Linear(weights, shared.get("normalize", True))
     return methods.TaskVectors(recipe.method, weights, size, [p.get("density", 1.0) for p in per],
                                lam=shared.get("lambda", 1.0), normalize=shared.get("normalize"), seed=seed,
-                               tensor=name, dtype=merge.DTYPES[recipe.dtype] if recipe.dtype else stored)
+                               tensor=name, dtype=merge.DTYPES[recipe.dtype] if recipe.dtype else stored,
+                               rescale=shared.get("rescale"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,6 +198,8 @@ def write_recipe(recipe: Recipe, out, seed: int = 0, max_shard_size: int | str =
     workdir.check_output(out, [(str(f), f) for f in folders], "--out")
     readers = [merge._open_checkpoint(merge.resolve_input(f)) for f in folders]
     first = readers[0]
+    # linear merges its models only, as mergekit's ignores a base_model that is not among them
+    inputs = list(zip(folders, readers))[1 if recipe.method == "linear" and recipe.base else 0:]
     names = sorted((n for n in first.names() if not merge._SKIPPED.match(n)), key=merge._natural_key)
     for folder, reader in zip(folders[1:], readers[1:]):
         for n in names:
@@ -202,7 +211,7 @@ def write_recipe(recipe: Recipe, out, seed: int = 0, max_shard_size: int | str =
     layers = hf.read_config(folders[0]).num_hidden_layers
     read_as = merge.DTYPES[recipe.dtype] if recipe.dtype else None
     chunk = max(4, chunk_bytes // 16 * 4)  # elements, a multiple of 4 (DARE's draws come four to 64 bits)
-    mergers = {t.name: merger_for(recipe, t.name, t.size, layers, seed, first.dtype(t.name)) for t in tensors}
+    mergers = {t.name: merger_for(recipe, t.name, t.size, layers, seed, inputs[0][1].dtype(t.name)) for t in tensors}
     # Every chunk each input reader yields, in order: a tensor's counting passes, then its output pass. The
     # inputs' sha256 is taken on a tensor's first pass, where the arithmetic leaves the CPU most room.
     jobs, first_pass = [], []
@@ -218,7 +227,7 @@ def write_recipe(recipe: Recipe, out, seed: int = 0, max_shard_size: int | str =
 
     def fill(tmp: Path) -> None:
         merge_io.reuse_freed_memory()
-        streams = [merge_io.ChunkReader(r, {t.name: r.dtype(t.name) for t in tensors}, chunk) for r in readers]
+        streams = [merge_io.ChunkReader(r, {t.name: r.dtype(t.name) for t in tensors}, chunk) for _, r in inputs]
         writer = merge_io.ChunkWriter(chunk * max(t.out_dtype.itemsize for t in tensors))
         with contextlib.ExitStack() as closing:
             for c in (*streams, writer):
@@ -262,8 +271,9 @@ def write_recipe(recipe: Recipe, out, seed: int = 0, max_shard_size: int | str =
                   "models": [{"model": str(m), "parameters": p} for m, p in recipe.models],
                   "parameters": recipe.parameters, "seed": seed, "dtype": recipe.dtype, "out_dtype": out_dtype,
                   "tensors": len(tensors),
-                  "inputs": [{"path": str(f.resolve())} for f in folders],
-                  "sha256_covers": "each input tensor's 'name|dtype|shape' line and bytes, in natural name order"}
+                  "inputs": [{"path": str(f.resolve())} for f, _ in inputs],
+                  "sha256_covers": "each input tensor's 'name|dtype|shape' line and bytes, in natural name order "
+                                   "(a tensor of no elements is left out)"}
     try:
         workdir.write(out, fill, overwrite, folder=True)
     except SafetensorsError as e:  # an input that changed or broke after it was checked

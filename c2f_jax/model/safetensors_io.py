@@ -34,7 +34,10 @@ class _Codes(Mapping):
     _BY_NAME = {name: code for code, name in _DTYPE_NAMES.items()}
 
     def __getitem__(self, dtype) -> str:
-        return self._BY_NAME[np.dtype(dtype).name]
+        dtype = np.dtype(dtype)
+        if not dtype.isnative and dtype.itemsize > 1:  # safetensors is little-endian, as NumPy is here
+            raise KeyError(dtype)
+        return self._BY_NAME[dtype.name]
 
     def __iter__(self):
         return (DTYPES[code] for code in _DTYPE_NAMES)

@@ -125,7 +125,8 @@ def _close_abandoned_reads() -> None:
     warnings.filterwarnings("ignore", message=f"coroutine '{_UNREAD}' was never awaited")
     gc.collect()
     for obj in gc.get_objects():
-        if (isinstance(obj, types.CoroutineType) and obj.cr_code.co_name == _UNREAD
+        # type(), not isinstance(): that reads __class__, which some objects compute (and warn from)
+        if (type(obj) is types.CoroutineType and obj.cr_code.co_name == _UNREAD
                 and inspect.getcoroutinestate(obj) == inspect.CORO_CREATED):
             obj.close()
 
