@@ -184,6 +184,34 @@ class _Tensor:
         return self.size * self.out_dtype.itemsize
 
 
+def _chunk_jobs(shards, mergers: dict, chunk: int) -> tuple[list[tuple], list[bool]]:
+    """Every chunk each input reader yields, in order: (tensor, start, count), a tensor's counting passes, then
+    its output pass; and whether each is a tensor's first pass (the inputs' sha256 is taken there, where the
+    arithmetic leaves the CPU most room)."""
+    jobs, first_pass = [], []
+    for shard in shards:
+        for t in shard:
+            for p in range(mergers[t.name].counting_passes + 1):
+                for start in range(0, t.size, chunk):
+                    jobs.append((t, start, min(chunk, t.size - start)))
+                    first_pass.append(p == 0)
+    return jobs, first_pass
+
+
+def _copy_model_files(source: Path, folder: Path, out_dtype: str | None) -> None:
+    """config.json (its dtype set to `out_dtype` when given), the tokenizer and the generation files."""
+    config = json.loads((source / "config.json").read_text())
+    if out_dtype:
+        for key in ("dtype", "torch_dtype"):
+            if key in config:
+                config[key] = out_dtype
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    hf.copy_tokenizer(source, folder)
+    for extra in merge._EXTRA_FILES:
+        if (source / extra).exists():
+            shutil.copy2(source / extra, folder / extra)
+
+
 def write_recipe(recipe: Recipe, out, seed: int = 0, max_shard_size: int | str = "5GB",
                  overwrite: bool = False, chunk_bytes: int = merge_io.CHUNK_BYTES) -> dict:
     """Merges by `recipe` into the HF folder `out` (written under a temporary name, renamed when whole): the
@@ -212,15 +240,7 @@ def write_recipe(recipe: Recipe, out, seed: int = 0, max_shard_size: int | str =
     read_as = merge.DTYPES[recipe.dtype] if recipe.dtype else None
     chunk = max(4, chunk_bytes // 16 * 4)  # elements, a multiple of 4 (DARE's draws come four to 64 bits)
     mergers = {t.name: merger_for(recipe, t.name, t.size, layers, seed, inputs[0][1].dtype(t.name)) for t in tensors}
-    # Every chunk each input reader yields, in order: a tensor's counting passes, then its output pass. The
-    # inputs' sha256 is taken on a tensor's first pass, where the arithmetic leaves the CPU most room.
-    jobs, first_pass = [], []
-    for shard in shards:
-        for t in shard:
-            for p in range(mergers[t.name].counting_passes + 1):
-                for start in range(0, t.size, chunk):
-                    jobs.append((t, start, min(chunk, t.size - start)))
-                    first_pass.append(p == 0)
+    jobs, first_pass = _chunk_jobs(shards, mergers, chunk)
 
     def as_f32(x: np.ndarray) -> np.ndarray:
         return (merge._cast(x, read_as) if read_as is not None else x).astype(np.float32, copy=False)
@@ -253,16 +273,7 @@ def write_recipe(recipe: Recipe, out, seed: int = 0, max_shard_size: int | str =
             entry["sha256"] = s.sha.hexdigest()
         safetensors_io.write_index(tmp, [[t.name for t in shard] for shard in shards],
                                    sum(t.out_nbytes for t in tensors))
-        config = json.loads((folders[0] / "config.json").read_text())
-        if out_dtype:
-            for key in ("dtype", "torch_dtype"):
-                if key in config:
-                    config[key] = out_dtype
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        hf.copy_tokenizer(folders[0], tmp)
-        for extra in merge._EXTRA_FILES:
-            if (folders[0] / extra).exists():
-                shutil.copy2(folders[0] / extra, tmp / extra)
+        _copy_model_files(folders[0], tmp, out_dtype)
         (tmp / merge.PROVENANCE_NAME).write_text(json.dumps(provenance, indent=2))
 
     provenance = {"method": f"{recipe.method} (c2f_jax.merge.methods, as mergekit 0.1.5)",
