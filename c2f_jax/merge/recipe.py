@@ -212,6 +212,19 @@ def _copy_model_files(source: Path, folder: Path, out_dtype: str | None) -> None
             shutil.copy2(source / extra, folder / extra)
 
 
+def _merge_tensor(t: _Tensor, merger, chunks, count: int, as_f32, writer: merge_io.ChunkWriter, f) -> None:
+    """One tensor through `merger`: its counting passes, then its output pass written to `f`; each pass takes
+    the next `count` (job, *input chunks) of the `chunks` stream."""
+    for p in range(merger.counting_passes):
+        for (_, start, _), *arrays in itertools.islice(chunks, count):
+            merger.observe(p, start, [as_f32(a) for a in arrays])
+    for (_, start, _), *arrays in itertools.islice(chunks, count):
+        merged = merger.merge(start, [as_f32(a) for a in arrays])
+        buffer = writer.buffer(merged.shape, t.out_dtype)
+        np.copyto(buffer, merged, casting="unsafe")  # round to nearest even, as astype does
+        writer.write(f, buffer)
+
+
 def write_recipe(recipe: Recipe, out, seed: int = 0, max_shard_size: int | str = "5GB",
                  overwrite: bool = False, chunk_bytes: int = merge_io.CHUNK_BYTES) -> dict:
     """Merges by `recipe` into the HF folder `out` (written under a temporary name, renamed when whole): the
@@ -258,15 +271,7 @@ def write_recipe(recipe: Recipe, out, seed: int = 0, max_shard_size: int | str =
                 header = safetensors_io.header([(t.name, t.shape, t.out_dtype) for t in shard])
                 writer.write(f, np.frombuffer(header, np.uint8))
                 for t in shard:
-                    merger = mergers.pop(t.name)
-                    for p in range(merger.counting_passes):
-                        for (_, start, _), *arrays in itertools.islice(chunks, -(-t.size // chunk)):
-                            merger.observe(p, start, [as_f32(a) for a in arrays])
-                    for (_, start, _), *arrays in itertools.islice(chunks, -(-t.size // chunk)):
-                        merged = merger.merge(start, [as_f32(a) for a in arrays])
-                        buffer = writer.buffer(merged.shape, t.out_dtype)
-                        np.copyto(buffer, merged, casting="unsafe")  # round to nearest even, as astype does
-                        writer.write(f, buffer)
+                    _merge_tensor(t, mergers.pop(t.name), chunks, -(-t.size // chunk), as_f32, writer, f)
                 writer.finish(f, len(header) + sum(t.out_nbytes for t in shard))
             writer.drain()
         for entry, s in zip(provenance["inputs"], streams):
