@@ -225,6 +225,18 @@ def _merge_tensor(t: _Tensor, merger, chunks, count: int, as_f32, writer: merge_
         writer.write(f, buffer)
 
 
+def _provenance(recipe: Recipe, seed: int, out_dtype: str | None, tensors: int, inputs: list[Path]) -> dict:
+    """merge_provenance.json's content, before the inputs' sha256 (added once they are read)."""
+    return {"method": f"{recipe.method} (c2f_jax.merge.methods, as mergekit 0.1.5)",
+            "recipe": str(recipe.source.resolve()) if recipe.source else None,
+            "base": str(recipe.base) if recipe.base else None,
+            "models": [{"model": str(m), "parameters": p} for m, p in recipe.models],
+            "parameters": recipe.parameters, "seed": seed, "dtype": recipe.dtype, "out_dtype": out_dtype,
+            "tensors": tensors, "inputs": [{"path": str(f.resolve())} for f in inputs],
+            "sha256_covers": "each input tensor's 'name|dtype|shape' line and bytes, in natural name order "
+                             "(a tensor of no elements is left out)"}
+
+
 def write_recipe(recipe: Recipe, out, seed: int = 0, max_shard_size: int | str = "5GB",
                  overwrite: bool = False, chunk_bytes: int = merge_io.CHUNK_BYTES) -> dict:
     """Merges by `recipe` into the HF folder `out` (written under a temporary name, renamed when whole): the
@@ -281,15 +293,7 @@ def write_recipe(recipe: Recipe, out, seed: int = 0, max_shard_size: int | str =
         _copy_model_files(folders[0], tmp, out_dtype)
         (tmp / merge.PROVENANCE_NAME).write_text(json.dumps(provenance, indent=2))
 
-    provenance = {"method": f"{recipe.method} (c2f_jax.merge.methods, as mergekit 0.1.5)",
-                  "recipe": str(recipe.source.resolve()) if recipe.source else None,
-                  "base": str(recipe.base) if recipe.base else None,
-                  "models": [{"model": str(m), "parameters": p} for m, p in recipe.models],
-                  "parameters": recipe.parameters, "seed": seed, "dtype": recipe.dtype, "out_dtype": out_dtype,
-                  "tensors": len(tensors),
-                  "inputs": [{"path": str(f.resolve())} for f, _ in inputs],
-                  "sha256_covers": "each input tensor's 'name|dtype|shape' line and bytes, in natural name order "
-                                   "(a tensor of no elements is left out)"}
+    provenance = _provenance(recipe, seed, out_dtype, len(tensors), [f for f, _ in inputs])
     try:
         workdir.write(out, fill, overwrite, folder=True)
     except SafetensorsError as e:  # an input that changed or broke after it was checked
