@@ -33,12 +33,14 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing or does not fit the run."""
 
 
-# A failed restore closes Orbax's event loop while TensorStore still completes the other reads in flight; each
-# reports back, a traceback apiece: "Event loop is closed" from a callback thread, a read task's exception that
-# asyncio logs, a TensorStore read future's exception that asyncio logs when the future is collected (it carries
-# no traceback, only TensorStore's "<STATUS>: Error reading ..." text), or a read coroutine never awaited. The
-# restore's own error says what failed (`unreadable`), and the command ends with it, so these echoes (and only
-# these: Orbax's and TensorStore's reads) are dropped.
+# A failed save or restore closes Orbax's event loop while TensorStore still completes the other writes or reads
+# in flight; each reports back, a traceback apiece: "Event loop is closed" from TensorStore's callback thread (an
+# unraisable exception), a write or read task's exception that asyncio or absl logs, a TensorStore future's
+# exception that asyncio logs when the future is collected (it carries no traceback, only TensorStore's
+# "<STATUS>: Error reading ..." text), or a read coroutine never awaited. They arrive from other threads, before
+# the failure reaches the save, wait or restore that raises it as one line (and after: when the futures are
+# collected), and the command ends with that line; so these echoes, and only these (Orbax's and TensorStore's),
+# are dropped while a Checkpointer is open, and from its first failure to the end of the process.
 def _from_orbax(tb) -> bool:
     while tb is not None:
         if "orbax" in tb.tb_frame.f_code.co_filename:
@@ -47,64 +49,55 @@ def _from_orbax(tb) -> bool:
     return False
 
 
-def _read_echo(record: logging.LogRecord) -> bool:
+def _echo(record: logging.LogRecord) -> bool:
     if not record.exc_info:
         return False
     _, exc, tb = record.exc_info
-    return _from_orbax(tb) or bool(re.match(r"[A-Z_]+: Error reading ", str(exc)))
+    return _from_orbax(tb) or bool(re.match(r"[A-Z_]+: Error (reading|writing) ", str(exc)))
+
+
+def _closed_loop_callback(unraisable) -> bool:
+    """TensorStore's native thread calling `loop.call_soon_threadsafe` on Orbax's closed loop: the traceback
+    starts in asyncio (no Python caller) and the unraisable has no object."""
+    tb = unraisable.exc_traceback
+    return (unraisable.object is None and isinstance(unraisable.exc_value, RuntimeError)
+            and str(unraisable.exc_value) == "Event loop is closed" and tb is not None
+            and tb.tb_frame.f_code.co_name == "call_soon_threadsafe")
 
 
 _UNREAD = "_read_array_index_and_device_put"  # Orbax's per-array read coroutine
+_LOGGERS = ("asyncio", "absl")  # where Orbax's threads and asyncio log a failed task
 
 
-def drop_read_echoes() -> Callable[[], None]:
-    """Installs the filters of these echoes (sys.unraisablehook, the asyncio logger, one warning); returns the
-    function that removes them again."""
+def drop_orbax_echoes() -> Callable[[], None]:
+    """Installs the filters of these echoes (sys.unraisablehook, the asyncio and absl loggers, one warning);
+    returns the function that removes them again."""
     previous = sys.unraisablehook
 
     def hook(unraisable) -> None:
-        closed = isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"
         code = getattr(unraisable.object, "cr_code", None)
-        if not (closed or (code is not None and "orbax" in code.co_filename) or _from_orbax(unraisable.exc_traceback)):
+        if not (_closed_loop_callback(unraisable) or (code is not None and "orbax" in code.co_filename)
+                or _from_orbax(unraisable.exc_traceback)):
             previous(unraisable)
 
     def log_filter(record) -> bool:
-        return not _read_echo(record)
+        return not _echo(record)
 
     sys.unraisablehook = hook
-    logging.getLogger("asyncio").addFilter(log_filter)
+    for name in _LOGGERS:
+        logging.getLogger(name).addFilter(log_filter)
     warnings.filterwarnings("ignore", message=f"coroutine '{_UNREAD}' was never awaited")
     added = warnings.filters[0]
 
     def remove() -> None:
         if sys.unraisablehook is hook:
             sys.unraisablehook = previous
-        logging.getLogger("asyncio").removeFilter(log_filter)
+        for name in _LOGGERS:
+            logging.getLogger(name).removeFilter(log_filter)
         if added in warnings.filters:
             warnings.filters.remove(added)
 
     return remove
-
-
-def _drop_save_echoes() -> Callable[[], None]:
-    """A failed asynchronous save is logged by each of Orbax's threads, a traceback apiece, before the next
-    save or wait raises it, as one line (Checkpointer._save_failures). Drops those log records while the
-    checkpointer is open; returns the function that stops dropping them."""
-    def log_filter(record) -> bool:
-        return not (record.exc_info and _from_orbax(record.exc_info[2]))
-
-    absl_logger = logging.getLogger("absl")
-    absl_logger.addFilter(log_filter)
-    return lambda: absl_logger.removeFilter(log_filter)
-
-
-@contextlib.contextmanager
-def _echoes_of_a_failed_read_dropped():
-    """For the duration of a restore. A failed one leaves the filters in place: its echoes arrive after it has
-    raised (when the read futures are collected), and the command then ends with its error."""
-    remove = drop_read_echoes()
-    yield
-    remove()
 
 
 def _finalise_failed_read(error: BaseException) -> None:
@@ -223,7 +216,8 @@ class Checkpointer:
                                                     create=True, cleanup_tmp_directories=writer)
         self.manager = ocp.CheckpointManager(self.directory, options=self.options)
         self._saving: int | None = None
-        self._drop_echoes = _drop_save_echoes()
+        self._stop_dropping_echoes = drop_orbax_echoes()
+        self._failed = False  # a failed save or read: its echoes keep arriving, so the filters stay
 
     def steps(self) -> list[int]:
         return list(self.manager.all_steps())
@@ -249,10 +243,10 @@ class Checkpointer:
         step_dir = self.directory / str(step)
         check_files(step_dir)
         try:
-            with _echoes_of_a_failed_read_dropped():
-                restored = self.manager.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+            restored = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
         except Exception as e:  # TensorStore's and Orbax's errors (of several types) for a file cut short or garbled
+            self._failed = True
             _finalise_failed_read(e)
             raise unreadable(step_dir, e) from None
         return restored["state"], restored["meta"]
@@ -267,8 +261,7 @@ class Checkpointer:
         state_dir = self.directory / str(step) / "state"  # the manager's default step naming, as `save` uses it
         check_files(state_dir.parent)
         try:
-            with _echoes_of_a_failed_read_dropped():
-                saved = ocp.StandardCheckpointHandler().metadata(state_dir).tree
+            saved = ocp.StandardCheckpointHandler().metadata(state_dir).tree
         except (FileNotFoundError, ValueError) as e:
             raise CheckpointError(f"{state_dir}: unreadable checkpoint state ({e})") from None
         node = saved
@@ -287,10 +280,10 @@ class Checkpointer:
             lambda path, m: ocp.RestoreArgs(restore_type=np.ndarray) if inside(path) else ocp.PLACEHOLDER, saved)
         handler = ocp.PyTreeCheckpointHandler()
         try:
-            with _echoes_of_a_failed_read_dropped():
-                restored = handler.restore(state_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=args))
-                meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+            restored = handler.restore(state_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=args))
+            meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         except Exception as e:
+            self._failed = True
             _finalise_failed_read(e)
             raise unreadable(state_dir.parent, e) from None
         finally:
@@ -314,7 +307,8 @@ class Checkpointer:
             self.wait()
         finally:
             self.manager.close()
-            self._drop_echoes()
+            if not self._failed:
+                self._stop_dropping_echoes()
 
     @contextlib.contextmanager
     def _save_failures(self):
@@ -323,6 +317,7 @@ class Checkpointer:
         try:
             yield
         except Exception as e:
+            self._failed = True
             step, self._saving = self._saving, None
             try:  # a failed save leaves the manager's other futures of it to fail later: start afresh
                 self.manager.close()
