@@ -57,6 +57,7 @@ def test_tensorstore_echoes_are_dropped_and_nothing_else(caplog):
     # printed 252). Other futures' exceptions, and a closed loop called from Python, must still be reported.
     import asyncio
     import gc
+    import logging
     import threading
 
     import tensorstore as ts
@@ -64,6 +65,10 @@ def test_tensorstore_echoes_are_dropped_and_nothing_else(caplog):
     from c2f_jax.runtime import checkpoint
 
     reported = []
+    # the filters this process's Checkpointers installed (for good) set aside: these must be the test's own
+    saved_hook, saved_filters = sys.unraisablehook, {n: logging.getLogger(n).filters for n in checkpoint._LOGGERS}
+    for name in checkpoint._LOGGERS:
+        logging.getLogger(name).filters = []
     sys.unraisablehook = reported.append
     try:
         remove = checkpoint.drop_orbax_echoes()  # what a Checkpointer installs, and leaves installed on a failure
@@ -97,7 +102,9 @@ def test_tensorstore_echoes_are_dropped_and_nothing_else(caplog):
         CallsAClosedLoop()  # ours, from Python: reported
         remove()
     finally:
-        sys.unraisablehook = sys.__unraisablehook__
+        sys.unraisablehook = saved_hook
+        for name, filters in saved_filters.items():
+            logging.getLogger(name).filters = filters
     logged = [r.getMessage() + str(r.exc_info[1]) for r in caplog.records if r.name == "asyncio"]
     assert len(logged) == 1 and "a bug of ours" in logged[0], logged
     assert [str(u.exc_value) for u in reported] == ["Event loop is closed"] and reported[0].object is not None

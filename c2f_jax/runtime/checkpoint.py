@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import gc
 import inspect
 import json
@@ -39,8 +40,8 @@ class CheckpointError(ValueError):
 # exception that asyncio logs when the future is collected (it carries no traceback, only TensorStore's
 # "<STATUS>: Error reading ..." text), or a read coroutine never awaited. They arrive from other threads, before
 # the failure reaches the save, wait or restore that raises it as one line (and after: when the futures are
-# collected), and the command ends with that line; so these echoes, and only these (Orbax's and TensorStore's),
-# are dropped while a Checkpointer is open, and from its first failure to the end of the process.
+# collected, up to the process's end), and the command ends with that line; so these echoes, and only these
+# (Orbax's and TensorStore's), are dropped from the first Checkpointer a process opens to its end.
 def _from_orbax(tb) -> bool:
     while tb is not None:
         if "orbax" in tb.tb_frame.f_code.co_filename:
@@ -98,6 +99,13 @@ def drop_orbax_echoes() -> Callable[[], None]:
             warnings.filters.remove(added)
 
     return remove
+
+
+@functools.cache
+def _drop_orbax_echoes_from_now_on() -> None:
+    """drop_orbax_echoes, once per process, never removed: a Checkpointer closed after (or beside) another's
+    failure must not take away the filters that failure's echoes still need."""
+    drop_orbax_echoes()
 
 
 def _finalise_failed_read(error: BaseException) -> None:
@@ -216,8 +224,7 @@ class Checkpointer:
                                                     create=True, cleanup_tmp_directories=writer)
         self.manager = ocp.CheckpointManager(self.directory, options=self.options)
         self._saving: int | None = None
-        self._stop_dropping_echoes = drop_orbax_echoes()
-        self._failed = False  # a failed save or read: its echoes keep arriving, so the filters stay
+        _drop_orbax_echoes_from_now_on()
 
     def steps(self) -> list[int]:
         return list(self.manager.all_steps())
@@ -246,7 +253,6 @@ class Checkpointer:
             restored = self.manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
         except Exception as e:  # TensorStore's and Orbax's errors (of several types) for a file cut short or garbled
-            self._failed = True
             _finalise_failed_read(e)
             raise unreadable(step_dir, e) from None
         return restored["state"], restored["meta"]
@@ -283,7 +289,6 @@ class Checkpointer:
             restored = handler.restore(state_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=args))
             meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         except Exception as e:
-            self._failed = True
             _finalise_failed_read(e)
             raise unreadable(state_dir.parent, e) from None
         finally:
@@ -307,8 +312,6 @@ class Checkpointer:
             self.wait()
         finally:
             self.manager.close()
-            if not self._failed:
-                self._stop_dropping_echoes()
 
     @contextlib.contextmanager
     def _save_failures(self):
@@ -317,7 +320,6 @@ class Checkpointer:
         try:
             yield
         except Exception as e:
-            self._failed = True
             step, self._saving = self._saving, None
             try:  # a failed save leaves the manager's other futures of it to fail later: start afresh
                 self.manager.close()
