@@ -25,11 +25,19 @@ def number(cell):
 
 
 def test_bench_rollout_prints_ratio_and_matmul_bound():
-    out = run_tool("bench_rollout.py", "--sizes", "2x64", "--new-tokens", "8", "--repeats", "1")
+    # short decode lengths: the defaults (up to 512 + 1024) compile and decode for 20 of the test's 40 s
+    out = run_tool("bench_rollout.py", "--sizes", "2x64", "--new-tokens", "8", "--repeats", "1",
+                   "--lengths", "8,32", "--long", "16+32")
     (row,) = table_rows(out, "2 layers")
     ours, loaded, theirs, ratio, matmul_bound, share = (number(row[i]) for i in (2, 3, 4, 5, 8, 9))
     assert ours > 0 and loaded > 0 and theirs > 0 and abs(ratio - ours / theirs) < 0.02 * ratio
     assert matmul_bound > 0 and abs(share - 100 * ours / matmul_bound) < 1.5
+    short, full = table_rows(out, "EOS suppressed")
+    (stopped,) = table_rows(out, "every row stops")
+    (long,) = table_rows(out, "long context")
+    assert [short[1], full[1], stopped[1], long[1]] == ["32 + 8", "32 + 32", "32 + 32", "16 + 32"]
+    assert number(short[2]) > 0 and number(full[2]) > 0 and number(long[3]) > 0
+    assert 0 < float(stopped[4].split()[0]) < 1  # stopping at the first token takes a fraction of the full decode
 
 
 def test_bench_ppo_prints_both_sides_and_the_bound():
