@@ -212,6 +212,18 @@ def _copy_model_files(source: Path, folder: Path, out_dtype: str | None) -> None
             shutil.copy2(source / extra, folder / extra)
 
 
+def _tensor_names(folders: list[Path], readers: list) -> list[str]:
+    """The first input's tensor names to merge, in natural order, each checked present with the same shape in
+    every other input."""
+    first = readers[0]
+    names = sorted((n for n in first.names() if not merge._SKIPPED.match(n)), key=merge._natural_key)
+    for folder, reader in zip(folders[1:], readers[1:]):
+        for n in names:
+            if n not in reader.names() or reader.shape(n) != first.shape(n):
+                raise merge.MergeError(f"tensor {n}: missing or of another shape in {folder} than in {folders[0]}")
+    return names
+
+
 def _merge_tensor(t: _Tensor, merger, chunks, count: int, as_f32, writer: merge_io.ChunkWriter, f) -> None:
     """One tensor through `merger`: its counting passes, then its output pass written to `f`; each pass takes
     the next `count` (job, *input chunks) of the `chunks` stream."""
@@ -253,11 +265,7 @@ def write_recipe(recipe: Recipe, out, seed: int = 0, max_shard_size: int | str =
     first = readers[0]
     # linear merges its models only, as mergekit's ignores a base_model that is not among them
     inputs = list(zip(folders, readers))[1 if recipe.method == "linear" and recipe.base else 0:]
-    names = sorted((n for n in first.names() if not merge._SKIPPED.match(n)), key=merge._natural_key)
-    for folder, reader in zip(folders[1:], readers[1:]):
-        for n in names:
-            if n not in reader.names() or reader.shape(n) != first.shape(n):
-                raise merge.MergeError(f"tensor {n}: missing or of another shape in {folder} than in {folders[0]}")
+    names = _tensor_names(folders, readers)
     out_dtype = recipe.out_dtype or recipe.dtype
     tensors = [_Tensor(n, first.shape(n), merge.DTYPES[out_dtype] if out_dtype else first.dtype(n)) for n in names]
     shards = safetensors_io.plan_shards(tensors, lambda t: t.out_nbytes, hf.parse_size(max_shard_size))
