@@ -36,7 +36,7 @@ def test_bench_rollout_prints_ratio_and_matmul_bound():
     (stopped,) = table_rows(out, "every row stops")
     (long,) = table_rows(out, "long context")
     assert [short[1], full[1], stopped[1], long[1]] == ["32 + 8", "32 + 32", "32 + 32", "16 + 32"]
-    assert number(short[2]) > 0 and number(full[2]) > 0 and number(long[3]) > 0
+    assert number(short[3]) > 0 and number(full[3]) > 0 and number(long[3]) > 0  # tok/s
     assert 0 < float(stopped[4].split()[0]) < 1  # stopping at the first token takes a fraction of the full decode
 
 

@@ -42,9 +42,16 @@ class CheckpointError(ValueError):
 # the failure reaches the save, wait or restore that raises it as one line (and after: when the futures are
 # collected, up to the process's end), and the command ends with that line; so these echoes, and only these
 # (Orbax's and TensorStore's), are dropped from the first Checkpointer a process opens to its end.
+_ORBAX = os.path.dirname(os.path.dirname(ocp.__file__)) + os.sep  # the orbax package's folder
+
+
+def _in_orbax(code: types.CodeType) -> bool:
+    return code.co_filename.startswith(_ORBAX)
+
+
 def _from_orbax(tb) -> bool:
     while tb is not None:
-        if "orbax" in tb.tb_frame.f_code.co_filename:
+        if _in_orbax(tb.tb_frame.f_code):
             return True
         tb = tb.tb_next
     return False
@@ -67,6 +74,13 @@ def _closed_loop_callback(unraisable) -> bool:
 
 
 _UNREAD = "_read_array_index_and_device_put"  # Orbax's per-array read coroutine
+
+
+def _ignore_unread_warning() -> tuple:
+    """Filters the warning of a never-awaited `_UNREAD` (one entry however often called); returns the entry.
+    Called again where it is needed: any `warnings.catch_warnings` exit (another thread's) can drop it."""
+    warnings.filterwarnings("ignore", message=f"coroutine '{_UNREAD}' was never awaited")
+    return warnings.filters[0]
 _LOGGERS = ("asyncio", "absl")  # where Orbax's threads and asyncio log a failed task
 
 
@@ -77,7 +91,7 @@ def drop_orbax_echoes() -> Callable[[], None]:
 
     def hook(unraisable) -> None:
         code = getattr(unraisable.object, "cr_code", None)
-        if not (_closed_loop_callback(unraisable) or (code is not None and "orbax" in code.co_filename)
+        if not (_closed_loop_callback(unraisable) or (code is not None and _in_orbax(code))
                 or _from_orbax(unraisable.exc_traceback)):
             previous(unraisable)
 
@@ -87,8 +101,7 @@ def drop_orbax_echoes() -> Callable[[], None]:
     sys.unraisablehook = hook
     for name in _LOGGERS:
         logging.getLogger(name).addFilter(log_filter)
-    warnings.filterwarnings("ignore", message=f"coroutine '{_UNREAD}' was never awaited")
-    added = warnings.filters[0]
+    added = _ignore_unread_warning()
 
     def remove() -> None:
         if sys.unraisablehook is hook:
@@ -111,6 +124,7 @@ def _drop_orbax_echoes_from_now_on() -> None:
 def _finalise_failed_read(error: BaseException) -> None:
     """Finalises what a failed read abandoned (coroutines never awaited) now, while the filter of their warning
     is in place, and once more at exit (`_close_abandoned_reads`) for those still held then."""
+    _ignore_unread_warning()
     traceback.clear_frames(error.__traceback__)
     gc.collect()
     atexit.unregister(_close_abandoned_reads)
@@ -123,7 +137,7 @@ def _close_abandoned_reads() -> None:
     collected later. Without it, an intermittent 'coroutine ... was never awaited' printed at interpreter exit,
     under the command's one error line: the filter set during the read can be dropped by another thread's
     `warnings.catch_warnings` restoring its copy of the filters."""
-    warnings.filterwarnings("ignore", message=f"coroutine '{_UNREAD}' was never awaited")
+    _ignore_unread_warning()
     gc.collect()
     for obj in gc.get_objects():
         # type(), not isinstance(): that reads __class__, which some objects compute (and warn from)
@@ -222,9 +236,9 @@ class Checkpointer:
         self.directory = Path(workdir).absolute() / "checkpoints"
         self.options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                                     create=True, cleanup_tmp_directories=writer)
+        _drop_orbax_echoes_from_now_on()  # before the manager: making it can fail on a bad disk too
         self.manager = ocp.CheckpointManager(self.directory, options=self.options)
         self._saving: int | None = None
-        _drop_orbax_echoes_from_now_on()
 
     def steps(self) -> list[int]:
         return list(self.manager.all_steps())
