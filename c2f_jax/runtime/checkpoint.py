@@ -81,6 +81,8 @@ def _ignore_unread_warning() -> tuple:
     Called again where it is needed: any `warnings.catch_warnings` exit (another thread's) can drop it."""
     warnings.filterwarnings("ignore", message=f"coroutine '{_UNREAD}' was never awaited")
     return warnings.filters[0]
+
+
 _LOGGERS = ("asyncio", "absl")  # where Orbax's threads and asyncio log a failed task
 
 
@@ -122,8 +124,8 @@ def _drop_orbax_echoes_from_now_on() -> None:
 
 
 def _finalise_failed_read(error: BaseException) -> None:
-    """Finalises what a failed read abandoned (coroutines never awaited) now, while the filter of their warning
-    is in place, and once more at exit (`_close_abandoned_reads`) for those still held then."""
+    """Finalises what a failed read abandoned (coroutines never awaited) now, with the filter of their warning
+    renewed, and once more at exit (`_close_abandoned_reads`) for those still held then."""
     _ignore_unread_warning()
     traceback.clear_frames(error.__traceback__)
     gc.collect()
