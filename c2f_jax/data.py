@@ -34,7 +34,7 @@ class Pair:
 
 
 def bundled_path() -> Path:
-    """Our own small HH-format preference set shipped in the package (see tools/make_sample_data.py)."""
+    """Our own small HH-format preference set shipped in the package (see scripts/make_sample_data.py)."""
     return Path(__file__).parent / "data" / "hh_sample.jsonl"
 
 

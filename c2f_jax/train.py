@@ -19,7 +19,10 @@ from c2f_jax.jobs.reward_model import run_reward
 from c2f_jax.jobs.setup import TrainError, config_dict
 from c2f_jax.runtime import cli, distributed, preemption, workdir, workdir_lock
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"  # a source checkout's configs/, for bare names
+# Where a bare config name is looked up after ./configs: the configs shipped in an installed package
+# (pyproject maps the checkout's configs/ to c2f_jax/configs), else a source checkout's configs/.
+_PACKAGE = Path(__file__).resolve().parent
+CONFIG_DIR = _PACKAGE / "configs" if (_PACKAGE / "configs").is_dir() else _PACKAGE.parent / "configs"
 REQUIRED_KEYS = ("job", "steps", "seed", "checkpoint_every", "mesh.data", "mesh.fsdp", "mesh.tensor",
                  "rollout.temperature")
 
@@ -113,7 +116,7 @@ def parse_args(argv: list[str]):
 
 FLAGS_HELP = """flags:
   --config FILE          an ml_collections config file (a bare name such as tiny_coarse.py is looked up in
-                         ./configs and the checkout's configs/); required
+                         ./configs, then in the configs shipped with c2f-jax); required
   --config.KEY=VALUE     override one config key (repeatable); `--config FILE --help` lists every key
   --workdir DIR          the run folder (default runs/<config name>); an existing one is resumed
   -h, --help             this text"""
@@ -154,5 +157,10 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def command() -> None:
+    """`c2f-train` (and `python -m c2f_jax.train`): bad input as one line and exit status 2."""
     cli.run(main)
+
+
+if __name__ == "__main__":
+    command()

@@ -23,7 +23,7 @@ def get_config():
         reference_dtype="bfloat16",
         remat="dots",
     )
-    # An HF MistralForSequenceClassification folder (tools/export_hf.py of a reward run). The tiny demo
+    # An HF MistralForSequenceClassification folder (c2f-export of a reward run). The tiny demo
     # instead gives no path and a reward job config as reward_model.train, run first in WORKDIR/reward_run.
     c.reward_model = dict(path="runs/reward-hf", dtype="bfloat16")
     c.data = dict(

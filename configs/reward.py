@@ -2,7 +2,7 @@
 
   python -m c2f_jax.train --config configs/reward.py --workdir runs/reward \
       --config.model.base=/models/Mistral-7B-v0.1
-  python tools/export_hf.py --checkpoint runs/reward --out runs/reward-hf
+  c2f-export --checkpoint runs/reward --out runs/reward-hf
 """
 
 import ml_collections

@@ -29,12 +29,16 @@ from typing import Callable
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # runnable from a checkout without installing
 
-TOOLS = ("export_hf", "generate", "merge", "sweep", "sft", "evaluate")
+# The module (or, for the demo's SFT script, the file) each command of the table runs.
+COMMANDS = {"train": "c2f_jax.train", "export": "c2f_jax.cli.export", "generate": "c2f_jax.cli.generate",
+            "merge": "c2f_jax.cli.merge", "sweep": "c2f_jax.cli.sweep", "evaluate": "c2f_jax.cli.evaluate",
+            "plot": "c2f_jax.cli.plot", "plan": "c2f_jax.cli.plan", "lm_eval": "c2f_jax.cli.lm_eval",
+            "local_job": "c2f_jax.runtime.local_job", "sft": ROOT / "scripts" / "sft.py"}
 
 
 @dataclasses.dataclass(frozen=True)
 class Case:
-    """`tool` ("train" or a tools/ script) with `argv(env)`; `setup(env)` prepares the case's folder first."""
+    """`tool` (a key of COMMANDS) with `argv(env)`; `setup(env)` prepares the case's folder first."""
 
     name: str
     tool: str
@@ -244,21 +248,21 @@ CASES = [
         "--config.data.seq_buckets=(8192,)",
         "--config.data.eval_fraction=0", "--config.steps=-1")],
     # export
-    Case("export --dtype int8", "export_hf", _export("--dtype", "int8")),
-    Case("export --dtype abc", "export_hf", _export("--dtype", "abc")),
-    Case("export --checkpoint not found", "export_hf", lambda env: ["--checkpoint", "/nowhere", "--out", str(env.box / "o")]),
-    Case("export --checkpoint is an HF folder", "export_hf",
+    Case("export --dtype int8", "export", _export("--dtype", "int8")),
+    Case("export --dtype abc", "export", _export("--dtype", "abc")),
+    Case("export --checkpoint not found", "export", lambda env: ["--checkpoint", "/nowhere", "--out", str(env.box / "o")]),
+    Case("export --checkpoint is an HF folder", "export",
          lambda env: ["--checkpoint", env.f("hf"), "--out", str(env.box / "o")]),
-    Case("export --step without a checkpoint", "export_hf", _export("--step", "999")),
-    Case("export --out is the workdir", "export_hf",
+    Case("export --step without a checkpoint", "export", _export("--step", "999")),
+    Case("export --out is the workdir", "export",
          lambda env: ["--checkpoint", str(env.box / "w"), "--out", str(env.box / "w"), "--overwrite"],
          lambda env: env.copy_run()),
-    Case("export --out inside the checkpoints", "export_hf",
+    Case("export --out inside the checkpoints", "export",
          lambda env: ["--checkpoint", str(env.box / "w"), "--out", str(env.box / "w" / "checkpoints" / "x")],
          lambda env: env.copy_run()),
-    Case("export truncated checkpoint", "export_hf",
+    Case("export truncated checkpoint", "export",
          lambda env: ["--checkpoint", str(env.box / "w"), "--out", str(env.box / "o")], truncate_latest_arrays),
-    Case("export checkpoint _METADATA deleted", "export_hf",
+    Case("export checkpoint _METADATA deleted", "export",
          lambda env: ["--checkpoint", str(env.box / "w"), "--out", str(env.box / "o")], delete_in_latest("_METADATA")),
     # generate
     Case("generate --dtype int8", "generate", _generate("--dtype", "int8")),
@@ -323,11 +327,10 @@ CASES = [
 
 def _entry(tool: str):
     """The `main` a shell command runs for `tool`."""
-    if tool == "train":
-        from c2f_jax import train
-
-        return train.main
-    spec = importlib.util.spec_from_file_location(f"{tool}_tool", ROOT / "tools" / f"{tool}.py")
+    where = COMMANDS[tool]
+    if isinstance(where, str):
+        return importlib.import_module(where).main
+    spec = importlib.util.spec_from_file_location(f"{tool}_script", where)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.main
@@ -377,7 +380,8 @@ def _fork_run(main, argv: list[str], cwd: Path, log: Path, timeout: float) -> tu
 
 
 def _subprocess_run(tool: str, argv: list[str], cwd: Path, log: Path, timeout: float) -> tuple[int, float]:
-    cmd = [sys.executable, "-m", "c2f_jax.train"] if tool == "train" else [sys.executable, str(ROOT / "tools" / f"{tool}.py")]
+    where = COMMANDS[tool]
+    cmd = [sys.executable, "-m", where] if isinstance(where, str) else [sys.executable, str(where)]
     start = time.perf_counter()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     with open(log, "w") as fh:
@@ -492,8 +496,7 @@ def main(argv=None) -> int:
     run = Path(args.run).absolute() if args.run else fixtures / "run"
     run_args = json.loads(Path(args.run_args or fixtures / "run_args.json").read_text())
     # Import every CLI once, before forking: each child then starts at once.
-    from c2f_jax import train  # noqa: F401
-    for tool in TOOLS:
+    for tool in COMMANDS:
         _entry(tool)
     scratch = Path(tempfile.mkdtemp(prefix="c2f-bad-"))
     results = []

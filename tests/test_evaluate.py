@@ -18,10 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def load_tool(name):
-    spec = importlib.util.spec_from_file_location(f"{name}_tool", ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module(f"c2f_jax.cli.{name}")
 
 
 # ----------------------------------------------------------------------------- text metrics

@@ -66,8 +66,8 @@ def test_an_export_or_a_merge_on_a_full_disk_leaves_no_output(demo, small_disk, 
     workdir, _ = demo
     exported = export.export(workdir, tmp_path / "hf", dtype="float32")
     commands = {
-        "export": [str(ROOT / "tools" / "export_hf.py"), "--checkpoint", str(workdir), "--dtype", "float32"],
-        "merge": [str(ROOT / "tools" / "merge.py"), "--coarse", str(exported), "--sft",
+        "export": ["-m", "c2f_jax.cli.export", "--checkpoint", str(workdir), "--dtype", "float32"],
+        "merge": ["-m", "c2f_jax.cli.merge", "--coarse", str(exported), "--sft",
                   str(workdir / "base_model"), "--gamma", "0.7", "--dtype", "float32"]}
     filler = fill(small_disk, leave=1 << 20)  # the config and tokenizer fit, the weights do not
     for name, command in commands.items():

@@ -205,9 +205,8 @@ def test_sweep_tasks_writes_table3_with_every_gamma_merged_in_memory(folder, tmp
     config, params = hf.load_pretrained(folder)
     sft = tmp_path / "sft"
     hf.save_pretrained(sft, config, jax.tree.map(lambda a: a * 0.9, params), tokenizer_source=folder)
-    spec = importlib.util.spec_from_file_location("sweep_tool", ROOT / "tools" / "sweep.py")
-    sweep = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sweep)
+    from c2f_jax.cli import sweep
+
     monkeypatch.chdir(ROOT)
     out = tmp_path / "table3"
     assert sweep.main(["--coarse", str(folder), "--sft", str(sft), "--gammas", "0.5", "--tasks", "c2f_mc:1,c2f_rolling",

@@ -22,9 +22,7 @@ from c2f_jax.merge.merge import MergeError
 from c2f_jax.model.safetensors_io import SafetensorsFile, write_file
 
 ROOT = Path(__file__).resolve().parent.parent
-_spec = importlib.util.spec_from_file_location("merge_tool", ROOT / "tools" / "merge.py")
-merge_tool = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(merge_tool)
+from c2f_jax.cli import merge as merge_tool  # noqa: E402
 
 TOKENIZER = {"version": "1.0", "model": {"type": "BPE", "vocab": {"<unk>": 0, "a": 1}, "merges": []}}
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -315,7 +313,7 @@ def _classifier(d):
     (_other_tokenizer, r"tokenizers differ: .*tokenizer\.json .*--allow-tokenizer-mismatch"),
     (_no_tokenizer, r"has no tokenizer files but .* has; pass --allow-tokenizer-mismatch"),
     (_no_config, r"not an HF model folder \(no config\.json\); a training workdir has run_config\.json"),
-    (_workdir, r"is a training workdir; only --coarse takes one \(export it with python tools/export_hf\.py "
+    (_workdir, r"is a training workdir; only --coarse takes one \(export it with c2f-export "
                r"--checkpoint \S+bad "),
     (_classifier, r"is a MistralForSequenceClassification; the merger takes MistralForCausalLM"),
 ], ids=["truncated", "corrupt", "shard-missing", "shard-not-in-index", "tokenizer", "no-tokenizer", "no-config",

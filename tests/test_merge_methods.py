@@ -3,7 +3,7 @@ tensor by tensor: SLERP, task arithmetic and TIES within 1e-6 in float32 and one
 whose drops come from an RNG, statistically and by its seed.
 
 mergekit pins its own torch and pydantic, so it lives in a venv of its own (ROOT/.mergekit/, made on first use
-from the package registry, as tools/bench_merge.py makes it); where that cannot be made the tests skip, saying
+from the package registry, as benchmarks/bench_merge.py makes it); where that cannot be made the tests skip, saying
 why."""
 
 import importlib.util
@@ -24,14 +24,14 @@ from c2f_jax.model import hf
 BF16 = np.dtype(ml_dtypes.bfloat16)
 
 
-def _tool(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+def _bench_merge():
+    spec = importlib.util.spec_from_file_location("bench_merge", ROOT / "benchmarks" / "bench_merge.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-bench_merge, merge_tool = _tool("bench_merge"), _tool("merge")
+bench_merge = _bench_merge()
 
 
 @pytest.fixture(scope="module")
@@ -186,7 +186,7 @@ def test_dare_keeps_its_density_rescales_to_the_l1_norm_and_follows_its_seed(mer
 
 
 def test_the_in_memory_slerp_of_the_sweep_equals_the_recipe_folder(folders, tmp_path):
-    """tools/sweep.py --method slerp merges in memory for lm-eval (merge.merge_params on our stacked param
+    """c2f-sweep --method slerp merges in memory for lm-eval (merge.merge_params on our stacked param
     trees) and through a recipe for its folders: the two agree, tensor for tensor."""
     (_, coarse), (_, sft) = hf.load_pretrained(folders["b"]), hf.load_pretrained(folders["a"])
     merged = merge.merge_params(coarse, sft, 0.3, method="slerp")
@@ -331,7 +331,7 @@ def test_a_float32_merge_starts_without_jax_or_ml_dtypes(folders, tmp_path):
     import on the CI VM) unless a tensor or the output is bfloat16 / float8."""
     def imported(extra: str, out: str) -> str:
         (tmp_path / f"{out}.yml").write_text("merge_method: slerp\n" + CASES["slerp"].format(**folders) + extra)
-        script = (f"import sys; sys.path.insert(0, {str(ROOT / 'tools')!r}); import merge; "
+        script = ("import sys; from c2f_jax.cli import merge; "
                   f"merge.main(['--config', {str(tmp_path / f'{out}.yml')!r}, '--out', {str(tmp_path / out)!r}]); "
                   "print(sorted(m for m in ('jax', 'ml_dtypes', 'torch') if m in sys.modules))")
         done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)

@@ -115,12 +115,12 @@ def test_ppo_as_several_processes_equals_1_process(demo, tmp_path, processes, de
 
 
 def _tool(name):
-    return [sys.executable, str(ROOT / "tools" / f"{name}.py")]
+    return [sys.executable, "-m", f"c2f_jax.cli.{name}"]
 
 
 def test_export_evaluate_and_sweep_run_as_2_processes(demo_2x4, tmp_path):
     two, _ = demo_2x4
-    exits = run_job([*_tool("export_hf"), "--checkpoint", two, "--out", tmp_path / "hf", "--dtype", "float32"], 2, 1)
+    exits = run_job([*_tool("export"), "--checkpoint", two, "--out", tmp_path / "hf", "--dtype", "float32"], 2, 1)
     assert_all_succeeded(exits)
     assert sum("wrote" in e.log for e in exits) == 1  # process 0 reports and writes
     reference = export.export(two, tmp_path / "hf_one", dtype="float32")

@@ -1,4 +1,4 @@
-"""The whole Coarse Actor loop reaches the optimum PPO is defined by (tools/ppo_optimum.py builds the problems).
+"""The whole Coarse Actor loop reaches the optimum PPO is defined by (scripts/ppo_optimum.py builds the problems).
 
 Each case is a real coarse run (HF folders for base and reward model, a JSONL dataset,
 compiled rollout, scoring and update, an Orbax checkpoint) followed by a real export;
@@ -13,7 +13,7 @@ import pytest
 
 from conftest import ROOT
 
-sys.path.insert(0, str(ROOT / "tools"))
+sys.path.insert(0, str(ROOT / "scripts"))
 import ppo_optimum  # noqa: E402
 
 STEPS = {"bandit": 40, "sequence": 100}

@@ -1,4 +1,4 @@
-"""tools/plan_memory.py --topology: the coarse job's programs compile for a TPU slice with libtpu and no TPU, and a
+"""c2f-plan --topology: the coarse job's programs compile for a TPU slice with libtpu and no TPU, and a
 topology it cannot use is a one-line error."""
 
 import importlib.util
@@ -20,7 +20,7 @@ TINY = ["--config", "configs/tiny_coarse.py", "--config.mesh.fsdp=2", "--config.
 
 
 def plan_memory(*args):
-    return subprocess.run([sys.executable, str(ROOT / "tools" / "plan_memory.py"), *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "c2f_jax.cli.plan", *args], capture_output=True,
                           text=True, cwd=ROOT, env=cli_env(), timeout=600)
 
 
@@ -48,9 +48,8 @@ def test_unknown_topology_is_one_line_error():
 
 
 def test_topology_without_libtpu_is_a_usage_error(monkeypatch):
-    spec = importlib.util.spec_from_file_location("plan_memory", ROOT / "tools" / "plan_memory.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    from c2f_jax.cli import plan as tool
+
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "libtpu" else find_spec(name))
     with pytest.raises(cli.UsageError, match=r"^--topology v5p:2x2x1: libtpu is not installed \(the tpu extra: "

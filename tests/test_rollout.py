@@ -228,7 +228,7 @@ def test_right_padded_prompts_are_refused(tiny):
         rollout.generate(config, params, [[5, 6]], [[1, 1]], jax.random.key(0), max_new_tokens=2, top_p=0.0)
 
 
-# ----------------------------------------------------------------------------- tools/generate.py
+# ----------------------------------------------------------------------------- c2f-generate
 
 
 def test_generate_cli_writes_jsonl(tiny, tmp_path):
@@ -241,7 +241,7 @@ def test_generate_cli_writes_jsonl(tiny, tmp_path):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("\n".join(json.dumps({"prompt": q}) for q in ["Hello there", "What is RLHF?", "Why?"]))
     out = tmp_path / "out.jsonl"
-    cmd = [sys.executable, str(ROOT / "tools" / "generate.py"), "--model", str(model_dir), "--prompts-file",
+    cmd = [sys.executable, "-m", "c2f_jax.cli.generate", "--model", str(model_dir), "--prompts-file",
            str(prompts), "--max-new-tokens", "6", "--suppress-eos", "--system-prompt", "coarse", "--batch-size", "2",
            "--out", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)

@@ -74,7 +74,7 @@ def test_export_loads_in_transformers_with_our_logits(demo, tmp_path):
     with torch.no_grad():
         ref = hm(torch.tensor(ids)).logits.numpy()
     assert np.abs(np.asarray(model.forward(config, params, ids)) - ref).max() < 1e-4
-    done = subprocess.run([sys.executable, str(ROOT / "tools" / "plot_run.py"), str(workdir)], capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "c2f_jax.cli.plot", str(workdir)], capture_output=True,
                           text=True, env=cli_env())
     assert done.returncode == 0 and (workdir / "run.png").stat().st_size > 10_000
 
@@ -261,17 +261,20 @@ def test_missing_config_file():
 
 
 def _tool(name):
+    """A command's module (c2f_jax.cli), or the demo's SFT script (scripts/sft.py)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location(f"{name}_tool", ROOT / "tools" / f"{name}.py")
+    if name != "sft":
+        return importlib.import_module(f"c2f_jax.cli.{name}")
+    spec = importlib.util.spec_from_file_location("sft_script", ROOT / "scripts" / "sft.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
 def test_gamma_sweep_end_to_end_on_the_demo_models(demo, tmp_path):
-    """tools/sft.py makes an Instruct stand-in from the demo's base; tools/sweep.py merges it with the demo's
-    Coarse Actor workdir at two gammas and evaluates all four models; tools/evaluate.py on the workdir gives
+    """scripts/sft.py makes an Instruct stand-in from the demo's base; c2f-sweep merges it with the demo's
+    Coarse Actor workdir at two gammas and evaluates all four models; c2f-evaluate on the workdir gives
     the sweep's gamma-1 numbers; the table, JSON, plot and generations page agree."""
     workdir, _ = demo
     few = ["--limit", "4", "--max-new-tokens", "8", "--batch-size", "4"]
@@ -303,7 +306,7 @@ def test_gamma_sweep_end_to_end_on_the_demo_models(demo, tmp_path):
     assert slerp["method"] == "slerp" and [r["gamma"] for r in slerp["rows"]] == [0.0, 0.5, 1.0]
     assert [r["metrics"] for r in slerp["rows"][::2]] == [rows[0]["metrics"], rows[-1]["metrics"]]
     assert all(np.isfinite(list(slerp["rows"][1]["metrics"].values())))
-    # The sweep's gamma-1 row is the workdir's actor: tools/evaluate.py on the workdir gives the same numbers.
+    # The sweep's gamma-1 row is the workdir's actor: c2f-evaluate on the workdir gives the same numbers.
     _tool("evaluate").main(["--model", str(workdir), "--reward-model", str(workdir / "reward_model"),
                             "--json", str(tmp_path / "eval.json"), *few])
     direct = json.loads((tmp_path / "eval.json").read_text())[str(workdir)]

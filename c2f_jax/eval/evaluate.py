@@ -3,9 +3,9 @@
 Per model: mean reward-model score of its responses, mean length, EOS rate,
 repetition (share of repeated 4-grams within a response), distinct-1/2 across
 responses, perplexity of held-out chosen answers; benchmark accuracies come from
-lm-eval (c2f_jax.eval.lm_eval, `tools/evaluate.py --tasks`). The paper's picture: the Coarse Actor writes
+lm-eval (c2f_jax.eval.lm_eval, `c2f-evaluate --tasks`). The paper's picture: the Coarse Actor writes
 long, analytic but repetitive text; merging it with the Instruct model keeps the
-length and removes the repetition. tools/evaluate.py and tools/sweep.py print these.
+length and removes the repetition. c2f-evaluate and c2f-sweep print these.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from c2f_jax.model.model import MistralConfig, Params
 
 PROMPT_BUCKETS = (64, 128, 256, 512, 1024)
 SEQUENCE_BUCKETS = (128, 256, 512, 1024, 2048)
-# The held-out split of a preference file that evaluation scores and tools/sft.py does not train on.
+# The held-out split of a preference file that evaluation scores and scripts/sft.py does not train on.
 # (The reward configs hold out their own eval_fraction; a coarse run samples every prompt of its file.)
 EVAL_FRACTION, EVAL_SEED = 0.1, 0
 
@@ -304,9 +304,10 @@ def markdown_table(rows: dict[str, dict], first: str = "model") -> str:
     return "\n".join(lines)
 
 
-def write_json(path: str | os.PathLike, obj) -> None:
-    """Written to a temporary file and renamed into place (by process 0 of a multi-process job)."""
+def write_json(path: str | os.PathLike, obj, overwrite: bool = False) -> None:
+    """Written to a temporary file and renamed into place (by process 0 of a multi-process job); an existing
+    file is replaced only with `overwrite`."""
     path = Path(path)
     if distributed.writes_here():
         path.parent.mkdir(parents=True, exist_ok=True)
-    workdir.write_text(path, json.dumps(obj, indent=1) + "\n")
+    workdir.write_text(path, json.dumps(obj, indent=1) + "\n", overwrite)

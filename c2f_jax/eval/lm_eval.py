@@ -1,8 +1,8 @@
-"""lm-evaluation-harness on our compiled model: the lm-eval model `c2f-jax`, and lm-eval's own CLI with it registered.
+"""lm-evaluation-harness on our compiled model: the lm-eval model `c2f-jax`, and lm-eval's own CLI with it registered (c2f-lm-eval).
 
-  python -m c2f_jax.eval.lm_eval --model c2f-jax --model_args pretrained=runs/demo-hf,dtype=float32 --tasks arc_easy
-  python -m c2f_jax.eval.lm_eval --model c2f-jax --model_args pretrained=runs/demo,step=48 ...      # a training workdir
-  python -m c2f_jax.eval.lm_eval --model c2f-jax --model_args coarse=runs/demo,sft=runs/sft,gamma=0.7 ...  # merged in memory
+  c2f-lm-eval --model c2f-jax --model_args pretrained=runs/demo-hf,dtype=float32 --tasks arc_easy
+  c2f-lm-eval --model c2f-jax --model_args pretrained=runs/demo,step=48 ...      # a training workdir
+  c2f-lm-eval --model c2f-jax --model_args coarse=runs/demo,sft=runs/sft,gamma=0.7 ...  # merged in memory
 
 `import c2f_jax.eval.lm_eval` registers the model, so `lm_eval.simple_evaluate(model="c2f-jax", ...)` works too.
 
@@ -24,7 +24,9 @@ request. Model args:
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 from functools import partial
 from pathlib import Path
 
@@ -138,6 +140,76 @@ def _mesh_shape(text: str) -> dict:
     return {"data": data, "fsdp": fsdp, "tensor": tensor}
 
 
+MODEL_ARGS = ("pretrained", "step", "coarse", "sft", "gamma", "dtype", "mesh", "max_length", "add_bos_token", "seed",
+              "batch_size", "max_batch_size", "device")
+
+
+def _number(args: dict, key: str, kind, low, high=None):
+    """args[key] as `kind`, checked to lie in [low, high]; None when absent."""
+    value = args.get(key)
+    if value is None:
+        return None
+    try:
+        number = kind(value)
+    except (TypeError, ValueError):
+        number = None
+    if number is None or (kind is float and not math.isfinite(number)) or number < low or (
+            high is not None and number > high):
+        bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        raise LMEvalError(f"model_args: {key}={value!r} must be a {kind.__name__} {bound}")
+    return number
+
+
+def _model_folder(key: str, path, step) -> None:
+    """An HF folder or a training workdir (with checkpoint `step`, when given), checked without loading it."""
+    from c2f_jax.runtime import workdir
+
+    p = Path(str(path))
+    if not p.is_dir():
+        raise LMEvalError(f"model_args: {key}={path}: no such folder")
+    if workdir.is_workdir(p):
+        steps = sorted(int(c.name) for c in (p / workdir.CHECKPOINTS).glob("*") if c.name.isdigit())
+        if not steps:
+            raise LMEvalError(f"model_args: {key}={path}: the training workdir holds no checkpoint")
+        if step is not None and step not in steps:
+            raise LMEvalError(f"model_args: step={step}: {path} has no checkpoint at that step (it has {steps})")
+    elif step is not None:
+        raise LMEvalError(f"model_args: step= applies to a training workdir; {key}={path} is an HF folder")
+    elif not (p / "config.json").is_file():
+        raise LMEvalError(f"model_args: {key}={path}: not an HF model folder (no config.json) nor a workdir")
+
+
+def check_model_args(args: dict) -> None:
+    """The c2f-jax model's arguments (module docstring), checked before any model loads: names, sources, ranges,
+    and a mesh no larger than the devices."""
+    unknown = sorted(k for k in args if k not in MODEL_ARGS)
+    if unknown:
+        raise LMEvalError(f"model_args: unknown {unknown[0]!r} (known: {', '.join(MODEL_ARGS[:10])})")
+    step = _number(args, "step", int, 0)
+    sources = [k for k in ("coarse", "sft", "gamma") if args.get(k) is not None]
+    if args.get("pretrained") is not None:
+        if sources:
+            raise LMEvalError("model_args: give pretrained=, or coarse=, sft= and gamma=, not both")
+        _model_folder("pretrained", args["pretrained"], step)
+    elif len(sources) < 3:
+        missing = [k for k in ("coarse", "sft", "gamma") if k not in sources]
+        raise LMEvalError(f"model_args: pretrained=DIR, or coarse=DIR,sft=DIR,gamma=G, is required "
+                          f"(missing {', '.join(missing)})")
+    else:
+        _number(args, "gamma", float, 0.0, 1.0)
+        _model_folder("coarse", args["coarse"], step)
+        _model_folder("sft", args["sft"], None)
+    float_dtype(str(args.get("dtype") or "float32"), "model_args: dtype")
+    _number(args, "max_length", int, 1)
+    _number(args, "seed", int, 0)
+    if not str(args.get("batch_size", 8)).startswith("auto"):
+        _number(args, "batch_size", int, 1)
+    shape = _mesh_shape(args.get("mesh") or "1x1x1")
+    size = math.prod(shape.values())
+    if min(shape.values()) < 1 or size > jax.device_count():
+        raise LMEvalError(f"model_args: mesh={args.get('mesh')}: {size} devices asked, {jax.device_count()} present")
+
+
 @register_model("c2f-jax")
 class C2FJaxLM(TemplateLM):
     """An lm-eval model on c2f-jax's compiled forward pass and rollout (see the module docstring)."""
@@ -148,9 +220,8 @@ class C2FJaxLM(TemplateLM):
                  batch_size: int | str = 8, max_batch_size: int | None = None, device: str | None = None,
                  **unknown):
         super().__init__()
-        if unknown:
-            raise LMEvalError(f"model_args: unknown {sorted(unknown)[0]!r} (known: pretrained, step, coarse, sft, "
-                              "gamma, dtype, mesh, max_length, add_bos_token, seed)")
+        check_model_args(dict(pretrained=pretrained, step=step, coarse=coarse, sft=sft, gamma=gamma, dtype=dtype,
+                              mesh=mesh, max_length=max_length, seed=seed, batch_size=batch_size, **unknown))
         dtype = float_dtype(dtype, "dtype").name
         self._setup(*self._load(pretrained, step, coarse, sft, gamma, dtype), mesh=mesh, batch_size=batch_size,
                     max_length=max_length, add_bos_token=add_bos_token, seed=seed)
@@ -381,6 +452,30 @@ def parse_tasks(text: str) -> list[tuple[str, int | None]]:
     return tasks
 
 
+@functools.cache
+def task_manager(include_path: str | None = None):
+    """lm-eval's TaskManager over its own tasks, ours (TASKS_DIR) and `include_path` (indexing takes seconds: once)."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=[str(TASKS_DIR)] + ([include_path] if include_path else []))
+
+
+def check_tasks(tasks: list[tuple[str, int | None]], include_path: str | None = None):
+    """The task manager, once every task name is known to lm-eval (or `include_path`): checked before a model
+    loads, so an unknown name costs seconds, not a model's loading time."""
+    if include_path is not None and not Path(include_path).is_dir():
+        raise LMEvalError(f"--include_path {include_path}: no such folder")
+    manager = task_manager(include_path)
+    known = set(manager.all_tasks)
+    unknown = [name for name, _ in tasks if name not in known]
+    if unknown:
+        raise LMEvalError(f"--tasks: unknown lm-eval task {unknown[0]!r} (`c2f-lm-eval ls tasks` lists them)")
+    for name, shots in tasks:
+        if shots is not None and shots < 0:
+            raise LMEvalError(f"--tasks {name}:{shots}: shots must be >= 0")
+    return manager
+
+
 def headline(results: dict) -> tuple[str, float]:
     """(metric, value): a task's (or group's) headline number from lm-eval's results entry (MAIN_METRICS)."""
     key = next((k for k in MAIN_METRICS if isinstance(results.get(k), (int, float))), None)
@@ -394,10 +489,8 @@ def run_tasks(lm, tasks: list[tuple[str, int | None]], *, limit: float | None = 
     """Runs lm-eval on `lm`, once per shot count (lm-eval takes one per call): ({task: (metric, headline
     number)}, [lm-eval's results object per call, samples left out])."""
     import lm_eval
-    from lm_eval.tasks import TaskManager
 
-    paths = [str(TASKS_DIR)] + ([include_path] if include_path else [])
-    manager = TaskManager(include_path=paths)
+    manager = check_tasks(tasks, include_path)
     scores, outputs = {}, []
     for shots in dict.fromkeys(s for _, s in tasks):
         names = [n for n, s in tasks if s == shots]
@@ -408,17 +501,10 @@ def run_tasks(lm, tasks: list[tuple[str, int | None]], *, limit: float | None = 
     return scores, outputs
 
 
-def main() -> None:
-    """lm-eval's CLI, with `c2f-jax` registered (this module's import did it) and, unless --include_path is given,
-    our task folder (race_m) included."""
+if __name__ == "__main__":  # `python -m c2f_jax.eval.lm_eval` is the command `c2f-lm-eval`
     import sys
 
-    from lm_eval.__main__ import cli_evaluate
+    sys.modules["c2f_jax.eval.lm_eval"] = sys.modules[__name__]  # one module, so `c2f-jax` registers once
+    from c2f_jax.cli.lm_eval import command
 
-    if "--include_path" not in sys.argv and any(a in ("--tasks", "-t") for a in sys.argv):
-        sys.argv += ["--include_path", str(TASKS_DIR)]
-    cli_evaluate()
-
-
-if __name__ == "__main__":
-    main()
+    command()

@@ -73,7 +73,7 @@ def _float_dtype(config, key: str) -> None:
 
 def mesh_shape(config, devices: int | None = None) -> dict:
     """{'data', 'fsdp', 'tensor'} sizes (c2f_jax.model.sharding.make_mesh's arguments), checked against `devices`
-    (default: this job's devices; tools/plan_memory passes a TPU topology's)."""
+    (default: this job's devices; c2f-plan passes a TPU topology's)."""
     shape = {axis: config.mesh[axis] for axis in ("data", "fsdp", "tensor")}
     sharding.check_mesh(**shape, devices=devices)
     return shape

@@ -196,7 +196,7 @@ def resolve_input(path: str | os.PathLike) -> Path:
         raise MergeError(f"{p}: not a folder (expected an HF model folder with config.json and safetensors)")
     if workdir.is_workdir(p):
         raise MergeError(f"{p}: is a training workdir; only --coarse takes one (export it with "
-                         f"python tools/export_hf.py --checkpoint {p} --out DIR to pass it here)")
+                         f"c2f-export --checkpoint {p} --out DIR to pass it here)")
     if not (p / "config.json").exists():
         raise MergeError(f"{p}: not an HF model folder (no config.json); a training workdir has {workdir.RUN_CONFIG}")
     return p
@@ -395,11 +395,9 @@ def plan_merge(coarse, sft, gammas, dtype=None, allow_tokenizer_mismatch: bool =
 
 
 def _check_out(plan: MergePlan, out: Path, overwrite: bool) -> None:
-    if out.exists() and not overwrite:
-        raise MergeError(f"{out}: already exists (pass --overwrite to replace it)")
     if not out.parent.is_dir():
         raise MergeError(f"{out.parent}: parent folder does not exist")
-    workdir.check_output(out, {"--coarse": plan.coarse, "--sft": plan.sft})
+    workdir.check_output(out, {"--coarse": plan.coarse, "--sft": plan.sft}, overwrite=overwrite)
 
 
 def _copy_sft_files(plan: MergePlan, folder: Path) -> None:

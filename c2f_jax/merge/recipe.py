@@ -260,7 +260,7 @@ def write_recipe(recipe: Recipe, out, seed: int = 0, max_shard_size: int | str =
     writes the merged chunks; the inputs' readers run one chunk ahead through all passes alike."""
     out = Path(out)
     folders = ([recipe.base] if recipe.base else []) + [m for m, _ in recipe.models]
-    workdir.check_output(out, [(str(f), f) for f in folders], "--out")
+    workdir.check_output(out, [(str(f), f) for f in folders], "--out", overwrite=overwrite)
     readers = [merge._open_checkpoint(merge.resolve_input(f)) for f in folders]
     first = readers[0]
     # linear merges its models only, as mergekit's ignores a base_model that is not among them

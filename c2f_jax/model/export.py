@@ -41,9 +41,7 @@ def export(path: str | os.PathLike, out: str | os.PathLike, step: int | None = N
         dtype = None if dtype is None else float_dtype(dtype, "dtype").name
     except ConfigError as e:
         raise workdir.WorkdirError(str(e)) from None
-    workdir.check_output(out, {"workdir": path})
-    if Path(out).exists() and not overwrite:
-        raise workdir.WorkdirError(f"{out}: already exists (pass overwrite=True / --overwrite to replace it)")
+    workdir.check_output(out, {"--checkpoint": path}, overwrite=overwrite)
     if not Path(out).absolute().parent.is_dir():
         raise workdir.WorkdirError(f"{Path(out).absolute().parent}: parent folder does not exist")
     config, params, tokenizer_dir = load_model(path, step)

@@ -278,8 +278,8 @@ def save_pretrained(path: str | os.PathLike, config: MistralConfig, params: Para
         entries.append((s.hf_name, s.hf_shape, out_dtype, produce))
     max_bytes = parse_size(max_shard_size)
     config_dtype = dtype or config.param_dtype
-    if path.exists() and not overwrite and distributed.writes_here():
-        raise HFError(f"{path}: already exists (pass overwrite=True / --overwrite to replace it)")
+    if distributed.writes_here():
+        workdir.check_replaceable(path, overwrite, folder=True)
     if not path.parent.is_dir():
         raise HFError(f"{path.parent}: parent folder does not exist")
 

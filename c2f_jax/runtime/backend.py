@@ -6,7 +6,7 @@ the README ("What differs between backends"):
   where XLA's small-batch matmul reads it faster; HF's [F, D] elsewhere.
 - sharding_hints: the activation layout hints (`sharding.shard_as`) apply inside traced programs on
   accelerators. On CPU they are off: XLA's CPU runtime can deadlock on some hinted programs over fake
-  devices, and the hints change layouts, never values. tools/plan_memory.py, which only compiles, sets
+  devices, and the hints change layouts, never values. c2f-plan, which only compiles, sets
   C2F_SHARDING_HINTS=1 to plan the programs accelerators run.
 - serial_programs: each program completes before the next is dispatched. XLA's CPU client can deadlock with
   two programs with collectives in flight; on accelerators, programs that run for seconds gain nothing.

@@ -13,13 +13,18 @@ class UsageError(ValueError):
 
 
 def add_sampling_args(parser, temperature: float) -> None:
-    """The sampling flags every generating tool takes (tools/generate.py, evaluate.py, sweep.py)."""
+    """The sampling flags every generating tool takes (c2f-generate, evaluate.py, sweep.py)."""
     parser.add_argument("--temperature", type=float, default=temperature, help=f"0 is greedy (default {temperature})")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--suppress-eos", action="store_true",
                         help="never sample EOS/stop tokens (the Coarse Actor's training mode)")
     parser.add_argument("--system-prompt", default=None, help="text placed before each dialogue; 'coarse' = the paper's")
+
+
+def add_overwrite_arg(parser) -> None:
+    """--overwrite: the only way a command replaces an existing output (c2f_jax.runtime.workdir.check_output)."""
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output (never a workdir)")
 
 
 def positive_ints(value: str, flag: str) -> list[int]:

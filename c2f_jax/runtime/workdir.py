@@ -40,6 +40,9 @@ TENSORBOARD = "tensorboard"
 BASE_MODEL = "base_model"
 REWARD_RUN = "reward_run"
 REWARD_MODEL = "reward_model"
+# The files in a workdir that a command other than training writes (c2f-plot's default output).
+RUN_PLOT = "run.png"
+WORKDIR_OUTPUTS = (RUN_PLOT,)
 # Keys that may change between a run and its resumption; any other difference is an incompatible config.
 RESUMABLE_KEYS = ("steps", "checkpoint_every", "keep_checkpoints", "eval_every", "mesh.")
 # The checkpoint subtree holding a job's trained model.
@@ -61,8 +64,7 @@ def output(path: str | os.PathLike, overwrite: bool = False, folder: bool = Fals
     """Yields a temporary sibling of `path` (an empty folder when `folder`), renamed onto `path` when the
     block completes and removed when it raises. Only the writing process uses this: see `write`."""
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise WorkdirError(f"{path}: already exists (pass overwrite=True / --overwrite to replace it)")
+    check_replaceable(path, overwrite, folder)
     if not path.parent.is_dir():
         raise WorkdirError(f"{path.parent}: parent folder does not exist")
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
@@ -115,11 +117,29 @@ def write(path: str | os.PathLike, fill: Callable[[Path], object], overwrite: bo
     return path
 
 
-def check_output(out: str | os.PathLike, inputs, flag: str = "--out") -> None:
-    """A WorkdirError when `out` is, is inside, or contains one of `inputs` ({flag or key: path}, or such
-    pairs; None and names that are no path, such as a hub dataset, are skipped): writing it would mix the
-    output into what the command reads, or (with --overwrite) replace it. Every tool checks its outputs here,
-    before any work."""
+def check_replaceable(out: str | os.PathLike, overwrite: bool = False, folder: bool = True,
+                      flag: str = "--out") -> None:
+    """A WorkdirError unless writing `out` (a folder when `folder`, else a file) may take its place: an existing
+    path is replaced only with `overwrite`, and a folder never by a file, nor a file by a folder."""
+    out = Path(out)
+    if not out.exists() and not out.is_symlink():
+        return
+    if out.is_dir() and not folder:
+        raise WorkdirError(f"{flag} {out}: is a folder; a file would replace it and everything in it (name a file)")
+    if not out.is_dir() and folder:
+        raise WorkdirError(f"{flag} {out}: is a file, not a folder; choose another output")
+    if not overwrite:
+        raise WorkdirError(f"{flag} {out}: already exists (pass --overwrite to replace it)")
+
+
+def check_output(out, inputs, flag: str = "--out", overwrite: bool = False, folder: bool = True) -> None:
+    """The output rule of every command, checked before any work. `out` (a folder when `folder`, else a file):
+    - may not be, be inside, or contain one of `inputs` ({flag or key: path}, or such pairs; None and names
+      that are no path, such as a hub dataset, are skipped): it would mix into, or replace, what is read;
+    - may not be or be inside a training workdir (but for the files a workdir lets commands write there,
+      WORKDIR_OUTPUTS): a workdir is days of training;
+    - replaces an existing path only with `overwrite`, and never a folder by a file (`check_replaceable`).
+    """
     target = Path(out).absolute().resolve()
     for name, src in (inputs.items() if hasattr(inputs, "items") else inputs):
         if src is None or not Path(src).exists():
@@ -129,6 +149,11 @@ def check_output(out: str | os.PathLike, inputs, flag: str = "--out") -> None:
                     else "contains" if target in source.parents else None)
         if relation:
             raise WorkdirError(f"{flag} {out}: {relation} the input {name} {src}; choose another output")
+    holder = next((p for p in (target, *target.parents) if is_workdir(p)), None)
+    if holder is not None and not (not folder and target.parent == holder and target.name in WORKDIR_OUTPUTS):
+        where = "is" if holder == target else "is inside"
+        raise WorkdirError(f"{flag} {out}: {where} the training workdir {holder}; choose another output")
+    check_replaceable(out, overwrite, folder, flag)
 
 
 def write_text(path: str | os.PathLike, text: str, overwrite: bool = True) -> Path:

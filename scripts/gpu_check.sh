@@ -5,7 +5,7 @@
 #   2. the PPO iteration benchmark (ours vs the PyTorch loop, both on the card) with the MFU of scoring + update;
 #   3. the model parity tests on the GPU at full float32 precision.
 # Writes logs to $OUT (or ./gpu_out); every step has its own time limit so a slow one cannot eat the rest.
-#   bash tools/gpu_check.sh [PEAK_TFLOPS]     # PEAK_TFLOPS: dense TF32 peak for the MFU column (H100 SXM: 495)
+#   bash scripts/gpu_check.sh [PEAK_TFLOPS]     # PEAK_TFLOPS: dense TF32 peak for the MFU column (H100 SXM: 495)
 set -u
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
@@ -19,13 +19,13 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 $PY -c "import jax, flax, optax, torch, transformers; print('jax', jax.__version__, jax.devices(), '| flax', \
 flax.__version__, '| torch', torch.__version__, '| transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
 
-timeout 180 $PY tools/bench_rollout.py --sizes 8x512,16x2048 --batch 64 --new-tokens 512 --dtype bfloat16 \
+timeout 180 $PY benchmarks/bench_rollout.py --sizes 8x512,16x2048 --batch 64 --new-tokens 512 --dtype bfloat16 \
   --hf-device cuda --repeats 2 2>&1 | grep -v "Loading weights" | tee "$OUT/rollout.md"
 
-timeout 100 $PY tools/bench_ppo.py --sizes 8x512 --torch-device cuda --peak-tflops "$PEAK" \
+timeout 100 $PY benchmarks/bench_ppo.py --sizes 8x512 --torch-device cuda --peak-tflops "$PEAK" \
   --iterations 2 2>&1 | grep -v "Loading weights" | tee "$OUT/ppo.md"
 # ~1B: without remat our update's temporaries (35 GB) do not fit beside the torch side in one process.
-timeout 200 $PY tools/bench_ppo.py --sizes 16x2048 --torch-device cuda --peak-tflops "$PEAK" --remat full \
+timeout 200 $PY benchmarks/bench_ppo.py --sizes 16x2048 --torch-device cuda --peak-tflops "$PEAK" --remat full \
   --iterations 2 2>&1 | grep -v "Loading weights" | tee "$OUT/ppo_1b.md"
 
 JAX_PLATFORMS=cuda JAX_DEFAULT_MATMUL_PRECISION=highest timeout 80 $PY -m pytest -q -x tests/test_model.py \

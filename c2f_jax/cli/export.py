@@ -1,6 +1,6 @@
 """Export a training workdir as a Hugging Face folder.
 
-  python tools/export_hf.py --checkpoint runs/coarse --out exports/coarse [--step N] [--dtype bfloat16]
+  c2f-export --checkpoint runs/coarse --out exports/coarse [--step N] [--dtype bfloat16]
 
 A coarse run exports its actor (MistralForCausalLM), a reward run its reward model
 (MistralForSequenceClassification), with the run's tokenizer and a generation config.
@@ -20,7 +20,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="HF folder to write")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     p.add_argument("--dtype", default="bfloat16", help="stored dtype (default bfloat16; float32 keeps masters)")
-    p.add_argument("--overwrite", action="store_true")
+    cli.add_overwrite_arg(p)
     args = p.parse_args(argv)
     out = export.export(args.checkpoint, args.out, step=args.step, dtype=args.dtype, overwrite=args.overwrite)
     if distributed.writes_here():
@@ -28,5 +28,10 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def command() -> None:
+    """`c2f-export`: main() on the command line, bad input as one line and exit status 2."""
     cli.run(main)
+
+
+if __name__ == "__main__":
+    command()

@@ -1,6 +1,6 @@
 """Writes the bundled preference sample, c2f_jax/data/hh_sample.jsonl (our own text, HH-RLHF format).
 
-  python tools/make_sample_data.py            # deterministic: same file every time
+  python scripts/make_sample_data.py            # deterministic: same file every time
 
 Each row is {"chosen": ..., "rejected": ...}, two "\\n\\nHuman: ... \\n\\nAssistant: ..."
 transcripts sharing every turn but the last answer. The preference is learnable:

@@ -1,6 +1,6 @@
 """PPO against the optimum it is defined by: tiny problems whose KL-regularised optimum is known exactly.
 
-  python tools/ppo_optimum.py [--case bandit sequence] [--estimator k1 k3] [--steps N] [--every K] [--out DIR]
+  python scripts/ppo_optimum.py [--case bandit sequence] [--estimator k1 k3] [--steps N] [--every K] [--out DIR]
 
 For a policy pi over responses y to a context x, PPO with per-token reward
 -beta * k1 and the reward model's score r(x, y) on the last token (gamma = lam = 1)

@@ -1,7 +1,7 @@
 """lm-eval throughput: our model `c2f-jax` against lm-eval's `hf` backend on the same tasks, side by side.
 
-  python tools/bench_lm_eval.py                 # 8 layers, d=512 (the CPU bench shape), float32
-  python tools/bench_lm_eval.py --size 4x256 --requests 32
+  python benchmarks/bench_lm_eval.py                 # 8 layers, d=512 (the CPU bench shape), float32
+  python benchmarks/bench_lm_eval.py --size 4x256 --requests 32
 
 The same random weights (one HF folder, real Mistral tokenizer) run four local tasks built from the
 bundled HH sample: multiple choice (4 whole responses as choices, loglikelihood), the paper's multiple-choice
@@ -104,7 +104,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=8)
     args = p.parse_args(argv)
     sys.path.insert(0, str(ROOT))
-    sys.path.insert(0, str(ROOT / "tools"))
+    sys.path.insert(0, str(ROOT / "benchmarks"))
     import jax
     import torch
 

@@ -1,6 +1,6 @@
 """The gamma sweep: merge Coarse and SFT at every gamma, evaluate each, tabulate and plot (the paper's Table 3).
 
-  python tools/sweep.py --coarse runs/demo --sft runs/demo_sft --gammas 0.1,0.3,0.5,0.7,0.9 \
+  c2f-sweep --coarse runs/demo --sft runs/demo_sft --gammas 0.1,0.3,0.5,0.7,0.9 \
       --reward-model runs/demo/reward_model --out runs/sweep
 
 All gammas come out of one pass of the merger over the inputs. The SFT model itself
@@ -21,7 +21,7 @@ folder per gamma) and evaluated by lm-eval through our model `c2f-jax`. --out th
   table3.png       every task against gamma
   lm_eval/         lm-eval's own results per gamma and shot count
 A real 7B run (the task data come from the Hugging Face hub):
-  python tools/sweep.py --coarse runs/coarse --sft /models/Mistral-7B-Instruct-v0.1 --tasks paper \
+  c2f-sweep --coarse runs/coarse --sft /models/Mistral-7B-Instruct-v0.1 --tasks paper \
       --dtype bfloat16 --mesh 1x8x1 --out runs/table3
 """
 
@@ -34,14 +34,10 @@ import shutil
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a checkout without installing
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from evaluate import add_eval_args, input_paths, inputs_from, settings_from  # noqa: E402  (tools/evaluate.py)
-
-from c2f_jax.eval import evaluate  # noqa: E402
-from c2f_jax.merge import merge, recipe  # noqa: E402
-from c2f_jax.runtime import cli, distributed, workdir  # noqa: E402
+from c2f_jax.cli.evaluate import add_eval_args, input_paths, inputs_from, settings_from
+from c2f_jax.eval import evaluate
+from c2f_jax.merge import merge, recipe
+from c2f_jax.runtime import cli, distributed, workdir
 
 
 def parse_args(argv=None):
@@ -55,7 +51,7 @@ def parse_args(argv=None):
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--show", type=int, default=3, help="prompts whose responses go into generations.md")
     p.add_argument("--keep-models", action="store_true", help="keep the merged folders under OUT/models")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    cli.add_overwrite_arg(p)
     p.add_argument("--tasks", default=None, help="lm-eval tasks (name or name:shots, comma-separated) or 'paper'")
     p.add_argument("--task-limit", type=float, default=None, help="lm-eval's --limit: documents (or a share) per task")
     p.add_argument("--include-path", default=None, help="a folder of extra lm-eval task YAMLs")
@@ -153,17 +149,18 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     gammas = sorted(set(merge.parse_gammas(args.gammas)) | {0.0, 1.0})  # the SFT and coarse models are the ends
     out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise cli.UsageError(f"--out {out}: already exists (pass --overwrite to replace it)")
     if args.tasks:
-        workdir.check_output(out, {"--coarse": args.coarse, "--sft": args.sft})
+        import c2f_jax.eval.lm_eval as c2f_lm_eval
+
+        workdir.check_output(out, {"--coarse": args.coarse, "--sft": args.sft}, overwrite=args.overwrite)
+        c2f_lm_eval.check_tasks(c2f_lm_eval.parse_tasks(args.tasks), args.include_path)
         workdir.write(out, lambda tmp: table3(tmp, args, gammas), overwrite=args.overwrite, folder=True)
         print(f"wrote {out}/table3.md, table3.json, table3.png, lm_eval/")
         return 0
     if not args.reward_model:
         raise cli.UsageError("--reward-model is required: the sweep's first column is the reward score "
                              "(or give --tasks for the lm-eval table)")
-    workdir.check_output(out, input_paths(args))
+    workdir.check_output(out, input_paths(args), overwrite=args.overwrite)
     settings = settings_from(args)
     sft = merge.resolve_input(args.sft)
     prompts, pairs, rm = inputs_from(args)
@@ -213,5 +210,10 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def command() -> None:
+    """`c2f-sweep`: main() on the command line, bad input as one line and exit status 2."""
     cli.run(main)
+
+
+if __name__ == "__main__":
+    command()

@@ -1,11 +1,11 @@
 """Supervised fine-tuning on the chosen answers of a preference file: the demo's stand-in for an Instruct model.
 
-  python tools/sft.py --base runs/demo/base_model --out runs/demo/sft_model --steps 100
+  python scripts/sft.py --base runs/demo/base_model --out runs/demo/sft_model --steps 100
 
 The paper merges its Coarse Actor with Mistral-7B-Instruct; the tiny demo has no
 such model, so this teaches the demo's base model to answer in the HH format and to
 stop: each example is 'Human: ... Assistant: <chosen answer></s>', from the training side
-of the split that tools/evaluate.py holds out (the demo's base model was pretrained on every
+of the split that c2f-evaluate holds out (the demo's base model was pretrained on every
 dialogue of the bundled sample, though, so held-out perplexity flatters it there). The output is an
 HF folder (config, safetensors, tokenizer), written to a temporary folder and renamed.
 """
@@ -35,10 +35,8 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--max-length", type=int, default=256, help="longer examples keep their end")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--overwrite", action="store_true")
+    cli.add_overwrite_arg(p)
     args = p.parse_args(argv)
-    if Path(args.out).exists() and not args.overwrite:
-        raise cli.UsageError(f"--out {args.out} exists (pass --overwrite to replace it)")
     if min(args.steps, args.batch_size, args.max_length) < 1:
         raise cli.UsageError(f"--steps={args.steps}, --batch-size={args.batch_size} and "
                              f"--max-length={args.max_length} must be >= 1")
@@ -46,7 +44,7 @@ def main(argv=None) -> int:
         sft.optim_config(args.lr, args.steps)
     except ValueError as e:
         raise cli.UsageError(f"--{e}") from None
-    workdir.check_output(args.out, {"--base": args.base, "--data": args.data})
+    workdir.check_output(args.out, {"--base": args.base, "--data": args.data}, overwrite=args.overwrite)
     if not Path(args.base).is_dir():
         raise cli.UsageError(f"--base {args.base}: model folder not found")
     pairs, _ = data.load_pairs(args.data)

@@ -1,7 +1,7 @@
 """Rollout throughput: our compiled `generate` against transformers' `generate`, side by side.
 
-  python tools/bench_rollout.py                      # the CPU sizes: (4 layers, d=256) and (8 layers, d=512)
-  python tools/bench_rollout.py --sizes 16x2048 --batch 64 --new-tokens 512 --dtype bfloat16 --hf-device cuda
+  python benchmarks/bench_rollout.py                      # the CPU sizes: (4 layers, d=256) and (8 layers, d=512)
+  python benchmarks/bench_rollout.py --sizes 16x2048 --batch 64 --new-tokens 512 --dtype bfloat16 --hf-device cuda
                                                      # a ~1B model on one GPU, with the memory-bandwidth bound
 
 Same random weights and shapes on both sides (vocab 32000, sampling at temperature 1,

@@ -1,8 +1,8 @@
 """Sample responses from an HF Mistral folder (or a tiny random model) with the compiled rollout.
 
-  python tools/generate.py --model DIR --prompt "Why is the sky blue?" --max-new-tokens 64
-  python tools/generate.py --model DIR --prompts-file prompts.txt --out responses.jsonl --suppress-eos
-  python tools/generate.py --tiny --prompt "Hi" --suppress-eos      # random tiny model, bundled tokenizer
+  c2f-generate --model DIR --prompt "Why is the sky blue?" --max-new-tokens 64
+  c2f-generate --model DIR --prompts-file prompts.txt --out responses.jsonl --suppress-eos
+  c2f-generate --tiny --prompt "Hi" --suppress-eos      # random tiny model, bundled tokenizer
 
 A prompts file holds one prompt per line (.txt) or objects with a "prompt" field (.jsonl).
 Prompts are wrapped as HH dialogues ("Human: ... Assistant:"), behind --system-prompt if given.
@@ -39,6 +39,7 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="float32", help="compute dtype (float32 or bfloat16)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="write JSONL here instead of printing text")
+    cli.add_overwrite_arg(p)
     return p.parse_args(argv)
 
 
@@ -61,7 +62,8 @@ def main(argv=None) -> int:
     buckets = cli.positive_ints(args.prompt_buckets, "--prompt-buckets")
     rollout.SamplingConfig(args.temperature, args.top_k, args.top_p)  # its range checks, before the model loads
     if args.out:
-        workdir.check_output(args.out, {"--model": args.model, "--prompts-file": args.prompts_file})
+        workdir.check_output(args.out, {"--model": args.model, "--prompts-file": args.prompts_file},
+                             overwrite=args.overwrite, folder=False)
     system = tokenizer.system_prompt(args.system_prompt)
     prompts = [args.prompt] if args.prompt is not None else evaluate.read_prompts(args.prompts_file)
     gens = evaluate.sample_responses(
@@ -71,12 +73,17 @@ def main(argv=None) -> int:
     records = [{"prompt": g["prompt"], "response": g["response"], "num_tokens": len(g["tokens"]) + g["ended_with_eos"],
                 "ended_with_eos": g["ended_with_eos"]} for g in gens]
     if args.out:
-        workdir.write_text(args.out, "".join(json.dumps(r) + "\n" for r in records))
+        workdir.write_text(args.out, "".join(json.dumps(r) + "\n" for r in records), overwrite=args.overwrite)
     else:
         for r in records:
             print(f"### {r['prompt']}\n{r['response']}\n", file=sys.stdout)
     return 0
 
 
-if __name__ == "__main__":
+def command() -> None:
+    """`c2f-generate`: main() on the command line, bad input as one line and exit status 2."""
     cli.run(main)
+
+
+if __name__ == "__main__":
+    command()

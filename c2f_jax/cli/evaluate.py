@@ -1,12 +1,12 @@
 """Evaluate policies side by side: reward, length, EOS rate, repetition, distinct-n, perplexity, multiple choice.
 
-  python tools/evaluate.py --model runs/demo --model runs/sft_model --reward-model runs/demo/reward_model \
+  c2f-evaluate --model runs/demo --model runs/sft_model --reward-model runs/demo/reward_model \
       --prompts prompts.txt --max-new-tokens 64 --json eval.json
-  python tools/evaluate.py --model DIR --tasks arc_easy,hellaswag:10     # + lm-eval task columns (c2f-jax model)
+  c2f-evaluate --model DIR --tasks arc_easy,hellaswag:10     # + lm-eval task columns (c2f-jax model)
 
 A --model is an HF folder or a training workdir (its latest actor, or --step N).
 Prompts: a .txt file (one per line) or .jsonl ('prompt' field); default the distinct
-prompts of the bundled sample's held-out 10% (held out from tools/sft.py; a coarse run
+prompts of the bundled sample's held-out 10% (held out from scripts/sft.py; a coarse run
 samples every prompt of its file). Perplexity is of the chosen answers of --preferences
 (default those held-out pairs; 'none' to skip). Greedy decoding by
 default, EOS allowed, so the numbers are deterministic and show whether a model stops.
@@ -19,12 +19,10 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a checkout without installing
-
-from c2f_jax.eval import evaluate  # noqa: E402
-from c2f_jax.model import tokenizer  # noqa: E402
-from c2f_jax.model.config import float_dtype  # noqa: E402
-from c2f_jax.runtime import cli, distributed, workdir  # noqa: E402
+from c2f_jax.eval import evaluate
+from c2f_jax.model import tokenizer
+from c2f_jax.model.config import float_dtype
+from c2f_jax.runtime import cli, distributed, workdir
 
 
 def add_eval_args(p: argparse.ArgumentParser) -> None:
@@ -79,11 +77,12 @@ def main(argv=None) -> int:
     p.add_argument("--task-limit", type=float, default=None, help="lm-eval's --limit: documents (or a share) per task")
     p.add_argument("--json", help="write {model: metrics} here")
     p.add_argument("--generations", help="write {model: [{prompt, response, ended_with_eos}]} here")
+    cli.add_overwrite_arg(p)
     args = p.parse_args(argv)
     settings = settings_from(args)
     for flag in ("json", "generations"):
         if getattr(args, flag):
-            workdir.check_output(getattr(args, flag), input_paths(args), f"--{flag}")
+            workdir.check_output(getattr(args, flag), input_paths(args), f"--{flag}", args.overwrite, folder=False)
     for path in args.model:
         if not Path(path).is_dir():
             raise cli.UsageError(f"--model {path}: model folder not found")
@@ -92,6 +91,7 @@ def main(argv=None) -> int:
         from c2f_jax.eval import lm_eval
 
         tasks = lm_eval.parse_tasks(args.tasks)
+        lm_eval.check_tasks(tasks)
     prompts, pairs, rm = inputs_from(args)
     results = {}
     for path in args.model:
@@ -106,11 +106,16 @@ def main(argv=None) -> int:
     if distributed.writes_here():
         print(evaluate.markdown_table({k: v["metrics"] for k, v in results.items()}))
     if args.json:
-        evaluate.write_json(args.json, {k: v["metrics"] for k, v in results.items()})
+        evaluate.write_json(args.json, {k: v["metrics"] for k, v in results.items()}, args.overwrite)
     if args.generations:
-        evaluate.write_json(args.generations, {k: v["generations"] for k, v in results.items()})
+        evaluate.write_json(args.generations, {k: v["generations"] for k, v in results.items()}, args.overwrite)
     return 0
 
 
-if __name__ == "__main__":
+def command() -> None:
+    """`c2f-evaluate`: main() on the command line, bad input as one line and exit status 2."""
     cli.run(main)
+
+
+if __name__ == "__main__":
+    command()

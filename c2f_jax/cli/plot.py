@@ -1,7 +1,7 @@
 """Plot a run: reward, KL, approx_kl with clipfrac, entropy and the CM length limit over steps (a reward run:
 loss and held-out accuracy).
 
-  python tools/plot_run.py runs/coarse [--out runs/coarse/run.png]
+  c2f-plot runs/coarse [--out runs/coarse/run.png]
 """
 
 from __future__ import annotations
@@ -15,8 +15,18 @@ from c2f_jax.runtime import cli, metrics, workdir
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("workdir")
-    p.add_argument("--out", default=None, help="PNG path (default WORKDIR/run.png)")
+    p.add_argument("--out", default=None,
+                   help=f"PNG path (default WORKDIR/{workdir.RUN_PLOT}, which each plot replaces)")
+    cli.add_overwrite_arg(p)
     args = p.parse_args(argv)
+    if not workdir.is_workdir(args.workdir):
+        raise cli.UsageError(f"{args.workdir}: not a training workdir (no {workdir.RUN_CONFIG})")
+    own = Path(args.workdir) / workdir.RUN_PLOT
+    out = own if args.out is None else Path(args.out)
+    # The workdir's own plot is renewed by every call; any other path follows the output rule.
+    renew = out.absolute() == own.absolute()
+    workdir.check_output(out, {} if renew else {"WORKDIR": args.workdir}, overwrite=renew or args.overwrite,
+                         folder=False)
     rows = metrics.read_metrics(args.workdir)
     if not rows:
         raise cli.UsageError(f"{args.workdir}: no {workdir.METRICS} with any step")
@@ -52,11 +62,15 @@ def main(argv=None) -> int:
     axes[-1].set_xlabel("step")
     fig.suptitle(Path(args.workdir).name)
     fig.tight_layout()
-    out = Path(args.out or Path(args.workdir) / "run.png")
-    workdir.write(out, lambda tmp: fig.savefig(tmp, dpi=110, format="png"), overwrite=True)
+    workdir.write(out, lambda tmp: fig.savefig(tmp, dpi=110, format="png"), overwrite=renew or args.overwrite)
     print(f"wrote {out}")
     return 0
 
 
-if __name__ == "__main__":
+def command() -> None:
+    """`c2f-plot`: main() on the command line, bad input as one line and exit status 2."""
     cli.run(main)
+
+
+if __name__ == "__main__":
+    command()

@@ -1,7 +1,7 @@
 """Per-device memory of a coarse job's compiled programs, from abstract shapes, on fake CPU devices or a TPU slice.
 
-  python tools/plan_memory.py --config configs/coarse.py --devices 16 [--json] [--config.key=value ...]
-  python tools/plan_memory.py --config configs/coarse.py --topology v5p:2x2x4 [--json] [...]
+  c2f-plan --config configs/coarse.py --devices 16 [--json] [--config.key=value ...]
+  c2f-plan --config configs/coarse.py --topology v5p:2x2x4 [--json] [...]
 
 Nothing is allocated: params, optimizer states and batches are ShapeDtypeStructs;
 each program (train -> rollout reshard, rollout at the largest response bucket,
@@ -207,7 +207,12 @@ def print_time_estimate(config, roles, pc, B: int, P: int, R: int, chips: int) -
           "(OpenRLHF publishes 471 s for 7B PPO on 16 A800s)")
 
 
-if __name__ == "__main__":
-    from c2f_jax.runtime import cli
+def command() -> None:
+    """`c2f-plan`: main() on the command line, bad input as one line and exit status 2."""
+    from c2f_jax.runtime import cli  # after main() has set XLA_FLAGS: nothing here may start JAX first
 
     cli.run(main)
+
+
+if __name__ == "__main__":
+    command()

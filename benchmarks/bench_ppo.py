@@ -1,6 +1,6 @@
 """One Coarse Actor PPO iteration: ours against a plain PyTorch loop of the same iteration, side by side.
 
-  python tools/bench_ppo.py                   # (4 layers, d=256) and (8 layers, d=512), batch 16, prompt 64, 128 new
+  python benchmarks/bench_ppo.py                   # (4 layers, d=256) and (8 layers, d=512), batch 16, prompt 64, 128 new
 
 Both sides start from the same random weights (actor = reference, critic = reward
 model with a scalar head), sample exactly `--new-tokens` tokens with EOS
@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench_rollout import bench_config, time_it  # the same model shapes as the rollout benchmark (tools/ is on sys.path)
+from bench_rollout import bench_config, time_it  # the same model shapes as the rollout benchmark (the script folder is on sys.path)
 from c2f_jax.model import hf, model
 from c2f_jax.rl import optim, ppo, reward, rollout
 from c2f_jax.runtime import backend

@@ -1,7 +1,7 @@
 """Merge benchmark: tools/merge.py against mergekit's linear merge and the raw I/O floor, on ~1 GB fp32 checkpoints.
 
-  python tools/bench_merge.py                 # ours, a 5-gamma sweep of ours, and the I/O floor
-  python tools/bench_merge.py --mergekit      # also mergekit (installed into WORKDIR/mergekit-venv on first use)
+  python benchmarks/bench_merge.py                 # ours, a 5-gamma sweep of ours, and the I/O floor
+  python benchmarks/bench_merge.py --mergekit      # also mergekit (installed into WORKDIR/mergekit-venv on first use)
 
 Two synthetic Mistral-shaped fp32 checkpoints (random weights, sharded with an index) are written once under
 --workdir and reused. Each contender runs as its own process; wall time is the whole process, start-up
