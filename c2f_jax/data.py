@@ -169,6 +169,14 @@ def pick_bucket(length: int, buckets: Sequence[int]) -> int:
     raise DataError(f"sequence of {length} tokens is longer than the largest bucket {max(buckets)}")
 
 
+def check_lengths(token_lists: Sequence[Sequence[int]], buckets: Sequence[int], source: str, remedy: str) -> None:
+    """A DataError saying how many rows of `source` are longer than the largest bucket (`remedy`: what to do)."""
+    lengths = [len(t) for t in token_lists if len(t) > max(buckets)]
+    if lengths:
+        raise DataError(f"{source}: {len(lengths)} of {len(token_lists)} prompts are longer than the largest "
+                        f"bucket {max(buckets)} (up to {max(lengths)} tokens); raise {remedy}")
+
+
 def left_pad(token_lists: Sequence[Sequence[int]], buckets: Sequence[int], pad_id: int = 0,
              truncate: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Left-pads to the smallest bucket holding the longest row: int32 ids [B, P], mask [B, P].

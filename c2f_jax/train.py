@@ -1,10 +1,9 @@
-"""`python -m c2f_jax.train --config configs/coarse.py [--config.a.b=value ...] [--workdir DIR]`
+"""usage: c2f-train --config FILE [--config.KEY=VALUE ...] [--workdir DIR]    (or: python -m c2f_jax.train ...)
 
 The command line of every job (jobs/). Runs the job the config names: `reward` (a Bradley-Terry reward model on
-preference pairs) or `coarse` (the Coarse Actor: PPO with Continuous
-Maximization). Restarting on a workdir that holds checkpoints resumes from the
-latest one, exactly. The workdir's layout is c2f_jax.runtime.workdir's; the same command
-runs as several processes (see c2f_jax.runtime.distributed and launch/).
+preference pairs) or `coarse` (the Coarse Actor: PPO with Continuous Maximization). Restarting on a workdir
+that holds checkpoints resumes from the latest one, exactly. The workdir's layout is c2f_jax.runtime.workdir's;
+the same command runs as several processes (see c2f_jax.runtime.distributed and launch/).
 """
 
 from __future__ import annotations
@@ -74,10 +73,12 @@ def parse_args(argv: list[str]):
     from ml_collections import config_flags
 
     joined, i, file = [], 0, None
-    while i < len(argv):  # `--config X` -> `--config=X`, which overrides need
+    while i < len(argv):  # `--config X` -> `--config=X`, which overrides need; `--config.K V` -> `--config.K=V`
         arg = argv[i]
         if arg == "--config" and i + 1 < len(argv):
             arg, i = f"--config={argv[i + 1]}", i + 1
+        elif arg.startswith("--config.") and "=" not in arg and i + 1 < len(argv) and not argv[i + 1].startswith("-"):
+            arg, i = f"{arg}={argv[i + 1]}", i + 1
         if arg.startswith("--config="):
             path = resolve_config_path(arg.split("=", 1)[1])
             arg, file = "--config=" + path, path.split(":")[0]
@@ -86,6 +87,9 @@ def parse_args(argv: list[str]):
                 sys.path.insert(0, folder)
         joined.append(arg)
         i += 1
+    # A key given twice: the later value wins (absl would join two values of a tuple key).
+    last = {a.split("=", 1)[0]: n for n, a in enumerate(joined) if a.startswith("--config.")}
+    joined = [a for n, a in enumerate(joined) if not a.startswith("--config.") or last[a.split("=", 1)[0]] == n]
     argv = ["c2f_jax.train", *joined]
     fv = flags.FlagValues()
     config_flags.DEFINE_config_file("config", None, "ml_collections config file", flag_values=fv,

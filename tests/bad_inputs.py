@@ -139,6 +139,51 @@ def copy_hf(env: Env) -> None:
     shutil.copytree(env.fixtures / "hf", env.box / "m")
 
 
+def nan_weight(source: str) -> Callable[[Env], None]:
+    """A copy of fixtures/`source` as box/m with one NaN in its first floating-point tensor."""
+    def setup(env: Env) -> None:
+        from safetensors.numpy import load_file, save_file
+
+        shutil.copytree(env.fixtures / source, env.box / "m")
+        f = env.box / "m" / "model.safetensors"
+        tensors = load_file(f)
+        name = sorted(tensors)[0]
+        tensors[name] = tensors[name].copy()
+        tensors[name].flat[3] = float("nan")
+        save_file(tensors, f, metadata={"format": "pt"})
+    return setup
+
+
+def an_existing_folder(env: Env) -> None:
+    """box/out: a folder holding a file, which a refused command must leave as it is."""
+    (env.box / "out").mkdir()
+    (env.box / "out" / "keep.txt").write_text("days of work\n")
+
+
+def an_existing_file(env: Env) -> None:
+    (env.box / "out.txt").write_text("keep me\n")
+
+
+def metrics_line(line: str, at: str) -> Callable[[Env], None]:
+    """A copy of the run whose metrics.jsonl has `line` added at its end or put in place of its first row."""
+    def setup(env: Env) -> None:
+        env.copy_run()
+        f = env.box / "w" / "metrics.jsonl"
+        rows = f.read_text().splitlines()
+        rows = [*rows, line] if at == "end" else [line, *rows[1:]]
+        f.write_text("\n".join(rows) + ("\n" if at != "end" else ""))
+    return setup
+
+
+def recipe(text: str) -> Callable[[Env], None]:
+    """box/r.yml holding `text`, with {hf} and {sft} the fixtures' model folders."""
+    return lambda env: (env.box / "r.yml").write_text(text.format(hf=env.f("hf"), sft=env.f("sft")))
+
+
+YAML_BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{b}: &{b} [{', '.join(['*' + a] * 9)}]\n" for a, b in zip("abcdefgh", "bcdefghi")) + "merge_method: linear\n"
+
+
 # ----------------------------------------------------------------------------- the cases
 
 
@@ -319,6 +364,91 @@ CASES = [
     Case("evaluate --dtype int8", "evaluate", _evaluate("--dtype", "int8")),
     Case("evaluate --tasks with bad shots", "evaluate", _evaluate("--tasks", "arc_easy:x")),
     Case("evaluate --limit 0", "evaluate", _evaluate("--limit", "0")),
+    Case("evaluate unknown lm-eval task", "evaluate", _evaluate("--tasks", "no_such_task")),
+    Case("evaluate --temperature nan", "evaluate", _evaluate("--temperature", "nan")),
+    Case("evaluate --json is an existing folder", "evaluate", _evaluate("--json", "out", "--overwrite"),
+         an_existing_folder),
+    Case("evaluate --json exists", "evaluate", _evaluate("--json", "out.txt"), an_existing_file),
+    Case("evaluate --model with a NaN weight", "evaluate", lambda env: ["--model", str(env.box / "m"), "--limit", "2"],
+         nan_weight("hf")),
+    # train: non-finite numbers, inputs and outputs that overlap, prompts that do not fit, torn files
+    *[Case(f"train {o}", "train", _train(o)) for o in (
+        "--config.rollout.temperature=nan", "--config.cm.w_critic=nan", "--config.ppo.actor.lr=inf",
+        "--config.cm.bias=inf", "--config.ppo.kl_coef=-inf")],
+    Case("train --workdir is model.base", "train",
+         lambda env: ["--config", "tiny_coarse.py", f"--config.model.base={env.box / 'm'}", "--workdir",
+                      str(env.box / "m")], copy_hf),
+    Case("train --workdir inside model.base", "train",
+         lambda env: ["--config", "tiny_coarse.py", f"--config.model.base={env.box / 'm'}", "--workdir",
+                      str(env.box / "m" / "run")], copy_hf),
+    Case("train model.base with a NaN weight", "train",
+         lambda env: _train(f"--config.model.base={env.box / 'm'}", f"--config.reward_model.path={env.f('rm')}",
+                            "--config.cm.buckets=(4,)", "--config.data.prompt_buckets=(128,)")(env), nan_weight("hf")),
+    Case("train prompts longer than every bucket, truncation off", "train",
+         _train("--config.data.truncate_prompts=False", "--config.data.prompt_buckets=(8,)")),
+    Case("train metrics.jsonl with a garbled row", "train", _resume(), metrics_line("{garbled", "first")),
+    # export
+    Case("export --dtype float8_e4m3fn", "export", _export("--dtype", "float8_e4m3fn")),
+    Case("export --out exists", "export", _export(), an_existing_folder),
+    Case("export --out is an existing file", "export", _export("--overwrite", out="out.txt"), an_existing_file),
+    # generate
+    Case("generate --temperature nan", "generate", _generate("--temperature", "nan")),
+    Case("generate --out is an existing folder", "generate",
+         lambda env: _generate("--out", str(env.box / "out"), "--overwrite")(env), an_existing_folder),
+    Case("generate --out exists", "generate", lambda env: _generate("--out", str(env.box / "out.txt"))(env),
+         an_existing_file),
+    Case("generate --model with a NaN weight", "generate", lambda env: ["--model", str(env.box / "m"), "--prompt", "Hi"],
+         nan_weight("hf")),
+    # merge
+    Case("merge --out exists", "merge", _merge(), an_existing_folder),
+    Case("merge --sft with a NaN weight", "merge",
+         lambda env: ["--coarse", env.f("hf"), "--sft", str(env.box / "m"), "--gamma", "0.5", "--out",
+                      str(env.box / "o")], nan_weight("sft")),
+    Case("merge --config YAML alias bomb", "merge", lambda env: ["--config", str(env.box / "r.yml"), "--out",
+                                                                 str(env.box / "o")], recipe(YAML_BOMB)),
+    Case("merge --config null model", "merge", lambda env: ["--config", str(env.box / "r.yml"), "--out",
+                                                           str(env.box / "o")],
+         recipe("merge_method: linear\nmodels:\n  - model:\n    parameters: {{weight: 1}}\n")),
+    Case("merge --config parameters as a list", "merge",
+         lambda env: ["--config", str(env.box / "r.yml"), "--out", str(env.box / "o")],
+         recipe("merge_method: linear\nmodels:\n  - model: {hf}\n    parameters: [1, 2]\n")),
+    Case("merge --config linear weights summing to 0", "merge",
+         lambda env: ["--config", str(env.box / "r.yml"), "--out", str(env.box / "o")],
+         recipe("merge_method: linear\nmodels:\n  - model: {hf}\n    parameters: {{weight: 1}}\n"
+                "  - model: {sft}\n    parameters: {{weight: -1}}\n")),
+    Case("merge --config ties density -0.5", "merge",
+         lambda env: ["--config", str(env.box / "r.yml"), "--out", str(env.box / "o")],
+         recipe("merge_method: ties\nbase_model: {sft}\nmodels:\n  - model: {hf}\n"
+                "    parameters: {{weight: 1, density: -0.5}}\n")),
+    # sweep
+    Case("sweep unknown lm-eval task", "sweep", _sweep("--tasks", "no_such_task")),
+    Case("sweep --out exists", "sweep", _sweep(), an_existing_folder),
+    # plot
+    Case("plot --out is an existing folder", "plot",
+         lambda env: [str(env.box / "w"), "--out", str(env.box / "out"), "--overwrite"],
+         lambda env: (env.copy_run(), an_existing_folder(env))),
+    Case("plot --out is the workdir", "plot", lambda env: [str(env.box / "w"), "--out", str(env.box / "w"),
+                                                          "--overwrite"], lambda env: env.copy_run()),
+    Case("plot metrics.jsonl torn last line", "plot", lambda env: [str(env.box / "w")],
+         metrics_line('{"step": 9, "rew', "end")),
+    Case("plot not a workdir", "plot", lambda env: [env.f("hf")]),
+    # plan, local_job
+    Case("plan --devices 0", "plan", lambda env: ["--config", "tiny_coarse.py", "--devices", "0"]),
+    Case("local_job --processes 0", "local_job", lambda env: ["--processes", "0", "--", "true"]),
+    # lm_eval
+    *[Case(f"lm_eval {name}", "lm_eval", lambda env, a=args: ["--model", "c2f-jax", "--model_args",
+                                                              a.format(hf=env.f("hf"), run=env.run),
+                                                              "--tasks", "arc_easy", "--limit", "1"])
+      for name, args in (("pretrained not found", "pretrained=/nowhere"),
+                         ("step without a checkpoint", "pretrained={run},step=999"),
+                         ("gamma 2", "coarse={hf},sft={hf},gamma=2"),
+                         ("coarse without sft", "coarse={hf},gamma=0.5"),
+                         ("mesh larger than the devices", "pretrained={hf},mesh=4x4x4"))],
+    Case("lm_eval --batch_size 0", "lm_eval", lambda env: ["--model", "c2f-jax", "--model_args",
+                                                          f"pretrained={env.f('hf')}", "--batch_size", "0",
+                                                          "--tasks", "arc_easy"]),
+    Case("lm_eval unknown task", "lm_eval", lambda env: ["--model", "c2f-jax", "--model_args",
+                                                        f"pretrained={env.f('hf')}", "--tasks", "no_such_task"]),
 ]
 
 
@@ -413,7 +543,8 @@ def run_case(case: Case, env: Env, mode: str = "fork", timeout: float = 90) -> d
     if case.setup:
         case.setup(env)
     argv = case.argv(env)
-    watched = [env.box, env.fixtures, env.run]
+    # The case's folder, its siblings' folder and the shared inputs: a refused case changes none of them.
+    watched = [env.box, env.box.parent, env.fixtures, env.run]
     before = [snapshot(w) for w in watched]
     log = Path(tempfile.mkstemp(suffix=".log")[1])
     if mode == "fork":

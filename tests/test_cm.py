@@ -58,7 +58,17 @@ def test_non_finite_metrics_hold_and_restart_the_window():
 
 
 @pytest.mark.parametrize("kw", [dict(buckets=(32, 16)), dict(buckets=()), dict(mode="linear"), dict(window=1),
-                                dict(threshold=1.5)])
+                                dict(threshold=1.5), dict(bias=float("nan")), dict(w_critic=float("inf")),
+                                dict(w_drop=-1.0)])
 def test_bad_settings_are_errors(kw):
     with pytest.raises(CMError):
         CMConfig(**kw)
+
+
+@pytest.mark.parametrize("bias, expected", [(-1000.0, 0.0), (1000.0, 1.0), (0.0, 0.5)])
+def test_the_logistic_holds_at_extreme_settings(bias, expected):
+    """An extreme bias gives a probability of 0 or 1 (no overflow): the run holds or advances."""
+    config = CMConfig(buckets=(16, 32), window=2, min_steps=0, bias=bias, w_drop=0.0, w_rise=0.0, w_critic=0.0)
+    assert cm.p_advance(config, [1.0, 1.0], [0.5, 0.5]) == pytest.approx(expected)
+    state, limits = run(config, [1.0] * 4, [0.5] * 4)
+    assert limits[-1] == (32 if expected > config.threshold else 16)

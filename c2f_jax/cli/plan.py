@@ -39,6 +39,10 @@ def parse(argv):
     p.add_argument("--topology", help="a TPU topology name (v5p:2x2x4, v5e:4x4, ...): compile for its chips instead")
     p.add_argument("--json", action="store_true")
     args, rest = p.parse_known_args(argv)
+    if args.devices < 1:
+        from c2f_jax.runtime import cli
+
+        raise cli.UsageError(f"--devices={args.devices} must be >= 1")
     return args, rest
 
 

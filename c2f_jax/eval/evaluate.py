@@ -264,6 +264,9 @@ class EvalSettings:
     batch_size: int = 8
     seed: int = 0
 
+    def __post_init__(self):
+        rollout.SamplingConfig(self.temperature, self.top_k, self.top_p)  # its range checks, before any model loads
+
 
 def evaluate_model(m: Loaded, prompts: Sequence[str], settings: EvalSettings, reward_model: Loaded | None = None,
                    preference_pairs: Sequence[data.Pair] = ()) -> dict:

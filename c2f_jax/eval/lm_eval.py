@@ -156,7 +156,7 @@ def _number(args: dict, key: str, kind, low, high=None):
     if number is None or (kind is float and not math.isfinite(number)) or number < low or (
             high is not None and number > high):
         bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
-        raise LMEvalError(f"model_args: {key}={value!r} must be a {kind.__name__} {bound}")
+        raise LMEvalError(f"model_args: {key}={value!r} must be {'an integer' if kind is int else 'a number'} {bound}")
     return number
 
 
@@ -457,7 +457,8 @@ def task_manager(include_path: str | None = None):
     """lm-eval's TaskManager over its own tasks, ours (TASKS_DIR) and `include_path` (indexing takes seconds: once)."""
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=[str(TASKS_DIR)] + ([include_path] if include_path else []))
+    paths = dict.fromkeys(str(Path(p).resolve()) for p in (TASKS_DIR, include_path) if p)
+    return TaskManager(include_path=list(paths))
 
 
 def check_tasks(tasks: list[tuple[str, int | None]], include_path: str | None = None):

@@ -101,6 +101,12 @@ def setup(config, path: Path, show_progress: bool = True) -> CoarseRun:
     pairs, skipped = data.load_pairs(config.data.source, config.data.data_dir or None, config.data.split)
     prompts = sorted({pair.prompt for pair in pairs})
     order = data.BatchIterator(len(prompts), int(config.data.batch_size), config.seed)
+    # The tiny base is made later, with the bundled tokenizer: its prompts tokenize the same way now.
+    tok = tokenizer.load_tokenizer(None if config.model.base == "tiny" else config.model.base)
+    actor_prompts = [data.tokenize_prompt(tok, q, config.data.system_prompt or None) for q in prompts]
+    if not config.data.truncate_prompts:
+        data.check_lengths(actor_prompts, job.prompt_buckets, f"data.source {config.data.source}",
+                           "data.prompt_buckets (or set data.truncate_prompts)")
     mesh = sharding.make_mesh(**settings.mesh_shape(config))
     ckpt = prepare_workdir(config, path)
     if config.model.base == "tiny" and config.model.get("pretrain_steps", 0) > 0:
@@ -110,7 +116,7 @@ def setup(config, path: Path, show_progress: bool = True) -> CoarseRun:
     base_config, base_params, tok = load_base(config)
     job = settings.with_stop_tokens(job, tokenizer.stop_token_ids(tok))
     run = CoarseRun(job, mesh, tok, *_models(config, path, mesh, job, base_config, base_params, tok, show_progress),
-                    actor_prompts=[data.tokenize_prompt(tok, q, config.data.system_prompt or None) for q in prompts],
+                    actor_prompts=actor_prompts,
                     rm_prompts=[data.tokenize_prompt(tok, q, None) for q in prompts], order=order,
                     skipped_rows=skipped, ckpt=ckpt, start=0, cm_state=cm.init_state(), kl_coef=job.ppo.kl_coef)
     if ckpt.latest_step() is not None:

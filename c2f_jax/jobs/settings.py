@@ -14,9 +14,11 @@ four roles from the base and the reward model.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from c2f_jax.model import sharding
 from c2f_jax.rl import cm, optim, ppo, rollout
+from c2f_jax.runtime import workdir
 from c2f_jax.model.config import REMAT_POLICIES, SEQ_CLS, ConfigError, MistralConfig, float_dtype
 
 
@@ -79,8 +81,17 @@ def mesh_shape(config, devices: int | None = None) -> dict:
     return shape
 
 
+def _finite(config) -> None:
+    """A SettingsError naming the first float setting that is NaN or infinite: no key takes one."""
+    for key, value in workdir.flatten(config.to_dict()).items():
+        values = value if isinstance(value, (list, tuple)) else (value,)
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            raise SettingsError(f"{key}={value!r} must be a finite number")
+
+
 def _run(config, devices: int | None) -> None:
     """What every job needs of its config: a number of steps, checkpoints, a seed, a mesh, a model to train."""
+    _finite(config)
     _number(config, "steps", lambda v: v >= 1, "an integer >= 1")
     _number(config, "checkpoint_every", lambda v: v >= 1, "an integer >= 1")
     if "keep_checkpoints" in config:

@@ -10,7 +10,7 @@ import jax
 from c2f_jax.jobs import settings
 from c2f_jax.model import hf, model, sharding, tokenizer
 from c2f_jax.rl import optim
-from c2f_jax.runtime import checkpoint, distributed, workdir, workdir_lock
+from c2f_jax.runtime import checkpoint, distributed, metrics, workdir, workdir_lock
 
 
 class TrainError(ValueError):
@@ -28,6 +28,10 @@ def check_inputs(config, path: Path) -> None:
     on a resume, the config the workdir was started with and the files of its latest checkpoint."""
     if path.exists() and not path.is_dir():
         raise TrainError(f"workdir {path}: is a file, not a folder")
+    reads = {"model.base": config.model.base, "data.source": config.data.source}
+    if config.job == "coarse":
+        reads["reward_model.path"] = config.reward_model.path
+    workdir.check_apart(path, reads, "--workdir")
     base = model.TINY if config.model.base == "tiny" else check_model_folder("model.base", config.model.base, True)
     if config.job == "coarse":
         longest = ("data.prompt_buckets + cm.buckets", max(config.data.prompt_buckets) + max(config.cm.buckets))
@@ -45,6 +49,7 @@ def check_inputs(config, path: Path) -> None:
     if checkpoint.step_dirs(path):
         workdir.check_resumable(path, config_dict(config))
         checkpoint.latest_checked(path)
+        metrics.read_metrics(path, drop_torn_last_line=True)  # any other bad row stops the resume here
 
 
 

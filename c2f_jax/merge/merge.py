@@ -36,7 +36,7 @@ from c2f_jax.model.config import CAUSAL_LM, ConfigError, DtypeTable, dtype_name,
 from c2f_jax.model.safetensors_io import SafetensorsError
 
 PROVENANCE_NAME = "merge_provenance.json"
-DTYPES = DtypeTable({name: name for name in ("float32", "bfloat16", "float16")})
+DTYPES = DtypeTable({name: name for name in hf.HF_DTYPES})
 _FLOATS = {"float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2"}
 # Files of the SFT folder copied besides the tokenizer (hf.TOKENIZER_FILES).
 _EXTRA_FILES = ("generation_config.json", "chat_template.jinja")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from c2f_jax.model import safetensors_io
 from c2f_jax.model.safetensors_io import CODES, SafetensorsError
 
 # Read and merged this many bytes of float32 at a time: big enough that per-chunk overhead vanishes,
@@ -109,8 +110,9 @@ class ChunkReader:
                 done += n
         except OSError as e:
             raise SafetensorsError(f"{path}: cannot read tensor {t.name}: {e}") from None
-        if hashed:
+        if hashed:  # once per tensor chunk, on this worker, where the hash already reads every byte
             self.sha.update(raw)
+            safetensors_io.check_finite(raw.view(dtype), t.name, path)
         return raw.view(dtype)
 
 

@@ -43,6 +43,8 @@ SHARED = {"slerp": {"t"}, "linear": {"normalize"}, "task_arithmetic": {"normaliz
           "dare_ties": {"normalize", "lambda", "rescale", "int8_mask"}}
 PER_MODEL = {"slerp": set(), "linear": {"weight"}, **{m: {"weight", "density"} for m in methods.METHODS}}
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
+MAX_RECIPE_BYTES = 1 << 20
+MAX_RECIPE_NODES = 100_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +70,9 @@ def _fail(source, text: str):
 def _parameters(source, where: str, params, allowed: set, method: str) -> dict:
     """`params` (a mapping or None) once every key is one `method` takes there and every value a number, a
     boolean or a list of numbers (a gradient)."""
-    params = params or {}
+    params = {} if params is None else params
+    if not isinstance(params, dict):
+        _fail(source, f"{where}: expected a mapping of settings, found {type(params).__name__}")
     for key, value in params.items():
         if key not in allowed:
             _fail(source, f"{where}: unsupported key {key!r} for {method}")
@@ -78,9 +82,27 @@ def _parameters(source, where: str, params, allowed: set, method: str) -> dict:
                               "supported")
         elif not isinstance(value, (int, float, bool)):
             _fail(source, f"{where}.{key}: {value!r} is not supported (a number, a boolean or a list of numbers)")
-        if not all(math.isfinite(v) for v in (value if isinstance(value, list) else [value])):
+        values = value if isinstance(value, list) else [value]
+        if not all(math.isfinite(v) for v in values):
             _fail(source, f"{where}.{key}: {value!r} is not a finite number")
+        if key == "density" and not all(0 < v <= 1 for v in values):
+            _fail(source, f"{where}.{key}: {value!r} must be in (0, 1] (the share of each delta kept)")
     return params
+
+
+def _expanded_size(root) -> int:
+    """The number of nodes a composed YAML document has with every alias expanded (memoised per node)."""
+    sizes: dict[int, int] = {}
+
+    def size(node) -> int:
+        if id(node) not in sizes:
+            sizes[id(node)] = 1  # a node that holds itself counts once, not forever
+            value = node.value if isinstance(node.value, list) else []
+            children = [c for item in value for c in (item if isinstance(item, tuple) else (item,))]
+            sizes[id(node)] = 1 + sum(size(c) for c in children)
+        return sizes[id(node)]
+
+    return 0 if root is None else size(root)
 
 
 def read_recipe(path) -> Recipe:
@@ -89,8 +111,16 @@ def read_recipe(path) -> Recipe:
 
     path = Path(path)
     try:
-        doc = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as e:
+        if path.stat().st_size > MAX_RECIPE_BYTES:
+            _fail(path, f"{path.stat().st_size} bytes; a recipe is at most {MAX_RECIPE_BYTES} bytes")
+        text = path.read_text()
+        # Aliases of nodes holding aliases grow a small file exponentially ("billion laughs"): bound the size
+        # the document has once its aliases are expanded, counted on the node graph without expanding it.
+        nodes = _expanded_size(yaml.compose(text, Loader=yaml.SafeLoader))
+        if nodes > MAX_RECIPE_NODES:
+            _fail(path, f"expands to {nodes} YAML nodes through its aliases; a recipe may have {MAX_RECIPE_NODES}")
+        doc = yaml.safe_load(text)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         _fail(path, f"not a readable YAML file ({str(e).splitlines()[0]})")
     if not isinstance(doc, dict):
         _fail(path, "not a mergekit recipe (a mapping with merge_method)")
@@ -113,9 +143,11 @@ def read_recipe(path) -> Recipe:
     if base is None and method != "linear":
         _fail(path, f"{method} needs a base_model")
     models = []
+    if not isinstance(doc.get("models") or [], list):
+        _fail(path, "models: expected a list of {model: FOLDER, parameters: {...}}")
     for i, entry in enumerate(doc.get("models") or []):
-        if not isinstance(entry, dict) or "model" not in entry:
-            _fail(path, f"models[{i}]: expected a mapping with 'model'")
+        if not isinstance(entry, dict) or not isinstance(entry.get("model"), str) or not entry["model"]:
+            _fail(path, f"models[{i}]: expected a mapping with 'model: FOLDER'")
         for key in entry:
             if key not in ("model", "parameters"):
                 _fail(path, f"models[{i}]: unsupported key {key!r}")
@@ -162,6 +194,8 @@ def merger_for(recipe: Recipe, name: str, size: int, layers: int, seed: int, sto
         return methods.Slerp(shared["t"])
     weights = [p["weight"] for p in per]
     if recipe.method == "linear":
+        if shared.get("normalize", True) and sum(weights) == 0:
+            _fail(recipe.source, f"tensor {name}: the weights sum to 0, and normalize divides by their sum")
         return methods.Linear(weights, shared.get("normalize", True))
     return methods.TaskVectors(recipe.method, weights, size, [p.get("density", 1.0) for p in per],
                                lam=shared.get("lambda", 1.0), normalize=shared.get("normalize"), seed=seed,

@@ -9,7 +9,7 @@ import json
 import os
 from pathlib import Path
 
-from c2f_jax.model import hf
+from c2f_jax.model import hf, safetensors_io
 from c2f_jax.model.config import ConfigError, MistralConfig, float_dtype
 from c2f_jax.runtime import checkpoint, workdir
 
@@ -28,8 +28,14 @@ def load_model(path: str | os.PathLike, step: int | None = None):
     ckpt = checkpoint.Checkpointer(path)
     try:
         params, _ = ckpt.restore_subtree(keys, step)
+        where = path / workdir.CHECKPOINTS / str(step if step is not None else ckpt.latest_step())
     finally:
         ckpt.close()
+    for name, leaf in workdir.flatten(params).items():
+        try:
+            safetensors_io.check_finite(leaf, "/".join(keys) + "/" + name.replace(".", "/"), where)
+        except safetensors_io.SafetensorsError as e:
+            raise workdir.WorkdirError(str(e)) from None
     return config, params, path / workdir.TOKENIZER
 
 
@@ -41,6 +47,9 @@ def export(path: str | os.PathLike, out: str | os.PathLike, step: int | None = N
         dtype = None if dtype is None else float_dtype(dtype, "dtype").name
     except ConfigError as e:
         raise workdir.WorkdirError(str(e)) from None
+    if dtype is not None and dtype not in hf.HF_DTYPES:
+        raise workdir.WorkdirError(f"dtype={dtype!r}: an HF folder that transformers loads stores one of "
+                                   f"{', '.join(hf.HF_DTYPES)}")
     workdir.check_output(out, {"--checkpoint": path}, overwrite=overwrite)
     if not Path(out).absolute().parent.is_dir():
         raise workdir.WorkdirError(f"{Path(out).absolute().parent}: parent folder does not exist")

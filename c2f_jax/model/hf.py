@@ -17,9 +17,12 @@ from typing import Any
 
 import numpy as np
 
+# The dtypes an HF folder we write may store: the ones transformers loads (float8 it does not).
+HF_DTYPES = ("float32", "bfloat16", "float16")
 # JAX is imported only where arrays are placed or fetched, so file-level work (the merger) starts fast.
 from c2f_jax.runtime import distributed, workdir
 from c2f_jax.model.config import ConfigError, MistralConfig, Params, dtype_name, np_dtype
+from c2f_jax.model import safetensors_io
 from c2f_jax.model.safetensors_io import INDEX_NAME, SINGLE_NAME, SafetensorsError, SafetensorsFile, write_checkpoint
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -204,6 +207,10 @@ def load_pretrained(path: str | os.PathLike, dtype="float32", shardings: Params 
                 value = s.from_hf(reader.get(s.hf_name))
             except (OSError, ValueError) as e:
                 raise HFError(f"{reader.where(s.hf_name)}: cannot read tensor {s.hf_name}: {e}") from None
+            try:
+                safetensors_io.check_finite(value, s.hf_name, reader.where(s.hf_name))
+            except SafetensorsError as e:
+                raise HFError(str(e)) from None
             if s.layer is None:
                 buf[...] = value
             else:

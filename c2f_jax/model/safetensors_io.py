@@ -54,7 +54,17 @@ SHARD_NAME = re.compile(r"model-\d+-of-\d+\.safetensors$")
 
 
 class SafetensorsError(ValueError):
-    """A safetensors file that is missing, truncated or malformed."""
+    """A safetensors file that is missing, truncated or malformed, or a tensor holding NaN or infinity."""
+
+
+def check_finite(values: np.ndarray, name: str, path) -> None:
+    """A SafetensorsError naming the tensor and file when floating-point `values` hold a NaN or an infinity:
+    training, a merge, an export or an evaluation of such a model would spread them silently. Called on each
+    tensor (or chunk) as it is read, not in a pass of its own."""
+    if values.dtype.kind in "iub":
+        return
+    if not np.isfinite(values).all():
+        raise SafetensorsError(f"{path}: tensor {name} holds NaN or infinite values")
 
 
 class SafetensorsFile:

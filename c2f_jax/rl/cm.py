@@ -57,6 +57,11 @@ class CMConfig:
             raise CMError(f"threshold={self.threshold} must be in (0, 1)")
         if self.min_steps < 0:
             raise CMError(f"min_steps={self.min_steps} must be >= 0")
+        if not math.isfinite(self.bias):
+            raise CMError(f"bias={self.bias} must be a finite number")
+        for name in ("w_drop", "w_rise", "w_critic"):
+            if not math.isfinite(getattr(self, name)) or getattr(self, name) < 0:
+                raise CMError(f"{name}={getattr(self, name)} must be a finite number >= 0")
 
 
 def init_state() -> dict:
@@ -83,7 +88,8 @@ def p_advance(config: CMConfig, rewards: Sequence[float], critic_losses: Sequenc
     trend = (_mean(rewards[half:]) - _mean(rewards[:half])) / (_std(rewards) + 1e-6)
     cv = _std(critic_losses) / (abs(_mean(critic_losses)) + 1e-8)
     z = config.bias - config.w_drop * max(0.0, -trend) - config.w_rise * max(0.0, trend) - config.w_critic * cv
-    return 1.0 / (1.0 + math.exp(-z))
+    # exp of a large |z| overflows a float: take the logistic from the side where the exponent is <= 0.
+    return 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
 
 
 def update(config: CMConfig, state: dict, reward_mean: float, critic_loss: float) -> dict:

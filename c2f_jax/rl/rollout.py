@@ -13,6 +13,7 @@ bucket never recompiles.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from typing import Sequence
 
@@ -39,8 +40,8 @@ class SamplingConfig:
     suppress_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise RolloutError(f"temperature={self.temperature} must be >= 0")
+        if not math.isfinite(self.temperature) or self.temperature < 0:  # NaN fails every comparison
+            raise RolloutError(f"temperature={self.temperature} must be a finite number >= 0")
         if self.top_k < 0:
             raise RolloutError(f"top_k={self.top_k} must be >= 0")
         if not 0 < self.top_p <= 1:

@@ -129,6 +129,10 @@ def main(argv=None) -> int:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         p.error("no command given (put it after --)")
+    for flag, value in (("--processes", args.processes), ("--devices", args.devices), ("--timeout", args.timeout)):
+        if not value >= 1:  # NaN too
+            print(f"error: {flag}={value} must be >= 1", file=sys.stderr)
+            return 2
     with LocalJob(command, args.devices, args.processes) as job:
         try:
             exits = job.wait(args.timeout)

@@ -7,6 +7,7 @@ import math
 import os
 import socket
 import struct
+import sys
 import time
 from pathlib import Path
 
@@ -15,12 +16,32 @@ from tqdm import tqdm
 from c2f_jax.runtime import distributed, workdir
 
 
-def read_metrics(path: str | os.PathLike) -> list[dict]:
-    """The rows of a workdir's metrics.jsonl (none before the first step)."""
-    path = Path(path) / workdir.METRICS
-    if not path.exists():
+def read_metrics(path: str | os.PathLike, drop_torn_last_line: bool = False, warn: bool = True) -> list[dict]:
+    """The rows of a workdir's metrics.jsonl (none before the first step). A line that is no JSON row is a
+    WorkdirError naming the file and line, but for a torn last line (a crash mid-write, a partial copy) when
+    `drop_torn_last_line`: that row is left out, with a warning on stderr."""
+    file = Path(path) / workdir.METRICS
+    if not file.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = file.read_text(errors="replace").splitlines()
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+                raise ValueError("a row without its step")
+        except ValueError as e:
+            if drop_torn_last_line and number == len(lines):
+                if warn:
+                    print(f"warning: {file}:{number}: dropped a torn last line (written after the last checkpoint)",
+                          file=sys.stderr)
+                break
+            reason = "torn (a crash mid-write?)" if number == len(lines) else str(e).split(":")[0]
+            raise workdir.WorkdirError(f"{file}:{number}: not a metrics row: {reason}") from None
+        rows.append(row)
+    return rows
 
 
 def _json_number(x):
@@ -43,7 +64,8 @@ class MetricsWriter:
         self.path = Path(path) / workdir.METRICS
 
         def keep_until_resume(tmp: Path) -> None:
-            tmp.write_text("".join(json.dumps(m) + "\n" for m in read_metrics(path) if m["step"] <= resume_step))
+            kept = read_metrics(path, drop_torn_last_line=True, warn=False)  # the resume's check said so
+            tmp.write_text("".join(json.dumps(m) + "\n" for m in kept if m["step"] <= resume_step))
 
         workdir.write(self.path, keep_until_resume, overwrite=True)
         self.enabled, self.events = distributed.writes_here(), None

@@ -132,23 +132,30 @@ def check_replaceable(out: str | os.PathLike, overwrite: bool = False, folder: b
         raise WorkdirError(f"{flag} {out}: already exists (pass --overwrite to replace it)")
 
 
-def check_output(out, inputs, flag: str = "--out", overwrite: bool = False, folder: bool = True) -> None:
-    """The output rule of every command, checked before any work. `out` (a folder when `folder`, else a file):
-    - may not be, be inside, or contain one of `inputs` ({flag or key: path}, or such pairs; None and names
-      that are no path, such as a hub dataset, are skipped): it would mix into, or replace, what is read;
-    - may not be or be inside a training workdir (but for the files a workdir lets commands write there,
-      WORKDIR_OUTPUTS): a workdir is days of training;
-    - replaces an existing path only with `overwrite`, and never a folder by a file (`check_replaceable`).
-    """
+def check_apart(out, inputs, flag: str = "--out") -> None:
+    """A WorkdirError when `out` is, is inside, or contains one of `inputs` ({flag or key: path}, or such pairs;
+    None and names that are no path, such as a hub dataset, are skipped): writing there would mix the output
+    into what the command reads, or replace it."""
     target = Path(out).absolute().resolve()
     for name, src in (inputs.items() if hasattr(inputs, "items") else inputs):
-        if src is None or not Path(src).exists():
+        if not src or not Path(src).exists():
             continue
         source = Path(src).absolute().resolve()
         relation = ("is" if target == source else "is inside" if source in target.parents
                     else "contains" if target in source.parents else None)
         if relation:
             raise WorkdirError(f"{flag} {out}: {relation} the input {name} {src}; choose another output")
+
+
+def check_output(out, inputs, flag: str = "--out", overwrite: bool = False, folder: bool = True) -> None:
+    """The output rule of every command, checked before any work. `out` (a folder when `folder`, else a file):
+    - may not be, be inside, or contain one of `inputs` (`check_apart`);
+    - may not be or be inside a training workdir (but for the files a workdir lets commands write there,
+      WORKDIR_OUTPUTS): a workdir is days of training;
+    - replaces an existing path only with `overwrite`, and never a folder by a file (`check_replaceable`).
+    """
+    check_apart(out, inputs, flag)
+    target = Path(out).absolute().resolve()
     holder = next((p for p in (target, *target.parents) if is_workdir(p)), None)
     if holder is not None and not (not folder and target.parent == holder and target.name in WORKDIR_OUTPUTS):
         where = "is" if holder == target else "is inside"

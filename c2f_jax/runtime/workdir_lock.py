@@ -40,6 +40,23 @@ def _start_ticks(pid: int) -> str | None:
         return None
 
 
+def _pid_max() -> int:
+    try:
+        return int(Path("/proc/sys/kernel/pid_max").read_text())
+    except (OSError, ValueError):
+        return 1 << 22  # Linux's largest
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
 def _record() -> dict:
     return {"host": socket.gethostname(), "pid": os.getpid(), "start_ticks": _start_ticks(os.getpid()),
             "since": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
@@ -51,9 +68,10 @@ def _describe(holder: dict) -> str:
 
 def _read(lock: Path) -> dict:
     try:
-        return json.loads(lock.read_text())
+        holder = json.loads(lock.read_text())
     except (OSError, ValueError):  # a holder cut off while writing it: judged by its age alone
         return {}
+    return holder if isinstance(holder, dict) else {}
 
 
 def _gone(holder: dict, lock: Path) -> str | None:
@@ -62,8 +80,11 @@ def _gone(holder: dict, lock: Path) -> str | None:
         age = time.time() - lock.stat().st_mtime
     except FileNotFoundError:
         return "released"
-    if holder.get("host") == socket.gethostname() and holder.get("pid") is not None:
-        if _start_ticks(int(holder["pid"])) != holder.get("start_ticks"):
+    pid = holder.get("pid")
+    if holder.get("host") == socket.gethostname() and pid is not None:
+        if isinstance(pid, bool) or not isinstance(pid, int) or not 0 < pid <= _pid_max():
+            return f"its process id {pid!r} cannot exist on this host"
+        if not _alive(pid) or _start_ticks(pid) != holder.get("start_ticks"):
             return "its process no longer runs on this host"
         return None
     if age > STALE:
@@ -87,8 +108,8 @@ def hold(workdir: str | os.PathLike) -> None:
                 break  # this process's own hold, from before
             gone = _gone(holder, lock)
             if gone is None:
-                raise HeldError(f"{workdir}: in use by another job ({_describe(holder)}); wait for it to end or "
-                                "use another --workdir") from None
+                raise HeldError(f"{workdir}: in use by another job ({_describe(holder)}, in {lock}); wait for it "
+                                "to end or use another --workdir") from None
             if gone != "released":
                 print(f"{workdir}: taking over the hold of a job that is gone ({_describe(holder)}: {gone})",
                       file=sys.stderr, flush=True)
