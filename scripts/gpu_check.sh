@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks, as one script for a short lease on one card (H100/H200 with JAX + CUDA and torch installed):
-#   1. the rollout benchmark at the ~1B size of issue 3 against transformers on the same card, with the
+#   1. the rollout benchmark at the ~1B size (16 layers, width 2048) against transformers on the same card, with the
 #      fraction of the memory-bandwidth bound;
 #   2. the PPO iteration benchmark (ours vs the PyTorch loop, both on the card) with the MFU of scoring + update;
 #   3. the model parity tests on the GPU at full float32 precision.

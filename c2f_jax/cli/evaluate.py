@@ -1,4 +1,4 @@
-"""Evaluate policies side by side: reward, length, EOS rate, repetition, distinct-n, perplexity, multiple choice.
+"""Evaluate policies side by side: reward, length, EOS rate, repetition, distinct-n, perplexity, and lm-eval tasks.
 
   c2f-evaluate --model runs/demo --model runs/sft_model --reward-model runs/demo/reward_model \
       --prompts prompts.txt --max-new-tokens 64 --json eval.json
