@@ -34,7 +34,8 @@ TPU_HBM = {"TPU v5": 95 * GB, "TPU v5 lite": 16 * GB, "TPU v6 lite": 32 * GB}
 
 
 def parse(argv):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                epilog="--config FILE and --config.KEY=VALUE name the coarse job as c2f-train's do.")
     p.add_argument("--devices", type=int, default=16, help="fake CPU devices to compile for (default 16)")
     p.add_argument("--topology", help="a TPU topology name (v5p:2x2x4, v5e:4x4, ...): compile for its chips instead")
     p.add_argument("--json", action="store_true")
