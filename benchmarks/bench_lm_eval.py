@@ -107,9 +107,9 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import jax
     import torch
+    from bench_rollout import bench_config
 
     import c2f_jax.eval.lm_eval  # noqa: F401  (registers c2f-jax)
-    from bench_rollout import bench_config
     from c2f_jax.model import hf, model, tokenizer
 
     torch.set_num_threads(os.cpu_count() or 1)

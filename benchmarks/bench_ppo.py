@@ -20,8 +20,11 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from bench_rollout import (  # the same model shapes as the rollout benchmark (the script folder is on sys.path)
+    bench_config,
+    time_it,
+)
 
-from bench_rollout import bench_config, time_it  # the same model shapes as the rollout benchmark (the script folder is on sys.path)
 from c2f_jax.model import hf, model
 from c2f_jax.rl import optim, ppo, reward, rollout
 from c2f_jax.runtime import backend

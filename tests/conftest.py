@@ -80,6 +80,19 @@ def comparable(rows):
     return [{k: v for k, v in r.items() if not k.startswith(TIMING_KEYS)} for r in rows]
 
 
+def assert_ends_as(path, reference) -> None:
+    """The run in `path` logged the same metrics and holds the same final state as `reference`, bit for bit."""
+    from c2f_jax.runtime import checkpoint, metrics
+
+    assert comparable(metrics.read_metrics(path)) == comparable(metrics.read_metrics(reference))
+    a, _ = checkpoint.Checkpointer(path).restore()
+    b, _ = checkpoint.Checkpointer(reference).restore()
+    leaves_a, tree_a = jax.tree.flatten(a)
+    leaves_b, tree_b = jax.tree.flatten(b)
+    assert tree_a == tree_b and len(leaves_a) > 10
+    assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(leaves_a, leaves_b))
+
+
 def cli_env():
     env = dict(os.environ)
     env.setdefault("JAX_COMPILATION_CACHE_DIR", str(ROOT / ".jax_cache"))

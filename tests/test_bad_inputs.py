@@ -8,11 +8,9 @@ import os
 import subprocess
 import sys
 
-import pytest
-
-from conftest import ROOT, SHORT, cli_env
-
 import bad_inputs  # noqa: E402  (tests/bad_inputs.py, the table's harness)
+import pytest
+from conftest import ROOT, SHORT, cli_env
 
 # Each once printed a traceback, aborted, or logged above our line.
 AS_SUBPROCESS = ("train truncated checkpoint file", "train garbage .jsonl", "train config syntax error",

@@ -9,10 +9,10 @@ import sys
 import tomllib
 
 import pytest
+from conftest import ROOT
 
 from c2f_jax import train
 from c2f_jax.runtime import metrics, workdir, workdir_lock
-from conftest import ROOT
 
 SCRIPTS = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
 

@@ -13,8 +13,8 @@ CFG = CMConfig(buckets=(16, 32, 64), window=8, min_steps=8)
 
 def run(config, rewards, losses):
     state, limits = cm.init_state(), []
-    for r, l in zip(rewards, losses):
-        state = cm.update(config, state, r, l)
+    for reward, loss in zip(rewards, losses):
+        state = cm.update(config, state, reward, loss)
         limits.append(cm.length_limit(config, state))
         state = json.loads(json.dumps(state))  # it is what checkpoints store
     return state, limits

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from c2f_jax import data
-from c2f_jax.model import tokenizer
 from c2f_jax.data import DataError
+from c2f_jax.model import tokenizer
 
 MULTI_TURN = "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: What is a tide?\n\nAssistant: The sea rising.</s>"
 

@@ -9,10 +9,10 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import ROOT, cli_env, fill
 
 from c2f_jax.model import export
 from c2f_jax.runtime import checkpoint, metrics
-from conftest import ROOT, cli_env, fill
 
 MANY = {f"scalar/{i:04d}": float(i) for i in range(400)}  # a row larger than a page's slack: it needs new blocks
 

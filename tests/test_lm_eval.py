@@ -11,7 +11,6 @@ import sys
 import jax
 import numpy as np
 import pytest
-
 from conftest import ROOT, cli_env
 
 TASKS = ["c2f_mc", "c2f_mc_letters", "c2f_rolling", "c2f_gen"]
@@ -126,8 +125,8 @@ def test_a_second_evaluation_compiles_nothing(folder, monkeypatch):
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    from c2f_jax.runtime import compilations
     from c2f_jax.eval.lm_eval import C2FJaxLM
+    from c2f_jax.runtime import compilations
 
     monkeypatch.chdir(ROOT)
     lm = C2FJaxLM(pretrained=str(folder), max_length=MAX_LENGTH, batch_size=4)
@@ -141,9 +140,9 @@ def test_a_second_evaluation_compiles_nothing(folder, monkeypatch):
 
 def test_in_memory_merge_equals_the_merged_folder(folder, tmp_path):
     """coarse=, sft=, gamma= merges in memory exactly as tools/merge.py writes the folder."""
+    from c2f_jax.eval.lm_eval import C2FJaxLM
     from c2f_jax.merge import merge
     from c2f_jax.model import hf, model
-    from c2f_jax.eval.lm_eval import C2FJaxLM
 
     config, params = hf.load_pretrained(folder)
     other = tmp_path / "other"
@@ -198,7 +197,6 @@ def test_paper_preset_names_the_papers_11_benchmarks_lm_eval_knows():
 
 
 def test_sweep_tasks_writes_table3_with_every_gamma_merged_in_memory(folder, tmp_path, monkeypatch):
-    import importlib.util
 
     from c2f_jax.model import hf
 

@@ -1,7 +1,6 @@
 """The Knowledge Residue Merger: exact values, sweeps, the pytree merge, and every bad input as a one-line error."""
 
 import hashlib
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -17,8 +16,8 @@ import transformers
 from conftest import hf_model, left_padded_batch
 
 from c2f_jax.merge import merge, merge_io
-from c2f_jax.model import hf, model
 from c2f_jax.merge.merge import MergeError
+from c2f_jax.model import hf, model
 from c2f_jax.model.safetensors_io import SafetensorsFile, write_file
 
 ROOT = Path(__file__).resolve().parent.parent

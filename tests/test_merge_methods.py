@@ -32,6 +32,7 @@ def _bench_merge():
 
 
 bench_merge = _bench_merge()
+merge_tool = importlib.import_module("c2f_jax.cli.merge")
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import ROOT, SHORT, TIMING_KEYS, cli_env, comparable
 
 from c2f_jax import train
 from c2f_jax.jobs import coarse
@@ -21,7 +22,6 @@ from c2f_jax.model import export
 from c2f_jax.runtime import checkpoint, distributed, metrics, preemption
 from c2f_jax.runtime import workdir as c2f_workdir
 from c2f_jax.runtime.local_job import LocalJob
-from conftest import ROOT, SHORT, TIMING_KEYS, cli_env, comparable
 
 TRAIN = [sys.executable, "-m", "c2f_jax.train", "--config", "tiny_coarse.py", *SHORT]
 STEPS = ["--config.steps=3"]

@@ -10,7 +10,6 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -22,8 +21,7 @@ STEPS = {"bandit": 40, "sequence": 100}
 @pytest.mark.parametrize("case", ["bandit", "sequence"])
 def test_ppo_reaches_the_kl_regularised_optimum(case, tmp_path):
     from c2f_jax.jobs import coarse
-    from c2f_jax.model import hf
-    from c2f_jax.model import export
+    from c2f_jax.model import export, hf
 
     problem = ppo_optimum.build(case, tmp_path / "problems")
     config = ppo_optimum.run_config(problem, "k1", STEPS[case], checkpoint_every=STEPS[case])

@@ -13,11 +13,11 @@ import torch
 from conftest import hf_model, left_padded_batch
 
 from c2f_jax import data
+from c2f_jax.data import DataError
 from c2f_jax.model import hf, model
 from c2f_jax.rl import rollout
-from c2f_jax.runtime import backend, compilations
-from c2f_jax.data import DataError
 from c2f_jax.rl.rollout import RolloutError, SamplingConfig
+from c2f_jax.runtime import backend, compilations
 
 ROOT = Path(__file__).resolve().parent.parent
 P, R = 12, 20  # prompt 12 + response 20 > sliding window 8

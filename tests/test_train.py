@@ -14,12 +14,13 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from conftest import ROOT, SHORT, assert_ends_as, cli_env, fill
 
 from c2f_jax import train
 from c2f_jax.model import export, hf, model
 from c2f_jax.runtime import checkpoint, metrics, preemption, workdir_lock
 from c2f_jax.runtime import workdir as c2f_workdir
-from conftest import ROOT, SHORT, cli_env, comparable, fill
+
 
 def run_cli(*args, timeout=600):
     return subprocess.run([sys.executable, "-m", "c2f_jax.train", *args], capture_output=True, text=True,
@@ -153,21 +154,11 @@ def ppo_reference(demo, tmp_path_factory):
     second = run_cli(*common, "--workdir", str(path))
     assert second.returncode == 2 and re.fullmatch(
         re.escape(f"error: {path}: in use by another job (host {os.uname().nodename}, process id "
-                  f"{reference.pid}, since ") + r"[0-9: -]+ UTC\); wait for it to end or use another --workdir\n",
+                  f"{reference.pid}, since ") + r"[0-9: -]+ UTC, in " + re.escape(str(path / workdir_lock.LOCK)) +
+        r"\); wait for it to end or use another --workdir\n",
         second.stderr), second.stderr[-2000:]
     assert reference.wait(timeout=300) == 0, reference.stderr.read()[-2000:]
     return common, path
-
-
-def assert_ends_as(path, reference) -> None:
-    """The run in `path` logged the same metrics and holds the same final state as `reference`."""
-    assert comparable(metrics.read_metrics(path)) == comparable(metrics.read_metrics(reference))
-    a, _ = checkpoint.Checkpointer(path).restore()
-    b, _ = checkpoint.Checkpointer(reference).restore()
-    leaves_a, tree_a = jax.tree.flatten(a)
-    leaves_b, tree_b = jax.tree.flatten(b)
-    assert tree_a == tree_b and len(leaves_a) > 10
-    assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(leaves_a, leaves_b))
 
 
 def test_killed_or_signalled_run_resumes_to_the_same_metrics_and_weights(ppo_reference, tmp_path):

@@ -8,9 +8,9 @@ import sys
 import time
 
 import pytest
+from conftest import ROOT
 
 from c2f_jax.runtime import workdir_lock
-from conftest import ROOT
 
 HOLDER = ("import sys, time; from c2f_jax.runtime import workdir_lock; workdir_lock.hold(sys.argv[1]); "
           "print('held', flush=True); time.sleep(300)")

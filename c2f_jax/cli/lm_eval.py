@@ -50,11 +50,11 @@ def check_run(args) -> None:
 
 
 def main(argv=None) -> int:
-    import c2f_jax.eval.lm_eval  # noqa: F401  (registers the model `c2f-jax`)
-    from c2f_jax.eval.lm_eval import TASKS_DIR
-
     from lm_eval._cli import HarnessCLI
     from lm_eval.utils import setup_logging
+
+    import c2f_jax.eval.lm_eval  # noqa: F401  (registers the model `c2f-jax`)
+    from c2f_jax.eval.lm_eval import TASKS_DIR
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("--tasks", "-t") or a.startswith("--tasks=") for a in argv) and not any(

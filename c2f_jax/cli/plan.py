@@ -92,8 +92,7 @@ def main(argv=None) -> int:
     from c2f_jax.jobs import settings
     from c2f_jax.model import hf, model, sharding
     from c2f_jax.rl import optim, programs, rollout
-    from c2f_jax.runtime import backend
-    from c2f_jax.runtime import cli
+    from c2f_jax.runtime import backend, cli
 
     if args.topology:  # compile-only executables go into the persistent cache but cannot be read back
         jax.config.update("jax_enable_compilation_cache", False)

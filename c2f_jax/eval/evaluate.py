@@ -22,9 +22,9 @@ import numpy as np
 
 from c2f_jax import data
 from c2f_jax.model import export, hf, model, tokenizer
+from c2f_jax.model.model import MistralConfig, Params
 from c2f_jax.rl import reward, rollout
 from c2f_jax.runtime import backend, distributed, workdir
-from c2f_jax.model.model import MistralConfig, Params
 
 PROMPT_BUCKETS = (64, 128, 256, 512, 1024)
 SEQUENCE_BUCKETS = (128, 256, 512, 1024, 2048)

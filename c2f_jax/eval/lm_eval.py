@@ -45,9 +45,9 @@ except ImportError:  # the eval extra is optional
 from c2f_jax.eval import evaluate
 from c2f_jax.merge import merge
 from c2f_jax.model import sharding
+from c2f_jax.model.config import float_dtype
 from c2f_jax.rl import rollout
 from c2f_jax.runtime import backend
-from c2f_jax.model.config import float_dtype
 
 # The paper's Table 3 (Mistral-C2F, arXiv 2406.08657): its 11 benchmarks as lm-eval tasks, with the shot counts it
 # states (MMLU 5, BBH 3, RACE 1, GSM8K 8); the others are zero-shot. AGIEval and AGIEval-ZH are lm-eval's agieval_en

@@ -12,8 +12,19 @@ import numpy as np
 from c2f_jax import data
 from c2f_jax.jobs import settings, sft
 from c2f_jax.jobs.reward_model import run_reward
-from c2f_jax.jobs.setup import (_as_dtype, _device_batch, _placed, _placed_state, check_inputs, check_model_folder,
-                                config_dict, load_base, prepare_workdir, restore, save_run_model)
+from c2f_jax.jobs.setup import (
+    _as_dtype,
+    _device_batch,
+    _placed,
+    _placed_state,
+    check_inputs,
+    check_model_folder,
+    config_dict,
+    load_base,
+    prepare_workdir,
+    restore,
+    save_run_model,
+)
 from c2f_jax.model import export, hf, model, sharding, tokenizer
 from c2f_jax.rl import cm, ppo, programs
 from c2f_jax.runtime import backend, compilations, distributed, metrics, preemption, workdir, workdir_lock

@@ -9,8 +9,16 @@ import numpy as np
 
 from c2f_jax import data
 from c2f_jax.jobs import settings
-from c2f_jax.jobs.setup import (_device_batch, _placed_state, check_inputs, config_dict, load_base, prepare_workdir,
-                                restore, save_run_model)
+from c2f_jax.jobs.setup import (
+    _device_batch,
+    _placed_state,
+    check_inputs,
+    config_dict,
+    load_base,
+    prepare_workdir,
+    restore,
+    save_run_model,
+)
 from c2f_jax.model import sharding
 from c2f_jax.rl import programs, reward
 from c2f_jax.runtime import backend, compilations, distributed, metrics, preemption, workdir, workdir_lock

@@ -17,9 +17,9 @@ import dataclasses
 import math
 
 from c2f_jax.model import sharding
+from c2f_jax.model.config import REMAT_POLICIES, SEQ_CLS, ConfigError, MistralConfig, float_dtype
 from c2f_jax.rl import cm, optim, ppo, rollout
 from c2f_jax.runtime import workdir
-from c2f_jax.model.config import REMAT_POLICIES, SEQ_CLS, ConfigError, MistralConfig, float_dtype
 
 
 class SettingsError(ValueError):

@@ -15,8 +15,8 @@ import jax.numpy as jnp
 
 from c2f_jax import data
 from c2f_jax.model import model
-from c2f_jax.rl import optim
 from c2f_jax.model.model import MistralConfig, Params
+from c2f_jax.rl import optim
 
 
 def lm_loss(config: MistralConfig, params: Params, ids, mask) -> jax.Array:

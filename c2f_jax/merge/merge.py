@@ -31,9 +31,9 @@ import numpy as np
 # No JAX at import time: the CLI starts without it (merge_params imports it when called).
 from c2f_jax.merge import merge_io
 from c2f_jax.model import hf, safetensors_io
-from c2f_jax.runtime import workdir
 from c2f_jax.model.config import CAUSAL_LM, ConfigError, DtypeTable, dtype_name, np_dtype
 from c2f_jax.model.safetensors_io import SafetensorsError
+from c2f_jax.runtime import workdir
 
 PROVENANCE_NAME = "merge_provenance.json"
 DTYPES = DtypeTable({name: name for name in hf.HF_DTYPES})

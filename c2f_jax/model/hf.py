@@ -17,13 +17,15 @@ from typing import Any
 
 import numpy as np
 
-# The dtypes an HF folder we write may store: the ones transformers loads (float8 it does not).
-HF_DTYPES = ("float32", "bfloat16", "float16")
+from c2f_jax.model import safetensors_io
+from c2f_jax.model.config import ConfigError, MistralConfig, Params, dtype_name, np_dtype
+from c2f_jax.model.safetensors_io import INDEX_NAME, SINGLE_NAME, SafetensorsError, SafetensorsFile, write_checkpoint
+
 # JAX is imported only where arrays are placed or fetched, so file-level work (the merger) starts fast.
 from c2f_jax.runtime import distributed, workdir
-from c2f_jax.model.config import ConfigError, MistralConfig, Params, dtype_name, np_dtype
-from c2f_jax.model import safetensors_io
-from c2f_jax.model.safetensors_io import INDEX_NAME, SINGLE_NAME, SafetensorsError, SafetensorsFile, write_checkpoint
+
+# The dtypes an HF folder we write may store: the ones transformers loads (float8 it does not).
+HF_DTYPES = ("float32", "bfloat16", "float16")
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 # Buffers some old checkpoints carry; recomputed from the config, never loaded.

@@ -29,8 +29,19 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 # The config lives in a JAX-free module; model.MistralConfig etc. stay the public names.
-from c2f_jax.model.config import (ARCHITECTURES, CAUSAL_LM, MISTRAL_7B_INSTRUCT_V02, MISTRAL_7B_V01, PRESETS,  # noqa: F401
-                            REMAT_POLICIES, SEQ_CLS, TINY, ConfigError, MistralConfig, Params)
+from c2f_jax.model.config import (  # noqa: F401
+    ARCHITECTURES,
+    CAUSAL_LM,
+    MISTRAL_7B_INSTRUCT_V02,
+    MISTRAL_7B_V01,
+    PRESETS,
+    REMAT_POLICIES,
+    SEQ_CLS,
+    TINY,
+    ConfigError,
+    MistralConfig,
+    Params,
+)
 from c2f_jax.model.sharding import BATCH, shard_as
 
 # Large-but-finite so a query row with no visible key (a pad query) gives a

@@ -24,9 +24,9 @@ import jax
 import jax.numpy as jnp
 
 from c2f_jax.model import model
-from c2f_jax.rl import optim
 from c2f_jax.model.model import MistralConfig, Params
 from c2f_jax.model.sharding import BATCH, shard_as
+from c2f_jax.rl import optim
 
 KL_ESTIMATORS = ("k1", "k3")
 

@@ -16,9 +16,9 @@ import numpy as np
 from jax.sharding import Mesh
 
 from c2f_jax.model import sharding
+from c2f_jax.model.model import MistralConfig, Params
 from c2f_jax.rl import optim, ppo, reward, rollout
 from c2f_jax.runtime import backend
-from c2f_jax.model.model import MistralConfig, Params
 
 
 def _jit(mesh, fn, in_shardings, out_shardings, donate=(), **static):

@@ -8,12 +8,13 @@ from it, as DeepSpeed-Chat and OpenRLHF do.
 from __future__ import annotations
 
 import functools
+
 import jax
 import jax.numpy as jnp
 
 from c2f_jax.model import model
-from c2f_jax.rl import optim
 from c2f_jax.model.model import MistralConfig, Params
+from c2f_jax.rl import optim
 
 
 def init_from_base(config: MistralConfig, params: Params, rng: jax.Array) -> tuple[MistralConfig, Params]:

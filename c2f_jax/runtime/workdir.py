@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import json
 import os
 import shutil
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Callable
 
 from c2f_jax.runtime import distributed
+from c2f_jax.runtime.workdir_lock import process_alive
 
 RUN_CONFIG = "run_config.json"
 MODEL_CONFIG = "model_config.json"
@@ -69,6 +71,7 @@ def output(path: str | os.PathLike, overwrite: bool = False, folder: bool = Fals
         raise WorkdirError(f"{path.parent}: parent folder does not exist")
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     _remove(tmp)
+    _remove_abandoned(path)
     if folder:
         tmp.mkdir()
     try:
@@ -86,6 +89,15 @@ def output(path: str | os.PathLike, overwrite: bool = False, folder: bool = Fals
         path.rename(old)
     tmp.rename(path)
     _remove(old)
+
+
+def _remove_abandoned(path: Path) -> None:
+    """Removes the temporaries of `path` left by writers on this host that were killed mid-write (their process
+    is gone): a killed run's next write of the same file leaves no clutter behind."""
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*-*"):
+        kind, _, pid = stale.name[len(path.name) + 2:].rpartition("-")
+        if kind in ("tmp", "old") and pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
+            _remove(stale)
 
 
 def _remove(path: Path) -> None:

@@ -47,12 +47,13 @@ def _pid_max() -> int:
         return 1 << 22  # Linux's largest
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this host (another user's counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # another user's process: alive
+    except (PermissionError, OverflowError):
         return True
     return True
 
@@ -84,7 +85,7 @@ def _gone(holder: dict, lock: Path) -> str | None:
     if holder.get("host") == socket.gethostname() and pid is not None:
         if isinstance(pid, bool) or not isinstance(pid, int) or not 0 < pid <= _pid_max():
             return f"its process id {pid!r} cannot exist on this host"
-        if not _alive(pid) or _start_ticks(pid) != holder.get("start_ticks"):
+        if not process_alive(pid) or _start_ticks(pid) != holder.get("start_ticks"):
             return "its process no longer runs on this host"
         return None
     if age > STALE:
