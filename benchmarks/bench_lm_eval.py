@@ -36,21 +36,33 @@ metadata:
   version: 1.0
 """
 BODIES = {
-    "bench_mc": ("multiple_choice", 'doc_to_text: "{{q}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: 0\n'
-                                    "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true"),
+    "bench_mc": (
+        "multiple_choice",
+        'doc_to_text: "{{q}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: 0\n'
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true",
+    ),
     # The paper's multiple-choice benchmarks' shape (ARC, HellaSwag, MMLU): a few-shot context, short choices.
-    "bench_mc_shots": ("multiple_choice", 'doc_to_text: "Question: {{q}}\\nAnswer:"\ndoc_to_choice: "{{choices}}"\n'
-                                          "doc_to_target: 0\nnum_fewshot: 3\nfewshot_split: test\n"
-                                          "fewshot_config:\n  sampler: first_n\n"
-                                          "metric_list:\n  - metric: acc\n    aggregation: mean\n"
-                                          "    higher_is_better: true"),
-    "bench_rolling": ("loglikelihood_rolling", 'doc_to_text: ""\ndoc_to_target: "{{text}}"\nmetric_list:\n'
-                                               "  - metric: byte_perplexity\n    aggregation: weighted_perplexity\n"
-                                               "    higher_is_better: false"),
-    "bench_gen": ("generate_until", 'doc_to_text: "{{q}}"\ndoc_to_target: "{{a}}"\ngeneration_kwargs:\n'
-                                    '  until: ["\\n\\nHuman:"]\n  max_gen_toks: 32\n  do_sample: false\n'
-                                    "metric_list:\n  - metric: exact_match\n    aggregation: mean\n"
-                                    "    higher_is_better: true"),
+    "bench_mc_shots": (
+        "multiple_choice",
+        'doc_to_text: "Question: {{q}}\\nAnswer:"\ndoc_to_choice: "{{choices}}"\n'
+        "doc_to_target: 0\nnum_fewshot: 3\nfewshot_split: test\n"
+        "fewshot_config:\n  sampler: first_n\n"
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n"
+        "    higher_is_better: true",
+    ),
+    "bench_rolling": (
+        "loglikelihood_rolling",
+        'doc_to_text: ""\ndoc_to_target: "{{text}}"\nmetric_list:\n'
+        "  - metric: byte_perplexity\n    aggregation: weighted_perplexity\n"
+        "    higher_is_better: false",
+    ),
+    "bench_gen": (
+        "generate_until",
+        'doc_to_text: "{{q}}"\ndoc_to_target: "{{a}}"\ngeneration_kwargs:\n'
+        '  until: ["\\n\\nHuman:"]\n  max_gen_toks: 32\n  do_sample: false\n'
+        "metric_list:\n  - metric: exact_match\n    aggregation: mean\n"
+        "    higher_is_better: true",
+    ),
 }
 
 
@@ -60,19 +72,27 @@ def write_tasks(folder: Path, requests: int) -> None:
 
     pairs, _ = data.load_pairs("bundled")
     rows = {
-        "bench_mc": [{"q": p.prompt, "choices": [p.chosen, p.rejected, pairs[i - 1].chosen, pairs[i - 2].rejected]}
-                     for i, p in enumerate(pairs[:requests], start=2)],
-        "bench_mc_shots": [{"q": " ".join(p.prompt.split()[:24]),
-                            "choices": [" ".join(c.split()[:4]) for c in (p.chosen, p.rejected, pairs[i - 1].chosen,
-                                                                         pairs[i - 2].rejected)]}
-                           for i, p in enumerate(pairs[:requests], start=2)],
+        "bench_mc": [
+            {"q": p.prompt, "choices": [p.chosen, p.rejected, pairs[i - 1].chosen, pairs[i - 2].rejected]}
+            for i, p in enumerate(pairs[:requests], start=2)
+        ],
+        "bench_mc_shots": [
+            {
+                "q": " ".join(p.prompt.split()[:24]),
+                "choices": [
+                    " ".join(c.split()[:4]) for c in (p.chosen, p.rejected, pairs[i - 1].chosen, pairs[i - 2].rejected)
+                ],
+            }
+            for i, p in enumerate(pairs[:requests], start=2)
+        ],
         "bench_rolling": [{"text": p.prompt + " " + p.chosen} for p in pairs[:requests]],
         "bench_gen": [{"q": p.prompt, "a": p.chosen} for p in pairs[:requests]],
     }
     for name, (output_type, body) in BODIES.items():
         (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[name]))
-        (folder / f"{name}.yaml").write_text(TASK.format(name=name, data=folder / f"{name}.jsonl",
-                                                         output_type=output_type, body=body))
+        (folder / f"{name}.yaml").write_text(
+            TASK.format(name=name, data=folder / f"{name}.jsonl", output_type=output_type, body=body)
+        )
 
 
 def timed(model: str, model_args: str, tasks_dir: Path, task: str, batch_size: int) -> tuple[float, float, int]:
@@ -83,14 +103,14 @@ def timed(model: str, model_args: str, tasks_dir: Path, task: str, batch_size: i
     manager = TaskManager(include_path=str(tasks_dir))
     if model == "hf":
         lm = lm_eval.api.registry.get_model("hf").create_from_arg_string(
-            model_args, {"batch_size": batch_size, "device": "cpu"})
+            model_args, {"batch_size": batch_size, "device": "cpu"}
+        )
     else:
         lm = lm_eval.api.registry.get_model("c2f-jax").create_from_arg_string(model_args, {"batch_size": batch_size})
     seconds = []
     for _ in range(2):
         start = time.perf_counter()
-        out = lm_eval.simple_evaluate(model=lm, tasks=[task], task_manager=manager, log_samples=True,
-                                      verbosity="ERROR")
+        out = lm_eval.simple_evaluate(model=lm, tasks=[task], task_manager=manager, log_samples=True, verbosity="ERROR")
         seconds.append(time.perf_counter() - start)
     requests = sum(len(s["arguments"]) for s in out["samples"][task])
     return seconds[0], seconds[1], requests
@@ -117,20 +137,29 @@ def main(argv=None) -> int:
     config = bench_config(layers, d).replace(max_position_embeddings=max(4096, args.max_length))
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        hf.save_pretrained(tmp / "model", config, model.init_params(config, jax.random.key(0)),
-                           tokenizer_source=tokenizer.load_tokenizer(None))
+        hf.save_pretrained(
+            tmp / "model",
+            config,
+            model.init_params(config, jax.random.key(0)),
+            tokenizer_source=tokenizer.load_tokenizer(None),
+        )
         (tmp / "tasks").mkdir()
         write_tasks(tmp / "tasks", args.requests)
         common = f"pretrained={tmp / 'model'},max_length={args.max_length}"
-        print(f"{layers} layers, d={d}, float32, batch {args.batch_size}, max_length {args.max_length}, "
-              f"{platform.machine()} CPU x {os.cpu_count()}\n")
+        print(
+            f"{layers} layers, d={d}, float32, batch {args.batch_size}, max_length {args.max_length}, "
+            f"{platform.machine()} CPU x {os.cpu_count()}\n"
+        )
         print("| task (request type) | requests | ours req/s | hf req/s | ours / hf | our compile s |")
         print("|---|---|---|---|---|---|")
         for task, (kind, _) in BODIES.items():
             first, ours, n = timed("c2f-jax", common, tmp / "tasks", task, args.batch_size)
             _, theirs, _ = timed("hf", common + ",dtype=float32", tmp / "tasks", task, args.batch_size)
-            print(f"| {task} ({kind}) | {n} | {n / ours:.1f} | {n / theirs:.1f} | {theirs / ours:.2f}x | "
-                  f"{max(first - ours, 0):.1f} |", flush=True)
+            print(
+                f"| {task} ({kind}) | {n} | {n / ours:.1f} | {n / theirs:.1f} | {theirs / ours:.2f}x | "
+                f"{max(first - ours, 0):.1f} |",
+                flush=True,
+            )
     return 0
 
 

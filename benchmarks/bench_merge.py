@@ -53,8 +53,14 @@ for k in range(outputs):
 
 def bench_config(layers: int) -> model.MistralConfig:
     """Mistral-7B's vocabulary and head layout at width 1024: 14 layers make ~1.0 GB of fp32."""
-    return model.MistralConfig(hidden_size=1024, intermediate_size=3584, num_hidden_layers=layers,
-                               num_attention_heads=16, num_key_value_heads=4, head_dim=64)
+    return model.MistralConfig(
+        hidden_size=1024,
+        intermediate_size=3584,
+        num_hidden_layers=layers,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        head_dim=64,
+    )
 
 
 def write_checkpoint(folder: Path, config: model.MistralConfig, seed: int, shard_bytes: int = 300 << 20) -> None:
@@ -62,9 +68,15 @@ def write_checkpoint(folder: Path, config: model.MistralConfig, seed: int, shard
     if (folder / "config.json").exists():
         return
     rng = np.random.default_rng(seed)
-    tensors = [(s.hf_name, s.hf_shape, np.float32,
-                lambda s=s: rng.standard_normal(s.hf_shape, dtype=np.float32) * np.float32(0.02))
-               for s in hf.tensor_specs(config)]
+    tensors = [
+        (
+            s.hf_name,
+            s.hf_shape,
+            np.float32,
+            lambda s=s: rng.standard_normal(s.hf_shape, dtype=np.float32) * np.float32(0.02),
+        )
+        for s in hf.tensor_specs(config)
+    ]
 
     def fill(tmp: Path) -> None:
         safetensors_io.write_checkpoint(tmp, tensors, shard_bytes)
@@ -124,8 +136,10 @@ def method_recipe(path: Path, method: str, coarse: Path, sft: Path) -> Path:
     model as the other (weight and t GAMMA, density 0.5)."""
     params = f"{{t: {GAMMA}}}" if method == "slerp" else "{normalize: false}"
     model = "" if method == "slerp" else f"\n    parameters: {{weight: {GAMMA}, density: 0.5}}"
-    path.write_text(f"merge_method: {method}\nbase_model: {sft}\nmodels:\n  - model: {coarse}{model}\n"
-                    f"parameters: {params}\ndtype: float32\nout_dtype: float32\n")
+    path.write_text(
+        f"merge_method: {method}\nbase_model: {sft}\nmodels:\n  - model: {coarse}{model}\n"
+        f"parameters: {params}\ndtype: float32\nout_dtype: float32\n"
+    )
     return path
 
 
@@ -152,8 +166,12 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=2, help="runs per contender; best wall and CPU time, highest RSS")
     p.add_argument("--mergekit", action="store_true", help="also time mergekit (creates its venv if needed)")
     p.add_argument("--no-sweep", action="store_true", help="skip the 5-gamma sweep")
-    p.add_argument("--methods", default="", help="comma-separated recipe methods to time too (slerp, "
-                   "task_arithmetic, ties, dare_linear, dare_ties): SFT as base, the coarse model as the one model")
+    p.add_argument(
+        "--methods",
+        default="",
+        help="comma-separated recipe methods to time too (slerp, "
+        "task_arithmetic, ties, dare_linear, dare_ties): SFT as base, the coarse model as the one model",
+    )
     args = p.parse_args(argv)
 
     work = Path(args.workdir)
@@ -171,28 +189,71 @@ def main(argv=None) -> None:
     floor = lambda n: [sys.executable, "-c", FLOOR, str(n), *shards, str(work / "floor")]
     tool = [sys.executable, str(ROOT / "tools" / "merge.py")]
     ours = tool + ["--coarse", str(coarse), "--sft", str(sft), "--max-shard-size", "400MB", "--overwrite"]
-    runs = [("I/O floor: read 2 inputs, write 1 output", floor(1), [sys.executable, "-c", "pass"], 0),
-            ("ours: tools/merge.py", ours + ["--gamma", str(GAMMA), "--out", str(work / "out-ours")],
-             tool + ["--help"], 0)]
+    runs = [
+        ("I/O floor: read 2 inputs, write 1 output", floor(1), [sys.executable, "-c", "pass"], 0),
+        ("ours: tools/merge.py", ours + ["--gamma", str(GAMMA), "--out", str(work / "out-ours")], tool + ["--help"], 0),
+    ]
     if not args.no_sweep:
-        runs += [("I/O floor: read 2 inputs, write 5 outputs", floor(5), [sys.executable, "-c", "pass"], 2),
-                 ("ours: sweep of 5 gammas, 5 outputs",
-                  ours + ["--gamma", "0.1,0.3,0.5,0.7,0.9", "--out", str(work / "out-sweep")], tool + ["--help"], 2)]
+        runs += [
+            ("I/O floor: read 2 inputs, write 5 outputs", floor(5), [sys.executable, "-c", "pass"], 2),
+            (
+                "ours: sweep of 5 gammas, 5 outputs",
+                ours + ["--gamma", "0.1,0.3,0.5,0.7,0.9", "--out", str(work / "out-sweep")],
+                tool + ["--help"],
+                2,
+            ),
+        ]
     if args.mergekit:
         exe = mergekit_venv(work)
         cfg = mergekit_config(work / "mergekit.yml", coarse, sft)
-        mk = [str(exe), str(cfg), str(work / "out-mergekit"), "--no-copy-tokenizer", "--no-write-model-card",
-              "--out-shard-size", "100M", "--quiet"]
+        mk = [
+            str(exe),
+            str(cfg),
+            str(work / "out-mergekit"),
+            "--no-copy-tokenizer",
+            "--no-write-model-card",
+            "--out-shard-size",
+            "100M",
+            "--quiet",
+        ]
         runs.append(("mergekit linear: mergekit-yaml", mk, [str(exe), "--help"], 0))
     for method in args.methods.split(",") if args.methods else []:
         recipe = method_recipe(work / f"{method}.yml", method, coarse, sft)
-        runs.append((f"ours {method}: tools/merge.py --config", tool + ["--config", str(recipe), "--out",
-                     str(work / f"out-ours-{method}"), "--max-shard-size", "400MB", "--overwrite"],
-                     tool + ["--help"], 0))
+        runs.append(
+            (
+                f"ours {method}: tools/merge.py --config",
+                tool
+                + [
+                    "--config",
+                    str(recipe),
+                    "--out",
+                    str(work / f"out-ours-{method}"),
+                    "--max-shard-size",
+                    "400MB",
+                    "--overwrite",
+                ],
+                tool + ["--help"],
+                0,
+            )
+        )
         if args.mergekit:
-            runs.append((f"mergekit {method}: mergekit-yaml", [str(exe), str(recipe), str(work / f"out-mk-{method}"),
-                         "--no-copy-tokenizer", "--no-write-model-card", "--out-shard-size", "100M", "--quiet"],
-                         [str(exe), "--help"], 0))
+            runs.append(
+                (
+                    f"mergekit {method}: mergekit-yaml",
+                    [
+                        str(exe),
+                        str(recipe),
+                        str(work / f"out-mk-{method}"),
+                        "--no-copy-tokenizer",
+                        "--no-write-model-card",
+                        "--out-shard-size",
+                        "100M",
+                        "--quiet",
+                    ],
+                    [str(exe), "--help"],
+                    0,
+                )
+            )
 
     for f in shards:  # warm the page cache the same way for everyone
         Path(f).read_bytes()
@@ -207,17 +268,22 @@ def main(argv=None) -> None:
     if args.mergekit:
         check = f"; max |ours - mergekit| on one tensor: {max_difference(work / 'out-ours', work / 'out-mergekit'):.3g}"
 
-    print(f"machine: {cpu_name()}, {os.cpu_count()} CPUs, "
-          f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM; "
-          f"model: {model_bytes / 1e9:.2f} GB fp32 per input, {len(shards) // 2} shards each; gamma {GAMMA}; "
-          f"best of {args.repeats} (round-robin), page cache warm, load average before {load[0]:.1f}{check}\n")
-    print("| run | wall s | x its I/O floor | CPU s | peak RSS MiB | start-up RSS MiB "
-          "| above start-up, % of one model |")
+    print(
+        f"machine: {cpu_name()}, {os.cpu_count()} CPUs, "
+        f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM; "
+        f"model: {model_bytes / 1e9:.2f} GB fp32 per input, {len(shards) // 2} shards each; gamma {GAMMA}; "
+        f"best of {args.repeats} (round-robin), page cache warm, load average before {load[0]:.1f}{check}\n"
+    )
+    print(
+        "| run | wall s | x its I/O floor | CPU s | peak RSS MiB | start-up RSS MiB | above start-up, % of one model |"
+    )
     print("|---|---|---|---|---|---|---|")
     for (name, _, _, floor_row), (wall, peak, cpu), start in zip(runs, best, startup):
         above = 100 * (peak - start) * 2**20 / model_bytes
-        print(f"| {name} | {wall:.2f} | {wall / best[floor_row][0]:.2f} | {cpu:.2f} | {peak:.0f} | {start:.0f} | "
-              f"{above:.1f}% |")
+        print(
+            f"| {name} | {wall:.2f} | {wall / best[floor_row][0]:.2f} | {cpu:.2f} | {peak:.0f} | {start:.0f} | "
+            f"{above:.1f}% |"
+        )
 
 
 if __name__ == "__main__":

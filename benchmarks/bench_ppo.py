@@ -30,8 +30,9 @@ from c2f_jax.rl import optim, ppo, reward, rollout
 from c2f_jax.runtime import backend
 
 # The coarse job compiles ppo.iteration with shardings (rl/programs.py); on one device a plain jit is the same.
-ppo_iteration = jax.jit(ppo.iteration, static_argnames=("actor_config", "ref_config", "critic_config", "ppo"),
-                        donate_argnums=(0, 1))
+ppo_iteration = jax.jit(
+    ppo.iteration, static_argnames=("actor_config", "ref_config", "critic_config", "ppo"), donate_argnums=(0, 1)
+)
 
 
 def ours(config, actor, critic_config, critic, ids, mask, new_tokens, iterations):
@@ -43,17 +44,31 @@ def ours(config, actor, critic_config, critic, ids, mask, new_tokens, iterations
         t0 = time.perf_counter()
         r_config = rollout.rollout_layout(config, backend.of(jax.default_backend()))
         r_params = rollout.rollout_params(r_config, actor_state.params)
-        out = rollout.generate(r_config, r_params, ids, mask, jax.random.key(it), max_new_tokens=new_tokens,
-                               suppress_token_ids=(2,))
+        out = rollout.generate(
+            r_config, r_params, ids, mask, jax.random.key(it), max_new_tokens=new_tokens, suppress_token_ids=(2,)
+        )
         jax.block_until_ready(out.tokens)
         t1 = time.perf_counter()
         seq, seq_mask = ppo.join(ids, mask, out.tokens, out.mask)
         score = jax.block_until_ready(reward.score_sequences(critic, seq, seq_mask, config=critic_config))
         t2 = time.perf_counter()
         # Old/reference logprobs, values, advantages and the update: one program (ppo.iteration).
-        actor_state, critic_state, _, _ = jax.block_until_ready(ppo_iteration(
-            actor_state, critic_state, actor, seq, seq_mask, out.mask, score, jax.random.key(it), actor_config=config,
-            ref_config=config, critic_config=critic_config, ppo=pc))
+        actor_state, critic_state, _, _ = jax.block_until_ready(
+            ppo_iteration(
+                actor_state,
+                critic_state,
+                actor,
+                seq,
+                seq_mask,
+                out.mask,
+                score,
+                jax.random.key(it),
+                actor_config=config,
+                ref_config=config,
+                critic_config=critic_config,
+                ppo=pc,
+            )
+        )
         t3 = time.perf_counter()
         if it:
             times.append((t1 - t0, t2 - t1, t3 - t2))
@@ -78,20 +93,28 @@ def torch_loop(actor_dir, critic_dir, ids, mask, new_tokens, iterations, device=
     P, R = ids.shape[1], new_tokens
 
     def logprobs(m, seq, seq_mask, pos):
-        logits = m(input_ids=seq, attention_mask=seq_mask, position_ids=pos).logits[:, P - 1:-1]
+        logits = m(input_ids=seq, attention_mask=seq_mask, position_ids=pos).logits[:, P - 1 : -1]
         return torch.log_softmax(logits.float(), -1).gather(-1, seq[:, P:, None])[..., 0]
 
     def values(m, seq, seq_mask, pos):
         hidden = m.model(input_ids=seq, attention_mask=seq_mask, position_ids=pos).last_hidden_state
-        return m.score(hidden)[:, P - 1:-1, 0]
+        return m.score(hidden)[:, P - 1 : -1, 0]
 
     times = []
     for it in range(iterations + 1):
         t0 = time.perf_counter()
         actor.eval()
         with torch.no_grad():
-            seq = actor.generate(input_ids=ids, attention_mask=mask, do_sample=True, top_k=0, max_new_tokens=R,
-                                 min_new_tokens=R, suppress_tokens=[2], pad_token_id=0)
+            seq = actor.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                do_sample=True,
+                top_k=0,
+                max_new_tokens=R,
+                min_new_tokens=R,
+                suppress_tokens=[2],
+                pad_token_id=0,
+            )
         sync()
         t1 = time.perf_counter()
         seq_mask = torch.cat([mask, torch.ones_like(seq[:, P:])], 1)
@@ -144,9 +167,15 @@ def body_flops(config, batch: int, length: int) -> float:
     Attention scores and their use count 2 * 2 * B * T^2 * N * H per layer (the causal half not subtracted).
     """
     c = config
-    per_token = 2 * c.num_hidden_layers * (c.hidden_size * c.head_dim * (2 * c.num_attention_heads
-                                           + 2 * c.num_key_value_heads) + 3 * c.hidden_size * c.intermediate_size)
-    return per_token * batch * length + 4 * c.num_hidden_layers * batch * length ** 2 * c.num_attention_heads * c.head_dim
+    per_token = (
+        2
+        * c.num_hidden_layers
+        * (
+            c.hidden_size * c.head_dim * (2 * c.num_attention_heads + 2 * c.num_key_value_heads)
+            + 3 * c.hidden_size * c.intermediate_size
+        )
+    )
+    return per_token * batch * length + 4 * c.num_hidden_layers * batch * length**2 * c.num_attention_heads * c.head_dim
 
 
 def after_rollout_flops(config, batch: int, prompt: int, new: int) -> tuple[float, float]:
@@ -175,7 +204,7 @@ def matmul_rate() -> tuple[float, float]:
     f = jax.jit(lambda a: a @ a)
     ta = torch.randn(n, n)
     best = (time_it(lambda: jax.block_until_ready(f(a)), 5), time_it(lambda: ta @ ta, 5))
-    return 2 * n ** 3 / best[0], 2 * n ** 3 / best[1]
+    return 2 * n**3 / best[0], 2 * n**3 / best[1]
 
 
 def main(argv=None) -> None:
@@ -185,10 +214,18 @@ def main(argv=None) -> None:
     p.add_argument("--prompt", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--iterations", type=int, default=2, help="timed iterations per side (best is reported)")
-    p.add_argument("--torch-device", default="cpu", help="cpu or cuda; on cuda both sides may use TF32 for float32 "
-                   "matmuls (XLA's default precision on GPU, switched on for torch to match)")
-    p.add_argument("--remat", default="none", help="our activation checkpointing: none, dots or full "
-                   "(full: a 1B model's update fits one 80 GB card beside the torch side)")
+    p.add_argument(
+        "--torch-device",
+        default="cpu",
+        help="cpu or cuda; on cuda both sides may use TF32 for float32 "
+        "matmuls (XLA's default precision on GPU, switched on for torch to match)",
+    )
+    p.add_argument(
+        "--remat",
+        default="none",
+        help="our activation checkpointing: none, dots or full "
+        "(full: a 1B model's update fits one 80 GB card beside the torch side)",
+    )
     p.add_argument("--peak-tflops", type=float, default=0.0, help="the device's peak for the MFU column (0: none)")
     p.add_argument("--no-roofline", action="store_true", help="skip the CPU matmul-rate measurement and the bound")
     args = p.parse_args(argv)
@@ -197,16 +234,22 @@ def main(argv=None) -> None:
     if args.torch_device != "cpu":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    print(f"device: {jax.devices()[0].device_kind} ({platform.machine()}), torch threads {torch.get_num_threads()}, "
-          f"batch {args.batch}, prompt {args.prompt}, {args.new_tokens} new tokens (EOS suppressed), vocab 32000, "
-          f"1 PPO epoch; seconds per iteration, best of {args.iterations}\n")
+    print(
+        f"device: {jax.devices()[0].device_kind} ({platform.machine()}), torch threads {torch.get_num_threads()}, "
+        f"batch {args.batch}, prompt {args.prompt}, {args.new_tokens} new tokens (EOS suppressed), vocab 32000, "
+        f"1 PPO epoch; seconds per iteration, best of {args.iterations}\n"
+    )
     rate = None
     if args.torch_device == "cpu" and not args.no_roofline:
         rate = matmul_rate()
-        print(f"fp32 matmul rate of this machine (2048^3, best of 5): jax {rate[0] / 1e9:.0f} GFLOP/s, "
-              f"torch {rate[1] / 1e9:.0f} GFLOP/s\n")
-    print("| size | side | rollout s | scoring s | update s | total s | tokens/s | ours vs torch "
-          "| scoring + update GFLOP/s | MFU |")
+        print(
+            f"fp32 matmul rate of this machine (2048^3, best of 5): jax {rate[0] / 1e9:.0f} GFLOP/s, "
+            f"torch {rate[1] / 1e9:.0f} GFLOP/s\n"
+        )
+    print(
+        "| size | side | rollout s | scoring s | update s | total s | tokens/s | ours vs torch "
+        "| scoring + update GFLOP/s | MFU |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     bounds = []
     for size in args.sizes.split(","):
@@ -220,8 +263,9 @@ def main(argv=None) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             hf.save_pretrained(f"{tmp}/actor", config, actor)
             hf.save_pretrained(f"{tmp}/critic", critic_config.replace(pad_token_id=0), critic)
-            theirs = torch_loop(f"{tmp}/actor", f"{tmp}/critic", ids, mask, args.new_tokens, args.iterations,
-                                args.torch_device)
+            theirs = torch_loop(
+                f"{tmp}/actor", f"{tmp}/critic", ids, mask, args.new_tokens, args.iterations, args.torch_device
+            )
         mine = ours(config, actor, critic_config, critic, ids, mask, args.new_tokens, args.iterations)
         generated = args.batch * args.new_tokens
         flops = after_rollout_flops(config, args.batch, args.prompt, args.new_tokens)
@@ -229,17 +273,24 @@ def main(argv=None) -> None:
             ratio = f"{theirs.sum() / mine.sum():.2f}x" if side == "ours" else ""
             achieved = f / (t[1] + t[2])
             mfu = f"{achieved / (args.peak_tflops * 1e12):.1%}" if args.peak_tflops else ""
-            print(f"| {layers} layers, d={d} | {side} | {t[0]:.2f} | {t[1]:.2f} | {t[2]:.2f} | {t.sum():.2f} | "
-                  f"{generated / t.sum():,.0f} | {ratio} | {achieved / 1e9:,.0f} | {mfu} |", flush=True)
+            print(
+                f"| {layers} layers, d={d} | {side} | {t[0]:.2f} | {t[1]:.2f} | {t[2]:.2f} | {t.sum():.2f} | "
+                f"{generated / t.sum():,.0f} | {ratio} | {achieved / 1e9:,.0f} | {mfu} |",
+                flush=True,
+            )
         if rate:
             floor = mine[0] + flops[0] / max(rate)
-            bounds.append(f"{layers} layers, d={d}: scoring + update is {flops[0] / 1e9:,.0f} GFLOP of matmuls "
-                          f"(torch's loop: {flops[1] / 1e9:,.0f}); at the machine's matmul rate that alone takes "
-                          f"{flops[0] / max(rate):.2f} s, so with this rollout ({mine[0]:.2f} s) the ratio cannot "
-                          f"exceed {theirs.sum() / floor:.2f}x")
-    print("\nOurs: 'scoring' is the reward model alone; the actor's, reference's and critic's scoring passes run in "
-          "the update's program (ppo.iteration), which reuses the actor's and critic's forward pass for their "
-          "gradients. Torch: every forward pass runs separately, as in TRL's loop.")
+            bounds.append(
+                f"{layers} layers, d={d}: scoring + update is {flops[0] / 1e9:,.0f} GFLOP of matmuls "
+                f"(torch's loop: {flops[1] / 1e9:,.0f}); at the machine's matmul rate that alone takes "
+                f"{flops[0] / max(rate):.2f} s, so with this rollout ({mine[0]:.2f} s) the ratio cannot "
+                f"exceed {theirs.sum() / floor:.2f}x"
+            )
+    print(
+        "\nOurs: 'scoring' is the reward model alone; the actor's, reference's and critic's scoring passes run in "
+        "the update's program (ppo.iteration), which reuses the actor's and critic's forward pass for their "
+        "gradients. Torch: every forward pass runs separately, as in TRL's loop."
+    )
     for line in bounds:
         print("Bound, " + line + ".")
 

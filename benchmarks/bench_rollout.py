@@ -38,9 +38,16 @@ from c2f_jax.runtime import backend
 
 def bench_config(layers: int, d: int, kv_heads: int = 0) -> model.MistralConfig:
     heads = max(d // 64, 1)
-    return model.MistralConfig(vocab_size=32000, hidden_size=d, intermediate_size=int(3.5 * d), num_hidden_layers=layers,
-                               num_attention_heads=heads, num_key_value_heads=kv_heads or max(heads // 4, 1),
-                               head_dim=64, max_position_embeddings=8192)
+    return model.MistralConfig(
+        vocab_size=32000,
+        hidden_size=d,
+        intermediate_size=int(3.5 * d),
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads or max(heads // 4, 1),
+        head_dim=64,
+        max_position_embeddings=8192,
+    )
 
 
 def time_it(fn, repeats: int) -> float:
@@ -91,8 +98,9 @@ def matmul_step_seconds(config: model.MistralConfig, params, batch: int, repeats
         name = getattr(path[-1], "key", "")
         if w.ndim < 2 or (name == "embed" and not config.tie_word_embeddings):
             continue
-        weights.append(w.T if name == "embed" else w.reshape(-1, w.shape[-1]) if name == "o"
-                       else w.reshape(w.shape[0], -1))
+        weights.append(
+            w.T if name == "embed" else w.reshape(-1, w.shape[-1]) if name == "o" else w.reshape(w.shape[0], -1)
+        )
         out_major.append(name == "down_t")
 
     def product(w, transposed):
@@ -116,35 +124,49 @@ def decode_seconds(config, params, batch: int, prompt: int, new: int, repeats: i
     return time_it(run, repeats)
 
 
-def length_table(config, params, batch: int, prompt: int, lengths: tuple[int, int], long: tuple[int, int],
-                 repeats: int) -> None:
+def length_table(
+    config, params, batch: int, prompt: int, lengths: tuple[int, int], long: tuple[int, int], repeats: int
+) -> None:
     """The second table: decode time against response length, early stop, and a long-context row."""
     short, full = lengths
     per_token = {n: decode_seconds(config, params, batch, prompt, n, repeats) / n for n in lengths}
-    ideal = (bytes_per_step(config, params, batch, prompt, full) / bytes_per_step(config, params, batch, prompt, short))
+    ideal = bytes_per_step(config, params, batch, prompt, full) / bytes_per_step(config, params, batch, prompt, short)
     stop = decode_seconds(config, params, batch, prompt, full, repeats, stop_at_once=True)
     long_prompt, long_new = long
     long_s = decode_seconds(config, params, batch, long_prompt, long_new, repeats)
     bandwidth = memory_bandwidth()
     long_bound = batch * bandwidth / bytes_per_step(config, params, batch, long_prompt, long_new)
     long_tps = batch * long_new / long_s
-    print(f"\nDecode length and early stop, ours only ({config.num_hidden_layers} layers, d={config.hidden_size}, "
-          f"{config.num_key_value_heads} kv heads, batch {batch}); memory bandwidth {bandwidth / 1e9:,.1f} GB/s "
-          f"({'copy, read + write' if jax.devices()[0].platform == 'gpu' else 'read'}):\n")
-    print("| case | prompt + new | s | tok/s | per-token time vs the first row | bytes per step allow | "
-          "bandwidth bound tok/s | ours / bound |")
+    print(
+        f"\nDecode length and early stop, ours only ({config.num_hidden_layers} layers, d={config.hidden_size}, "
+        f"{config.num_key_value_heads} kv heads, batch {batch}); memory bandwidth {bandwidth / 1e9:,.1f} GB/s "
+        f"({'copy, read + write' if jax.devices()[0].platform == 'gpu' else 'read'}):\n"
+    )
+    print(
+        "| case | prompt + new | s | tok/s | per-token time vs the first row | bytes per step allow | "
+        "bandwidth bound tok/s | ours / bound |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for n in lengths:
         vs = f"{per_token[n] / per_token[short]:.2f}x"
         allow = f"{ideal:.2f}x" if n == full else "1.00x"
-        print(f"| EOS suppressed | {prompt} + {n} | {per_token[n] * n:.3f} | {batch / per_token[n]:,.0f} | {vs} | "
-              f"{allow} | - | - |")
-    print(f"| every row stops at its first token | {prompt} + {full} | {stop:.3f} | - | "
-          f"{stop / (per_token[full] * full):.3f} of the full decode | - | - | - |")
-    print(f"| long context, EOS suppressed | {long_prompt} + {long_new} | {long_s:.3f} | {long_tps:,.0f} | - | - | "
-          f"{long_bound:,.0f} | {long_tps / long_bound:.0%} |", flush=True)
-    print("\nbytes per step: every weight but the embedding table plus the KV cache filled on average "
-          "(prompt + new / 2 positions); the bound is the batch over those bytes at the memory bandwidth.")
+        print(
+            f"| EOS suppressed | {prompt} + {n} | {per_token[n] * n:.3f} | {batch / per_token[n]:,.0f} | {vs} | "
+            f"{allow} | - | - |"
+        )
+    print(
+        f"| every row stops at its first token | {prompt} + {full} | {stop:.3f} | - | "
+        f"{stop / (per_token[full] * full):.3f} of the full decode | - | - | - |"
+    )
+    print(
+        f"| long context, EOS suppressed | {long_prompt} + {long_new} | {long_s:.3f} | {long_tps:,.0f} | - | - | "
+        f"{long_bound:,.0f} | {long_tps / long_bound:.0%} |",
+        flush=True,
+    )
+    print(
+        "\nbytes per step: every weight but the embedding table plus the KV cache filled on average "
+        "(prompt + new / 2 positions); the bound is the batch over those bytes at the memory bandwidth."
+    )
 
 
 def main(argv=None) -> None:
@@ -167,14 +189,18 @@ def main(argv=None) -> None:
     if len(lengths) != 2 or len(long) != 2 or min(*lengths, *long) < 1:
         p.error(f"--lengths {args.lengths!r} must be SHORT,FULL and --long {args.long!r} PROMPT+NEW, positive")
 
-    print(f"device: {jax.devices()[0].device_kind} ({platform.processor() or platform.machine()}), "
-          f"batch {args.batch}, prompt {args.prompt}, {args.new_tokens} new tokens, vocab 32000\n")
+    print(
+        f"device: {jax.devices()[0].device_kind} ({platform.processor() or platform.machine()}), "
+        f"batch {args.batch}, prompt {args.prompt}, {args.new_tokens} new tokens, vocab 32000\n"
+    )
     on_gpu = jax.devices()[0].platform == "gpu"
     bandwidth = memory_bandwidth() if on_gpu else float("nan")
     if on_gpu:
         print(f"measured copy bandwidth: {bandwidth / 1e12:.2f} TB/s (read + write)\n")
-    print("| size | params | ours tok/s | loaded params tok/s | transformers tok/s | ratio | bandwidth bound tok/s "
-          "| ours / bound | matmul bound tok/s | ours / matmul bound |")
+    print(
+        "| size | params | ours tok/s | loaded params tok/s | transformers tok/s | ratio | bandwidth bound tok/s "
+        "| ours / bound | matmul bound tok/s | ours / matmul bound |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     first = None  # the rollout model of the first size, for the decode-length table
     for size in args.sizes.split(","):
@@ -191,15 +217,23 @@ def main(argv=None) -> None:
         r_params = rollout.rollout_params(r_config, params)
 
         def ours():
-            out = rollout.generate(r_config, r_params, ids, mask, jax.random.key(1), max_new_tokens=args.new_tokens,
-                                   suppress_token_ids=(2,))
+            out = rollout.generate(
+                r_config,
+                r_params,
+                ids,
+                mask,
+                jax.random.key(1),
+                max_new_tokens=args.new_tokens,
+                suppress_token_ids=(2,),
+            )
             jax.block_until_ready(out.tokens)
 
         ours_tps = new / time_it(ours, args.repeats)
 
         def loaded():  # the public call on params as loaded: the program makes the rollout copy itself
-            out = rollout.generate(config, params, ids, mask, jax.random.key(1), max_new_tokens=args.new_tokens,
-                                   suppress_token_ids=(2,))
+            out = rollout.generate(
+                config, params, ids, mask, jax.random.key(1), max_new_tokens=args.new_tokens, suppress_token_ids=(2,)
+            )
             jax.block_until_ready(out.tokens)
 
         loaded_tps = new / time_it(loaded, args.repeats)
@@ -217,8 +251,16 @@ def main(argv=None) -> None:
 
             def theirs():
                 with torch.no_grad():
-                    hm.generate(input_ids=t_ids, attention_mask=t_mask, do_sample=True, top_k=0, top_p=1.0,
-                                max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, pad_token_id=0)
+                    hm.generate(
+                        input_ids=t_ids,
+                        attention_mask=t_mask,
+                        do_sample=True,
+                        top_k=0,
+                        top_p=1.0,
+                        max_new_tokens=args.new_tokens,
+                        min_new_tokens=args.new_tokens,
+                        pad_token_id=0,
+                    )
                 if args.hf_device != "cpu":
                     torch.cuda.synchronize()
 
@@ -227,15 +269,21 @@ def main(argv=None) -> None:
         bound = args.batch * bandwidth / bytes_per_step(r_config, r_params, args.batch, args.prompt, args.new_tokens)
         bound_cells = f"{bound:,.0f} | {ours_tps / bound:.0%}" if on_gpu else "- | -"
         matmul_bound = args.batch / matmul_step_seconds(r_config, r_params, args.batch)
-        print(f"| {layers} layers, d={d} | {n_params / 1e6:.1f}M | {ours_tps:,.0f} | {loaded_tps:,.0f} | {theirs_tps:,.0f} | "
-              f"{ours_tps / theirs_tps:.2f}x | {bound_cells} | {matmul_bound:,.0f} | {ours_tps / matmul_bound:.0%} |",
-              flush=True)
+        print(
+            f"| {layers} layers, d={d} | {n_params / 1e6:.1f}M | {ours_tps:,.0f} | {loaded_tps:,.0f} | {theirs_tps:,.0f} | "
+            f"{ours_tps / theirs_tps:.2f}x | {bound_cells} | {matmul_bound:,.0f} | {ours_tps / matmul_bound:.0%} |",
+            flush=True,
+        )
         first = first or (r_config, r_params)
-    print("\nours: generate on the rollout copy made once (what the coarse job and the tools do); loaded params: "
-          "generate(config, params) on params as hf.load_pretrained returns them.")
-    print("\nmatmul bound: the batch over the time of one decode step's weight matmuls alone (every weight matrix "
-          "but the embedding table against [batch, in], each as the rollout orients it, one compiled program): "
-          "what XLA's matmuls at this batch allow before attention, norms and sampling.")
+    print(
+        "\nours: generate on the rollout copy made once (what the coarse job and the tools do); loaded params: "
+        "generate(config, params) on params as hf.load_pretrained returns them."
+    )
+    print(
+        "\nmatmul bound: the batch over the time of one decode step's weight matmuls alone (every weight matrix "
+        "but the embedding table against [batch, in], each as the rollout orients it, one compiled program): "
+        "what XLA's matmuls at this batch allow before attention, norms and sampling."
+    )
     if not args.no_lengths:
         length_table(*first, args.batch, args.prompt, lengths, long, args.repeats)
 

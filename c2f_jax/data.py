@@ -51,7 +51,7 @@ def split_transcript(text: str) -> tuple[str, str] | None:
     cut = text.rfind(ASSISTANT)
     if cut < 0 or HUMAN not in text[:cut]:
         return None
-    answer = strip_stop_strings(text[cut + len(ASSISTANT):]).strip()
+    answer = strip_stop_strings(text[cut + len(ASSISTANT) :]).strip()
     return text[: cut + len(ASSISTANT)], answer
 
 
@@ -109,8 +109,9 @@ def _read_rows(source: str, data_dir: str | None, split: str):
         try:
             ds = datasets.load_dataset(source, data_dir=data_dir, split=split)
         except Exception as e:
-            raise DataError(f"dataset {source!r} (data_dir={data_dir!r}, split={split!r}) cannot be loaded: "
-                            f"{_first_line(e)}") from None
+            raise DataError(
+                f"dataset {source!r} (data_dir={data_dir!r}, split={split!r}) cannot be loaded: {_first_line(e)}"
+            ) from None
         where = source
     missing = {"chosen", "rejected"} - set(ds.column_names)
     if missing:
@@ -173,12 +174,15 @@ def check_lengths(token_lists: Sequence[Sequence[int]], buckets: Sequence[int], 
     """A DataError saying how many rows of `source` are longer than the largest bucket (`remedy`: what to do)."""
     lengths = [len(t) for t in token_lists if len(t) > max(buckets)]
     if lengths:
-        raise DataError(f"{source}: {len(lengths)} of {len(token_lists)} prompts are longer than the largest "
-                        f"bucket {max(buckets)} (up to {max(lengths)} tokens); raise {remedy}")
+        raise DataError(
+            f"{source}: {len(lengths)} of {len(token_lists)} prompts are longer than the largest "
+            f"bucket {max(buckets)} (up to {max(lengths)} tokens); raise {remedy}"
+        )
 
 
-def left_pad(token_lists: Sequence[Sequence[int]], buckets: Sequence[int], pad_id: int = 0,
-             truncate: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def left_pad(
+    token_lists: Sequence[Sequence[int]], buckets: Sequence[int], pad_id: int = 0, truncate: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     """Left-pads to the smallest bucket holding the longest row: int32 ids [B, P], mask [B, P].
 
     truncate=True keeps the last tokens of rows longer than the largest bucket
@@ -194,8 +198,8 @@ def left_pad(token_lists: Sequence[Sequence[int]], buckets: Sequence[int], pad_i
     mask = np.zeros((len(token_lists), width), np.int32)
     for row, toks in enumerate(token_lists):
         toks = list(toks)[-width:]
-        ids[row, width - len(toks):] = toks
-        mask[row, width - len(toks):] = 1
+        ids[row, width - len(toks) :] = toks
+        mask[row, width - len(toks) :] = 1
     return ids, mask
 
 
@@ -243,7 +247,7 @@ class BatchIterator:
     def next(self) -> np.ndarray:
         if self.index + self.batch_size > self.size:
             self.epoch, self.index = self.epoch + 1, 0
-        batch = self._order()[self.index:self.index + self.batch_size]
+        batch = self._order()[self.index : self.index + self.batch_size]
         self.index += self.batch_size
         return batch
 

@@ -22,8 +22,16 @@ from c2f_jax.runtime import cli, distributed, preemption, workdir, workdir_lock
 # (pyproject maps the checkout's configs/ to c2f_jax/configs), else a source checkout's configs/.
 _PACKAGE = Path(__file__).resolve().parent
 CONFIG_DIR = _PACKAGE / "configs" if (_PACKAGE / "configs").is_dir() else _PACKAGE.parent / "configs"
-REQUIRED_KEYS = ("job", "steps", "seed", "checkpoint_every", "mesh.data", "mesh.fsdp", "mesh.tensor",
-                 "rollout.temperature")
+REQUIRED_KEYS = (
+    "job",
+    "steps",
+    "seed",
+    "checkpoint_every",
+    "mesh.data",
+    "mesh.fsdp",
+    "mesh.tensor",
+    "rollout.temperature",
+)
 
 
 def resolve_config_path(value: str) -> str:
@@ -92,8 +100,9 @@ def parse_args(argv: list[str]):
     joined = [a for n, a in enumerate(joined) if not a.startswith("--config.") or last[a.split("=", 1)[0]] == n]
     argv = ["c2f_jax.train", *joined]
     fv = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", None, "ml_collections config file", flag_values=fv,
-                                    lock_config=True, sys_argv=argv)
+    config_flags.DEFINE_config_file(
+        "config", None, "ml_collections config file", flag_values=fv, lock_config=True, sys_argv=argv
+    )
     flags.DEFINE_string("workdir", None, "run directory (default runs/<config name>)", flag_values=fv)
     try:
         fv(argv)
@@ -135,7 +144,8 @@ def help_text(argv: list[str]) -> str:
         keys = workdir.flatten(config_dict(config))
         width = max(map(len, keys))
         text += "\n\nconfig keys (override with --config.KEY=VALUE):\n" + "\n".join(
-            f"  {k.ljust(width)}  {json.dumps(v)}" for k, v in keys.items())
+            f"  {k.ljust(width)}  {json.dumps(v)}" for k, v in keys.items()
+        )
     return text
 
 

@@ -40,11 +40,29 @@ def get_config():
     # PPOConfig's fields; actor and critic are OptimConfig's (AdamW, the paper's learning rates). kl_target > 0
     # (nats per response token) makes kl_coef adaptive (Ziegler et al. 2019); 0 keeps it fixed, as the paper's.
     c.ppo = dict(
-        kl_coef=0.05, kl_estimator="k1", kl_target=0.0, kl_horizon=10000, reward_clip=5.0, gamma=0.95, lam=0.95, clip_ratio=0.2, value_clip=0.2,
-        epochs=1, minibatches=4,
+        kl_coef=0.05,
+        kl_estimator="k1",
+        kl_target=0.0,
+        kl_horizon=10000,
+        reward_clip=5.0,
+        gamma=0.95,
+        lam=0.95,
+        clip_ratio=0.2,
+        value_clip=0.2,
+        epochs=1,
+        minibatches=4,
         actor=dict(lr=5e-6, warmup_steps=10, decay_steps=0, max_grad_norm=1.0, weight_decay=0.0),
         critic=dict(lr=5e-7, warmup_steps=10, decay_steps=0, max_grad_norm=1.0, weight_decay=0.0),
     )
-    c.cm = dict(mode="logistic", buckets=(128, 256, 512, 768, 1024), window=8, min_steps=20, threshold=0.5,
-                bias=3.0, w_drop=2.0, w_rise=0.5, w_critic=4.0)
+    c.cm = dict(
+        mode="logistic",
+        buckets=(128, 256, 512, 768, 1024),
+        window=8,
+        min_steps=20,
+        threshold=0.5,
+        bias=3.0,
+        w_drop=2.0,
+        w_rise=0.5,
+        w_critic=4.0,
+    )
     return c

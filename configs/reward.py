@@ -17,8 +17,15 @@ def get_config():
     c.keep_checkpoints = 3
     c.eval_every = 200
     c.model = dict(base="models/Mistral-7B-v0.1", param_dtype="float32", compute_dtype="bfloat16", remat="dots")
-    c.data = dict(source="Anthropic/hh-rlhf", data_dir="helpful-base", split="train", system_prompt="",
-                  seq_buckets=(512, 1024), eval_fraction=0.02, batch_size=64)
+    c.data = dict(
+        source="Anthropic/hh-rlhf",
+        data_dir="helpful-base",
+        split="train",
+        system_prompt="",
+        seq_buckets=(512, 1024),
+        eval_fraction=0.02,
+        batch_size=64,
+    )
     c.optim = dict(lr=9e-6, warmup_steps=50, decay_steps=0, weight_decay=0.1, max_grad_norm=1.0)
     c.mesh = dict(data=1, fsdp=16, tensor=1)
     c.rollout = dict(temperature=1.0)  # unused by this job; every config carries the same top-level keys

@@ -14,8 +14,7 @@ def get_config():
     c.checkpoint_every = 8
     # "tiny" + pretrain_steps: a random tiny Mistral taught the bundled dialogues first (WORKDIR/base_model),
     # standing in for a pretrained base; the reward model and the actor both start from it.
-    c.model.update(base="tiny", pretrain_steps=150, compute_dtype="float32", reference_dtype="float32",
-                   remat="none")
+    c.model.update(base="tiny", pretrain_steps=150, compute_dtype="float32", reference_dtype="float32", remat="none")
     c.reward_model.update(path="", dtype="float32", train=tiny_reward.get_config())
     c.data.update(source="bundled", data_dir="", prompt_buckets=(96, 128), batch_size=16)
     c.mesh.update(data=1, fsdp=1, tensor=1)

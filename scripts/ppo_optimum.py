@@ -60,16 +60,26 @@ def _tokenizer():
 
     tk = Tokenizer(models.WordLevel(VOCAB, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>",
-                                                eos_token="</s>")
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
 
 
 def _config(architecture: str, hidden: int):
     from c2f_jax.model.config import MistralConfig
 
-    return MistralConfig(vocab_size=len(VOCAB), hidden_size=hidden, intermediate_size=2 * hidden,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4,
-                         sliding_window=None, max_position_embeddings=64, architecture=architecture)
+    return MistralConfig(
+        vocab_size=len(VOCAB),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=hidden // 4,
+        sliding_window=None,
+        max_position_embeddings=64,
+        architecture=architecture,
+    )
 
 
 def prompts() -> list[str]:
@@ -110,7 +120,8 @@ def _random_params(config, seed: int, scale: float = 5.0) -> dict:
 
     params = model.init_params(config, jax.random.key(seed))
     return jax.tree_util.tree_map_with_path(
-        lambda path, a: np.asarray(a, np.float64) * (1.0 if "norm" in jax.tree_util.keystr(path) else scale), params)
+        lambda path, a: np.asarray(a, np.float64) * (1.0 if "norm" in jax.tree_util.keystr(path) else scale), params
+    )
 
 
 def _save(folder: Path, config, params, tok) -> Path:
@@ -153,8 +164,9 @@ def build(case: str, root: Path, seed: int = 0) -> Problem:
     _save(folder / "reward", rm_config, rm, tok)
     rows = [{"chosen": p + " a", "rejected": p + " b"} for p in prompts()]
     (folder / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return Problem(case, R, folder / "base", folder / "reward", folder / "prompts.jsonl", actor_lr=2e-3, epochs=2,
-                   minibatches=2)
+    return Problem(
+        case, R, folder / "base", folder / "reward", folder / "prompts.jsonl", actor_lr=2e-3, epochs=2, minibatches=2
+    )
 
 
 def run_config(problem: Problem, estimator: str, steps: int, checkpoint_every: int, seed: int = 0):
@@ -162,21 +174,43 @@ def run_config(problem: Problem, estimator: str, steps: int, checkpoint_every: i
     from c2f_jax import train
 
     updates = steps * problem.epochs * problem.minibatches
-    config, _ = train.parse_args([
-        "--config", str(ROOT / "configs" / "coarse.py"), f"--config.steps={steps}", f"--config.seed={seed}",
-        f"--config.checkpoint_every={checkpoint_every}", f"--config.keep_checkpoints={steps}",
-        f"--config.model.base={problem.base}", "--config.model.compute_dtype=float32",
-        "--config.model.reference_dtype=float32", "--config.model.remat=none",
-        f"--config.reward_model.path={problem.reward}", "--config.reward_model.dtype=float32",
-        f"--config.data.source={problem.data}", "--config.data.data_dir=", "--config.data.system_prompt=",
-        "--config.data.prompt_buckets=(8,)", f"--config.data.batch_size={BATCH}",
-        "--config.mesh.data=1", "--config.mesh.fsdp=1", "--config.mesh.tensor=1",
-        "--config.cm.mode=fixed", f"--config.cm.buckets=({problem.response_len},)",
-        f"--config.ppo.kl_coef={BETA}", f"--config.ppo.kl_estimator={estimator}", "--config.ppo.gamma=1.0",
-        "--config.ppo.lam=1.0", f"--config.ppo.epochs={problem.epochs}",
-        f"--config.ppo.minibatches={problem.minibatches}", f"--config.ppo.actor.lr={problem.actor_lr}",
-        "--config.ppo.actor.warmup_steps=0", f"--config.ppo.actor.decay_steps={updates}",
-        "--config.ppo.critic.lr=3e-3", "--config.ppo.critic.warmup_steps=0"])
+    config, _ = train.parse_args(
+        [
+            "--config",
+            str(ROOT / "configs" / "coarse.py"),
+            f"--config.steps={steps}",
+            f"--config.seed={seed}",
+            f"--config.checkpoint_every={checkpoint_every}",
+            f"--config.keep_checkpoints={steps}",
+            f"--config.model.base={problem.base}",
+            "--config.model.compute_dtype=float32",
+            "--config.model.reference_dtype=float32",
+            "--config.model.remat=none",
+            f"--config.reward_model.path={problem.reward}",
+            "--config.reward_model.dtype=float32",
+            f"--config.data.source={problem.data}",
+            "--config.data.data_dir=",
+            "--config.data.system_prompt=",
+            "--config.data.prompt_buckets=(8,)",
+            f"--config.data.batch_size={BATCH}",
+            "--config.mesh.data=1",
+            "--config.mesh.fsdp=1",
+            "--config.mesh.tensor=1",
+            "--config.cm.mode=fixed",
+            f"--config.cm.buckets=({problem.response_len},)",
+            f"--config.ppo.kl_coef={BETA}",
+            f"--config.ppo.kl_estimator={estimator}",
+            "--config.ppo.gamma=1.0",
+            "--config.ppo.lam=1.0",
+            f"--config.ppo.epochs={problem.epochs}",
+            f"--config.ppo.minibatches={problem.minibatches}",
+            f"--config.ppo.actor.lr={problem.actor_lr}",
+            "--config.ppo.actor.warmup_steps=0",
+            f"--config.ppo.actor.decay_steps={updates}",
+            "--config.ppo.critic.lr=3e-3",
+            "--config.ppo.critic.warmup_steps=0",
+        ]
+    )
     return config
 
 
@@ -193,8 +227,9 @@ def response_logprobs(config, params, problem: Problem) -> np.ndarray:
     ctx, ys = context_ids(_tokenizer()), responses(problem.response_len)
     P, R = ctx.shape[1], problem.response_len
     seqs = np.concatenate([np.repeat(ctx, len(ys), 0), np.tile(ys, (len(ctx), 1))], axis=1)
-    logits = np.asarray(model.forward(config, params, jnp.asarray(seqs), jnp.ones(seqs.shape, jnp.int32)),
-                        np.float64)[:, P - 1:P - 1 + R, 3:]  # positions predicting the response; actions only
+    logits = np.asarray(model.forward(config, params, jnp.asarray(seqs), jnp.ones(seqs.shape, jnp.int32)), np.float64)[
+        :, P - 1 : P - 1 + R, 3:
+    ]  # positions predicting the response; actions only
     logp = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
     taken = np.take_along_axis(logp, (seqs[:, P:] - 3)[..., None], axis=-1)[..., 0]
     return taken.sum(-1).reshape(len(ctx), len(ys))
@@ -244,8 +279,14 @@ class Measure:
 def measure(logp: np.ndarray, ref_logp: np.ndarray, r: np.ndarray) -> Measure:
     star_logp, J_star = optimum(ref_logp, r)
     J, J_ref = objective(logp, ref_logp, r), objective(ref_logp, ref_logp, r)
-    return Measure(J, J_ref, J_star, (J - J_ref) / (J_star - J_ref), total_variation(logp, star_logp),
-                   total_variation(ref_logp, star_logp))
+    return Measure(
+        J,
+        J_ref,
+        J_star,
+        (J - J_ref) / (J_star - J_ref),
+        total_variation(logp, star_logp),
+        total_variation(ref_logp, star_logp),
+    )
 
 
 def base_logprobs(problem: Problem) -> np.ndarray:
@@ -291,8 +332,10 @@ def main(argv=None) -> int:
         problem = build(case, out / "problems")
         for estimator in args.estimator:
             points = curve(problem, estimator, out / f"{case}-{estimator}", args.steps, args.every)
-            print(f"\n{case}, {estimator} (beta {BETA}, {problem.response_len} response tokens, "
-                  f"{len(CONTEXTS)} contexts; TV(pi_ref, pi*) = {points[0][1].tv_ref:.3f})")
+            print(
+                f"\n{case}, {estimator} (beta {BETA}, {problem.response_len} response tokens, "
+                f"{len(CONTEXTS)} contexts; TV(pi_ref, pi*) = {points[0][1].tv_ref:.3f})"
+            )
             print("| step | J | J* | gap closed | TV to pi* |\n|---|---|---|---|---|")
             for step, m in points:
                 print(f"| {step} | {m.J:.4f} | {m.J_star:.4f} | {m.gap_closed:.3f} | {m.tv:.3f} |")
@@ -300,8 +343,10 @@ def main(argv=None) -> int:
     print("\n| case | estimator | J(pi_ref) | J | J* | gap closed | TV to pi* | TV(pi_ref, pi*) |")
     print("|---|---|---|---|---|---|---|---|")
     for case, estimator, m in summary:
-        print(f"| {case} | {estimator} | {m.J_ref:.4f} | {m.J:.4f} | {m.J_star:.4f} | {m.gap_closed:.3f} | "
-              f"{m.tv:.3f} | {m.tv_ref:.3f} |")
+        print(
+            f"| {case} | {estimator} | {m.J_ref:.4f} | {m.J:.4f} | {m.J_star:.4f} | {m.gap_closed:.3f} | "
+            f"{m.tv:.3f} | {m.tv_ref:.3f} |"
+        )
     return 0
 
 

@@ -38,8 +38,9 @@ def main(argv=None) -> int:
     cli.add_overwrite_arg(p)
     args = p.parse_args(argv)
     if min(args.steps, args.batch_size, args.max_length) < 1:
-        raise cli.UsageError(f"--steps={args.steps}, --batch-size={args.batch_size} and "
-                             f"--max-length={args.max_length} must be >= 1")
+        raise cli.UsageError(
+            f"--steps={args.steps}, --batch-size={args.batch_size} and --max-length={args.max_length} must be >= 1"
+        )
     try:
         sft.optim_config(args.lr, args.steps)
     except ValueError as e:
@@ -54,11 +55,23 @@ def main(argv=None) -> int:
     if not config.has_lm_head:
         raise cli.UsageError(f"--base {args.base}: is a {config.architecture}; SFT needs MistralForCausalLM")
     tok = tokenizer.load_tokenizer(args.base)
-    texts = [data.tokenize_prompt(tok, pair.prompt) + data.tokenize_answer(tok, pair.chosen) + [tok.eos_token_id]
-             for pair in pairs]
+    texts = [
+        data.tokenize_prompt(tok, pair.prompt) + data.tokenize_answer(tok, pair.chosen) + [tok.eos_token_id]
+        for pair in pairs
+    ]
     buckets = sorted({min(b, args.max_length) for b in (64, 128, 256, 512, 1024, 2048)})
-    params, loss = sft.fine_tune(config, params, texts, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                                 buckets=buckets, pad_id=tok.pad_token_id, seed=args.seed, progress="sft")
+    params, loss = sft.fine_tune(
+        config,
+        params,
+        texts,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        buckets=buckets,
+        pad_id=tok.pad_token_id,
+        seed=args.seed,
+        progress="sft",
+    )
     hf.save_pretrained(args.out, config, params, tokenizer_source=tok, overwrite=args.overwrite)
     print(f"{args.steps} steps on {len(texts)} examples, last loss {loss:.3f} -> {args.out}")
     return 0

@@ -30,10 +30,19 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # runnable from a checkout without installing
 
 # The module (or, for the demo's SFT script, the file) each command of the table runs.
-COMMANDS = {"train": "c2f_jax.train", "export": "c2f_jax.cli.export", "generate": "c2f_jax.cli.generate",
-            "merge": "c2f_jax.cli.merge", "sweep": "c2f_jax.cli.sweep", "evaluate": "c2f_jax.cli.evaluate",
-            "plot": "c2f_jax.cli.plot", "plan": "c2f_jax.cli.plan", "lm_eval": "c2f_jax.cli.lm_eval",
-            "local_job": "c2f_jax.runtime.local_job", "sft": ROOT / "scripts" / "sft.py"}
+COMMANDS = {
+    "train": "c2f_jax.train",
+    "export": "c2f_jax.cli.export",
+    "generate": "c2f_jax.cli.generate",
+    "merge": "c2f_jax.cli.merge",
+    "sweep": "c2f_jax.cli.sweep",
+    "evaluate": "c2f_jax.cli.evaluate",
+    "plot": "c2f_jax.cli.plot",
+    "plan": "c2f_jax.cli.plan",
+    "lm_eval": "c2f_jax.cli.lm_eval",
+    "local_job": "c2f_jax.runtime.local_job",
+    "sft": ROOT / "scripts" / "sft.py",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,6 +122,7 @@ def delete_in_latest(name: str) -> Callable[[Env], None]:
         env.copy_run()
         for p in sorted(_steps(env.box / "w")[-1].rglob(name)):
             p.unlink()
+
     return setup
 
 
@@ -141,6 +151,7 @@ def copy_hf(env: Env) -> None:
 
 def nan_weight(source: str) -> Callable[[Env], None]:
     """A copy of fixtures/`source` as box/m with one NaN in its first floating-point tensor."""
+
     def setup(env: Env) -> None:
         from safetensors.numpy import load_file, save_file
 
@@ -151,6 +162,7 @@ def nan_weight(source: str) -> Callable[[Env], None]:
         tensors[name] = tensors[name].copy()
         tensors[name].flat[3] = float("nan")
         save_file(tensors, f, metadata={"format": "pt"})
+
     return setup
 
 
@@ -166,12 +178,14 @@ def an_existing_file(env: Env) -> None:
 
 def metrics_line(line: str, at: str) -> Callable[[Env], None]:
     """A copy of the run whose metrics.jsonl has `line` added at its end or put in place of its first row."""
+
     def setup(env: Env) -> None:
         env.copy_run()
         f = env.box / "w" / "metrics.jsonl"
         rows = f.read_text().splitlines()
         rows = [*rows, line] if at == "end" else [line, *rows[1:]]
         f.write_text("\n".join(rows) + ("\n" if at != "end" else ""))
+
     return setup
 
 
@@ -180,8 +194,11 @@ def recipe(text: str) -> Callable[[Env], None]:
     return lambda env: (env.box / "r.yml").write_text(text.format(hf=env.f("hf"), sft=env.f("sft")))
 
 
-YAML_BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
-    f"{b}: &{b} [{', '.join(['*' + a] * 9)}]\n" for a, b in zip("abcdefgh", "bcdefghi")) + "merge_method: linear\n"
+YAML_BOMB = (
+    "a: &a [x, x, x, x, x, x, x, x, x]\n"
+    + "".join(f"{b}: &{b} [{', '.join(['*' + a] * 9)}]\n" for a, b in zip("abcdefgh", "bcdefghi"))
+    + "merge_method: linear\n"
+)
 
 
 # ----------------------------------------------------------------------------- the cases
@@ -215,15 +232,42 @@ def _merge(*extra: str, out: Callable[[Env], str] = lambda env: str(env.box / "o
     return lambda env: ["--coarse", env.f("hf"), "--sft", env.f("sft"), "--gamma", "0.5", "--out", out(env), *extra]
 
 
-def _sweep(*extra: str, out: Callable[[Env], str] = lambda env: str(env.box / "out"),
-           coarse: Callable[[Env], str] = lambda env: str(env.run)) -> Callable[[Env], list[str]]:
-    return lambda env: ["--coarse", coarse(env), "--sft", env.f("hf"), "--reward-model", env.f("rm"),
-                        "--gammas", "0.5", "--out", out(env), "--limit", "2", "--max-new-tokens", "4", *extra]
+def _sweep(
+    *extra: str,
+    out: Callable[[Env], str] = lambda env: str(env.box / "out"),
+    coarse: Callable[[Env], str] = lambda env: str(env.run),
+) -> Callable[[Env], list[str]]:
+    return lambda env: [
+        "--coarse",
+        coarse(env),
+        "--sft",
+        env.f("hf"),
+        "--reward-model",
+        env.f("rm"),
+        "--gammas",
+        "0.5",
+        "--out",
+        out(env),
+        "--limit",
+        "2",
+        "--max-new-tokens",
+        "4",
+        *extra,
+    ]
 
 
 def _sft(*extra: str) -> Callable[[Env], list[str]]:
-    return lambda env: ["--base", env.f("hf"), "--out", str(env.box / "out"), "--steps", "1", "--batch-size", "2",
-                        *extra]
+    return lambda env: [
+        "--base",
+        env.f("hf"),
+        "--out",
+        str(env.box / "out"),
+        "--steps",
+        "1",
+        "--batch-size",
+        "2",
+        *extra,
+    ]
 
 
 def _evaluate(*extra: str) -> Callable[[Env], list[str]]:
@@ -232,53 +276,121 @@ def _evaluate(*extra: str) -> Callable[[Env], list[str]]:
 
 CASES = [
     # train: numbers out of range, each refused before any work
-    *[Case(f"train {o}", "train", _train(o)) for o in (
-        "--config.steps=-5", "--config.steps=0", "--config.checkpoint_every=0", "--config.keep_checkpoints=0",
-        "--config.seed=-1", "--config.ppo.actor.lr=-1", "--config.ppo.critic.lr=0",
-        "--config.ppo.actor.warmup_steps=-1", "--config.ppo.actor.max_grad_norm=0", "--config.ppo.critic.weight_decay=-1",
-        "--config.ppo.kl_coef=-0.1", "--config.ppo.gamma=1.5", "--config.ppo.lam=-0.1", "--config.ppo.clip_ratio=0",
-        "--config.ppo.value_clip=-1", "--config.ppo.reward_clip=0", "--config.ppo.epochs=0",
-        "--config.ppo.kl_estimator=k9", "--config.ppo.kl_target=-1", "--config.ppo.kl_horizon=0",
-        "--config.ppo.actor.decay_steps=-1", "--config.cm.window=1", "--config.cm.buckets=(16,8)",
-        "--config.cm.buckets=(8,4096)", "--config.reward_model.train.data.seq_buckets=(8192,)",
-        "--config.cm.threshold=2", "--config.cm.mode=bogus", "--config.cm.min_steps=-1",
-        "--config.rollout.temperature=0", "--config.rollout.top_p=0", "--config.rollout.top_k=-1",
-        "--config.data.batch_size=0", "--config.data.batch_size=-4", "--config.data.prompt_buckets=(0,)",
-        "--config.model.param_dtype=int8", "--config.model.compute_dtype=abc", "--config.model.reference_dtype=int32",
-        "--config.model.remat=bogus", "--config.model.pretrain_steps=-1", "--config.reward_model.dtype=int8",
-        "--config.reward_model.train.steps=-1", "--config.reward_model.train.optim.lr=-1",
-        "--config.reward_model.train.data.batch_size=0", "--config.reward_model.train.data.eval_fraction=1.5",
-        "--config.mesh.tensor=0", "--config.mesh.data=-1", "--config.mesh.fsdp=64", "--config.job=bogus")],
+    *[
+        Case(f"train {o}", "train", _train(o))
+        for o in (
+            "--config.steps=-5",
+            "--config.steps=0",
+            "--config.checkpoint_every=0",
+            "--config.keep_checkpoints=0",
+            "--config.seed=-1",
+            "--config.ppo.actor.lr=-1",
+            "--config.ppo.critic.lr=0",
+            "--config.ppo.actor.warmup_steps=-1",
+            "--config.ppo.actor.max_grad_norm=0",
+            "--config.ppo.critic.weight_decay=-1",
+            "--config.ppo.kl_coef=-0.1",
+            "--config.ppo.gamma=1.5",
+            "--config.ppo.lam=-0.1",
+            "--config.ppo.clip_ratio=0",
+            "--config.ppo.value_clip=-1",
+            "--config.ppo.reward_clip=0",
+            "--config.ppo.epochs=0",
+            "--config.ppo.kl_estimator=k9",
+            "--config.ppo.kl_target=-1",
+            "--config.ppo.kl_horizon=0",
+            "--config.ppo.actor.decay_steps=-1",
+            "--config.cm.window=1",
+            "--config.cm.buckets=(16,8)",
+            "--config.cm.buckets=(8,4096)",
+            "--config.reward_model.train.data.seq_buckets=(8192,)",
+            "--config.cm.threshold=2",
+            "--config.cm.mode=bogus",
+            "--config.cm.min_steps=-1",
+            "--config.rollout.temperature=0",
+            "--config.rollout.top_p=0",
+            "--config.rollout.top_k=-1",
+            "--config.data.batch_size=0",
+            "--config.data.batch_size=-4",
+            "--config.data.prompt_buckets=(0,)",
+            "--config.model.param_dtype=int8",
+            "--config.model.compute_dtype=abc",
+            "--config.model.reference_dtype=int32",
+            "--config.model.remat=bogus",
+            "--config.model.pretrain_steps=-1",
+            "--config.reward_model.dtype=int8",
+            "--config.reward_model.train.steps=-1",
+            "--config.reward_model.train.optim.lr=-1",
+            "--config.reward_model.train.data.batch_size=0",
+            "--config.reward_model.train.data.eval_fraction=1.5",
+            "--config.mesh.tensor=0",
+            "--config.mesh.data=-1",
+            "--config.mesh.fsdp=64",
+            "--config.job=bogus",
+        )
+    ],
     # train: the command line and the config file
     Case("train unknown key (suggestion)", "train", _train("--config.ppo.kl_coeff=0.1")),
     Case("train unknown top-level key", "train", _train("--config.nonexistent=1")),
     Case("train value of the wrong type", "train", _train("--config.steps=abc")),
     Case("train no --config", "train", lambda env: ["--workdir", str(env.box / "w")]),
     Case("train config file not found", "train", lambda env: ["--config", "nope.py"]),
-    Case("train config syntax error", "train", lambda env: ["--config", str(env.box / "conf.py")],
-         _config_file("def get_config(:\n")),
-    Case("train config raises", "train", lambda env: ["--config", str(env.box / "conf.py")],
-         _config_file("def get_config():\n    return 1 / 0\n")),
-    Case("train config without get_config", "train", lambda env: ["--config", str(env.box / "conf.py")],
-         _config_file("x = 1\n")),
-    Case("train --workdir is a file", "train", lambda env: ["--config", "tiny_coarse.py", "--workdir", env.f("empty.jsonl")]),
+    Case(
+        "train config syntax error",
+        "train",
+        lambda env: ["--config", str(env.box / "conf.py")],
+        _config_file("def get_config(:\n"),
+    ),
+    Case(
+        "train config raises",
+        "train",
+        lambda env: ["--config", str(env.box / "conf.py")],
+        _config_file("def get_config():\n    return 1 / 0\n"),
+    ),
+    Case(
+        "train config without get_config",
+        "train",
+        lambda env: ["--config", str(env.box / "conf.py")],
+        _config_file("x = 1\n"),
+    ),
+    Case(
+        "train --workdir is a file",
+        "train",
+        lambda env: ["--config", "tiny_coarse.py", "--workdir", env.f("empty.jsonl")],
+    ),
     # train: data
     Case("train empty .jsonl", "train", lambda env: _train(f"--config.data.source={env.f('empty.jsonl')}")(env)),
     Case("train garbage .jsonl", "train", lambda env: _train(f"--config.data.source={env.f('garbage.jsonl')}")(env)),
-    Case("train .jsonl without the columns", "train",
-         lambda env: _train(f"--config.data.source={env.f('nocols.jsonl')}")(env)),
+    Case(
+        "train .jsonl without the columns",
+        "train",
+        lambda env: _train(f"--config.data.source={env.f('nocols.jsonl')}")(env),
+    ),
     Case("train data file not found", "train", _train("--config.data.source=/nowhere/pairs.jsonl")),
-    Case("train data file of another type", "train", lambda env: _train(f"--config.data.source={env.f('prompts.txt')}")(env)),
+    Case(
+        "train data file of another type",
+        "train",
+        lambda env: _train(f"--config.data.source={env.f('prompts.txt')}")(env),
+    ),
     # train: models
     Case("train model.base not found", "train", _train("--config.model.base=/nowhere/mistral")),
     Case("train model.base is a file", "train", lambda env: _train(f"--config.model.base={env.f('empty.jsonl')}")(env)),
-    Case("train model.base has no config.json", "train", lambda env: _train(f"--config.model.base={env.fixtures}")(env)),
+    Case(
+        "train model.base has no config.json", "train", lambda env: _train(f"--config.model.base={env.fixtures}")(env)
+    ),
     Case("train model.base is a reward model", "train", lambda env: _train(f"--config.model.base={env.f('rm')}")(env)),
     Case("train reward_model.path not found", "train", _train("--config.reward_model.path=/nowhere/rm")),
-    Case("train reward_model.path is a causal LM", "train",
-         lambda env: _train(f"--config.reward_model.path={env.f('hf')}")(env)),
-    Case("train reward model with fewer positions than the buckets", "train",
-         lambda env: _train(f"--config.reward_model.path={env.box / 'rm'}")(env), short_reward_model),
+    Case(
+        "train reward_model.path is a causal LM",
+        "train",
+        lambda env: _train(f"--config.reward_model.path={env.f('hf')}")(env),
+    ),
+    Case(
+        "train reward model with fewer positions than the buckets",
+        "train",
+        lambda env: _train(f"--config.reward_model.path={env.box / 'rm'}")(env),
+        short_reward_model,
+    ),
     # train: the workdir and its checkpoints
     Case("train incompatible workdir", "train", _resume("--config.ppo.kl_coef=0.5"), lambda env: env.copy_run()),
     Case("train truncated checkpoint file", "train", _resume(), truncate_latest),
@@ -288,27 +400,53 @@ CASES = [
     Case("train checkpoint meta deleted", "train", _resume(), delete_in_latest("metadata")),
     Case("train run_config.json garbled", "train", _resume(), garble_run_config),
     # the reward job
-    *[Case(f"train reward {o}", "train", _reward(o)) for o in (
-        "--config.optim.lr=-1", "--config.eval_every=0", "--config.data.seq_buckets=(0,)",
-        "--config.data.seq_buckets=(8192,)",
-        "--config.data.eval_fraction=0", "--config.steps=-1")],
+    *[
+        Case(f"train reward {o}", "train", _reward(o))
+        for o in (
+            "--config.optim.lr=-1",
+            "--config.eval_every=0",
+            "--config.data.seq_buckets=(0,)",
+            "--config.data.seq_buckets=(8192,)",
+            "--config.data.eval_fraction=0",
+            "--config.steps=-1",
+        )
+    ],
     # export
     Case("export --dtype int8", "export", _export("--dtype", "int8")),
     Case("export --dtype abc", "export", _export("--dtype", "abc")),
-    Case("export --checkpoint not found", "export", lambda env: ["--checkpoint", "/nowhere", "--out", str(env.box / "o")]),
-    Case("export --checkpoint is an HF folder", "export",
-         lambda env: ["--checkpoint", env.f("hf"), "--out", str(env.box / "o")]),
+    Case(
+        "export --checkpoint not found", "export", lambda env: ["--checkpoint", "/nowhere", "--out", str(env.box / "o")]
+    ),
+    Case(
+        "export --checkpoint is an HF folder",
+        "export",
+        lambda env: ["--checkpoint", env.f("hf"), "--out", str(env.box / "o")],
+    ),
     Case("export --step without a checkpoint", "export", _export("--step", "999")),
-    Case("export --out is the workdir", "export",
-         lambda env: ["--checkpoint", str(env.box / "w"), "--out", str(env.box / "w"), "--overwrite"],
-         lambda env: env.copy_run()),
-    Case("export --out inside the checkpoints", "export",
-         lambda env: ["--checkpoint", str(env.box / "w"), "--out", str(env.box / "w" / "checkpoints" / "x")],
-         lambda env: env.copy_run()),
-    Case("export truncated checkpoint", "export",
-         lambda env: ["--checkpoint", str(env.box / "w"), "--out", str(env.box / "o")], truncate_latest_arrays),
-    Case("export checkpoint _METADATA deleted", "export",
-         lambda env: ["--checkpoint", str(env.box / "w"), "--out", str(env.box / "o")], delete_in_latest("_METADATA")),
+    Case(
+        "export --out is the workdir",
+        "export",
+        lambda env: ["--checkpoint", str(env.box / "w"), "--out", str(env.box / "w"), "--overwrite"],
+        lambda env: env.copy_run(),
+    ),
+    Case(
+        "export --out inside the checkpoints",
+        "export",
+        lambda env: ["--checkpoint", str(env.box / "w"), "--out", str(env.box / "w" / "checkpoints" / "x")],
+        lambda env: env.copy_run(),
+    ),
+    Case(
+        "export truncated checkpoint",
+        "export",
+        lambda env: ["--checkpoint", str(env.box / "w"), "--out", str(env.box / "o")],
+        truncate_latest_arrays,
+    ),
+    Case(
+        "export checkpoint _METADATA deleted",
+        "export",
+        lambda env: ["--checkpoint", str(env.box / "w"), "--out", str(env.box / "o")],
+        delete_in_latest("_METADATA"),
+    ),
     # generate
     Case("generate --dtype int8", "generate", _generate("--dtype", "int8")),
     Case("generate --dtype abc", "generate", _generate("--dtype", "abc")),
@@ -320,13 +458,23 @@ CASES = [
     Case("generate --temperature -1", "generate", _generate("--temperature", "-1")),
     Case("generate --model not found", "generate", lambda env: ["--model", "/nowhere", "--prompt", "Hi"]),
     Case("generate --model is a reward model", "generate", lambda env: ["--model", env.f("rm"), "--prompt", "Hi"]),
-    Case("generate truncated safetensors", "generate", lambda env: ["--model", str(env.box / "m"), "--prompt", "Hi"],
-         truncate_safetensors),
-    Case("generate empty prompts file", "generate",
-         lambda env: ["--model", env.f("hf"), "--prompts-file", env.f("empty.txt")]),
-    Case("generate --out inside --model", "generate",
-         lambda env: ["--model", str(env.box / "m"), "--prompt", "Hi", "--out", str(env.box / "m" / "o.jsonl")],
-         copy_hf),
+    Case(
+        "generate truncated safetensors",
+        "generate",
+        lambda env: ["--model", str(env.box / "m"), "--prompt", "Hi"],
+        truncate_safetensors,
+    ),
+    Case(
+        "generate empty prompts file",
+        "generate",
+        lambda env: ["--model", env.f("hf"), "--prompts-file", env.f("empty.txt")],
+    ),
+    Case(
+        "generate --out inside --model",
+        "generate",
+        lambda env: ["--model", str(env.box / "m"), "--prompt", "Hi", "--out", str(env.box / "m" / "o.jsonl")],
+        copy_hf,
+    ),
     # merge
     Case("merge --out inside --sft", "merge", _merge(out=lambda env: env.f("sft") + "/merged")),
     Case("merge --out inside --coarse", "merge", _merge(out=lambda env: env.f("hf") + "/merged")),
@@ -334,16 +482,34 @@ CASES = [
     Case("merge --out contains --sft", "merge", _merge("--overwrite", out=lambda env: str(env.fixtures))),
     Case("merge --gamma 1.5", "merge", _merge("--gamma", "1.5")),
     Case("merge --gamma abc", "merge", _merge("--gamma", "abc")),
-    Case("merge --coarse not found", "merge",
-         lambda env: ["--coarse", "/nowhere", "--sft", env.f("sft"), "--gamma", "0.5", "--out", str(env.box / "o")]),
+    Case(
+        "merge --coarse not found",
+        "merge",
+        lambda env: ["--coarse", "/nowhere", "--sft", env.f("sft"), "--gamma", "0.5", "--out", str(env.box / "o")],
+    ),
     Case("merge --max-shard-size abc", "merge", _merge("--max-shard-size", "abc")),
-    Case("merge truncated coarse checkpoint", "merge",
-         lambda env: ["--coarse", str(env.box / "w"), "--sft", env.f("sft"), "--gamma", "0.5", "--out",
-                      str(env.box / "o")], truncate_latest_arrays),
+    Case(
+        "merge truncated coarse checkpoint",
+        "merge",
+        lambda env: [
+            "--coarse",
+            str(env.box / "w"),
+            "--sft",
+            env.f("sft"),
+            "--gamma",
+            "0.5",
+            "--out",
+            str(env.box / "o"),
+        ],
+        truncate_latest_arrays,
+    ),
     # sweep
-    Case("sweep --out inside the coarse workdir", "sweep",
-         _sweep(out=lambda env: str(env.box / "w" / "sweep"), coarse=lambda env: str(env.box / "w")),
-         lambda env: env.copy_run()),
+    Case(
+        "sweep --out inside the coarse workdir",
+        "sweep",
+        _sweep(out=lambda env: str(env.box / "w" / "sweep"), coarse=lambda env: str(env.box / "w")),
+        lambda env: env.copy_run(),
+    ),
     Case("sweep --out inside --sft", "sweep", _sweep(out=lambda env: env.f("hf") + "/sweep")),
     Case("sweep --gammas 2", "sweep", _sweep("--gammas", "2")),
     Case("sweep --reward-model not found", "sweep", _sweep("--reward-model", "/nowhere")),
@@ -353,12 +519,20 @@ CASES = [
     Case("sft --steps 0", "sft", _sft("--steps", "0")),
     Case("sft --lr -1", "sft", _sft("--lr", "-1")),
     Case("sft --base not found", "sft", lambda env: ["--base", "/nowhere", "--out", str(env.box / "o")]),
-    Case("sft --out inside --base", "sft",
-         lambda env: ["--base", str(env.box / "m"), "--out", str(env.box / "m" / "sft")], copy_hf),
+    Case(
+        "sft --out inside --base",
+        "sft",
+        lambda env: ["--base", str(env.box / "m"), "--out", str(env.box / "m" / "sft")],
+        copy_hf,
+    ),
     Case("sft empty data", "sft", lambda env: _sft("--data", env.f("empty.jsonl"))(env)),
     # evaluate
-    Case("evaluate --json inside --model", "evaluate",
-         lambda env: ["--model", str(env.box / "m"), "--json", str(env.box / "m" / "e.json")], copy_hf),
+    Case(
+        "evaluate --json inside --model",
+        "evaluate",
+        lambda env: ["--model", str(env.box / "m"), "--json", str(env.box / "m" / "e.json")],
+        copy_hf,
+    ),
     Case("evaluate --model not found", "evaluate", lambda env: ["--model", "/nowhere"]),
     Case("evaluate empty prompts file", "evaluate", lambda env: _evaluate("--prompts", env.f("empty.txt"))(env)),
     Case("evaluate --dtype int8", "evaluate", _evaluate("--dtype", "int8")),
@@ -366,26 +540,70 @@ CASES = [
     Case("evaluate --limit 0", "evaluate", _evaluate("--limit", "0")),
     Case("evaluate unknown lm-eval task", "evaluate", _evaluate("--tasks", "no_such_task")),
     Case("evaluate --temperature nan", "evaluate", _evaluate("--temperature", "nan")),
-    Case("evaluate --json is an existing folder", "evaluate", _evaluate("--json", "out", "--overwrite"),
-         an_existing_folder),
+    Case(
+        "evaluate --json is an existing folder",
+        "evaluate",
+        _evaluate("--json", "out", "--overwrite"),
+        an_existing_folder,
+    ),
     Case("evaluate --json exists", "evaluate", _evaluate("--json", "out.txt"), an_existing_file),
-    Case("evaluate --model with a NaN weight", "evaluate", lambda env: ["--model", str(env.box / "m"), "--limit", "2"],
-         nan_weight("hf")),
+    Case(
+        "evaluate --model with a NaN weight",
+        "evaluate",
+        lambda env: ["--model", str(env.box / "m"), "--limit", "2"],
+        nan_weight("hf"),
+    ),
     # train: non-finite numbers, inputs and outputs that overlap, prompts that do not fit, torn files
-    *[Case(f"train {o}", "train", _train(o)) for o in (
-        "--config.rollout.temperature=nan", "--config.cm.w_critic=nan", "--config.ppo.actor.lr=inf",
-        "--config.cm.bias=inf", "--config.ppo.kl_coef=-inf")],
-    Case("train --workdir is model.base", "train",
-         lambda env: ["--config", "tiny_coarse.py", f"--config.model.base={env.box / 'm'}", "--workdir",
-                      str(env.box / "m")], copy_hf),
-    Case("train --workdir inside model.base", "train",
-         lambda env: ["--config", "tiny_coarse.py", f"--config.model.base={env.box / 'm'}", "--workdir",
-                      str(env.box / "m" / "run")], copy_hf),
-    Case("train model.base with a NaN weight", "train",
-         lambda env: _train(f"--config.model.base={env.box / 'm'}", f"--config.reward_model.path={env.f('rm')}",
-                            "--config.cm.buckets=(4,)", "--config.data.prompt_buckets=(128,)")(env), nan_weight("hf")),
-    Case("train prompts longer than every bucket, truncation off", "train",
-         _train("--config.data.truncate_prompts=False", "--config.data.prompt_buckets=(8,)")),
+    *[
+        Case(f"train {o}", "train", _train(o))
+        for o in (
+            "--config.rollout.temperature=nan",
+            "--config.cm.w_critic=nan",
+            "--config.ppo.actor.lr=inf",
+            "--config.cm.bias=inf",
+            "--config.ppo.kl_coef=-inf",
+        )
+    ],
+    Case(
+        "train --workdir is model.base",
+        "train",
+        lambda env: [
+            "--config",
+            "tiny_coarse.py",
+            f"--config.model.base={env.box / 'm'}",
+            "--workdir",
+            str(env.box / "m"),
+        ],
+        copy_hf,
+    ),
+    Case(
+        "train --workdir inside model.base",
+        "train",
+        lambda env: [
+            "--config",
+            "tiny_coarse.py",
+            f"--config.model.base={env.box / 'm'}",
+            "--workdir",
+            str(env.box / "m" / "run"),
+        ],
+        copy_hf,
+    ),
+    Case(
+        "train model.base with a NaN weight",
+        "train",
+        lambda env: _train(
+            f"--config.model.base={env.box / 'm'}",
+            f"--config.reward_model.path={env.f('rm')}",
+            "--config.cm.buckets=(4,)",
+            "--config.data.prompt_buckets=(128,)",
+        )(env),
+        nan_weight("hf"),
+    ),
+    Case(
+        "train prompts longer than every bucket, truncation off",
+        "train",
+        _train("--config.data.truncate_prompts=False", "--config.data.prompt_buckets=(8,)"),
+    ),
     Case("train metrics.jsonl with a garbled row", "train", _resume(), metrics_line("{garbled", "first")),
     # export
     Case("export --dtype float8_e4m3fn", "export", _export("--dtype", "float8_e4m3fn")),
@@ -393,62 +611,146 @@ CASES = [
     Case("export --out is an existing file", "export", _export("--overwrite", out="out.txt"), an_existing_file),
     # generate
     Case("generate --temperature nan", "generate", _generate("--temperature", "nan")),
-    Case("generate --out is an existing folder", "generate",
-         lambda env: _generate("--out", str(env.box / "out"), "--overwrite")(env), an_existing_folder),
-    Case("generate --out exists", "generate", lambda env: _generate("--out", str(env.box / "out.txt"))(env),
-         an_existing_file),
-    Case("generate --model with a NaN weight", "generate", lambda env: ["--model", str(env.box / "m"), "--prompt", "Hi"],
-         nan_weight("hf")),
+    Case(
+        "generate --out is an existing folder",
+        "generate",
+        lambda env: _generate("--out", str(env.box / "out"), "--overwrite")(env),
+        an_existing_folder,
+    ),
+    Case(
+        "generate --out exists",
+        "generate",
+        lambda env: _generate("--out", str(env.box / "out.txt"))(env),
+        an_existing_file,
+    ),
+    Case(
+        "generate --model with a NaN weight",
+        "generate",
+        lambda env: ["--model", str(env.box / "m"), "--prompt", "Hi"],
+        nan_weight("hf"),
+    ),
     # merge
     Case("merge --out exists", "merge", _merge(), an_existing_folder),
-    Case("merge --sft with a NaN weight", "merge",
-         lambda env: ["--coarse", env.f("hf"), "--sft", str(env.box / "m"), "--gamma", "0.5", "--out",
-                      str(env.box / "o")], nan_weight("sft")),
-    Case("merge --config YAML alias bomb", "merge", lambda env: ["--config", str(env.box / "r.yml"), "--out",
-                                                                 str(env.box / "o")], recipe(YAML_BOMB)),
-    Case("merge --config null model", "merge", lambda env: ["--config", str(env.box / "r.yml"), "--out",
-                                                           str(env.box / "o")],
-         recipe("merge_method: linear\nmodels:\n  - model:\n    parameters: {{weight: 1}}\n")),
-    Case("merge --config parameters as a list", "merge",
-         lambda env: ["--config", str(env.box / "r.yml"), "--out", str(env.box / "o")],
-         recipe("merge_method: linear\nmodels:\n  - model: {hf}\n    parameters: [1, 2]\n")),
-    Case("merge --config linear weights summing to 0", "merge",
-         lambda env: ["--config", str(env.box / "r.yml"), "--out", str(env.box / "o")],
-         recipe("merge_method: linear\nmodels:\n  - model: {hf}\n    parameters: {{weight: 1}}\n"
-                "  - model: {sft}\n    parameters: {{weight: -1}}\n")),
-    Case("merge --config ties density -0.5", "merge",
-         lambda env: ["--config", str(env.box / "r.yml"), "--out", str(env.box / "o")],
-         recipe("merge_method: ties\nbase_model: {sft}\nmodels:\n  - model: {hf}\n"
-                "    parameters: {{weight: 1, density: -0.5}}\n")),
+    Case(
+        "merge --sft with a NaN weight",
+        "merge",
+        lambda env: [
+            "--coarse",
+            env.f("hf"),
+            "--sft",
+            str(env.box / "m"),
+            "--gamma",
+            "0.5",
+            "--out",
+            str(env.box / "o"),
+        ],
+        nan_weight("sft"),
+    ),
+    Case(
+        "merge --config YAML alias bomb",
+        "merge",
+        lambda env: ["--config", str(env.box / "r.yml"), "--out", str(env.box / "o")],
+        recipe(YAML_BOMB),
+    ),
+    Case(
+        "merge --config null model",
+        "merge",
+        lambda env: ["--config", str(env.box / "r.yml"), "--out", str(env.box / "o")],
+        recipe("merge_method: linear\nmodels:\n  - model:\n    parameters: {{weight: 1}}\n"),
+    ),
+    Case(
+        "merge --config parameters as a list",
+        "merge",
+        lambda env: ["--config", str(env.box / "r.yml"), "--out", str(env.box / "o")],
+        recipe("merge_method: linear\nmodels:\n  - model: {hf}\n    parameters: [1, 2]\n"),
+    ),
+    Case(
+        "merge --config linear weights summing to 0",
+        "merge",
+        lambda env: ["--config", str(env.box / "r.yml"), "--out", str(env.box / "o")],
+        recipe(
+            "merge_method: linear\nmodels:\n  - model: {hf}\n    parameters: {{weight: 1}}\n"
+            "  - model: {sft}\n    parameters: {{weight: -1}}\n"
+        ),
+    ),
+    Case(
+        "merge --config ties density -0.5",
+        "merge",
+        lambda env: ["--config", str(env.box / "r.yml"), "--out", str(env.box / "o")],
+        recipe(
+            "merge_method: ties\nbase_model: {sft}\nmodels:\n  - model: {hf}\n"
+            "    parameters: {{weight: 1, density: -0.5}}\n"
+        ),
+    ),
     # sweep
     Case("sweep unknown lm-eval task", "sweep", _sweep("--tasks", "no_such_task")),
     Case("sweep --out exists", "sweep", _sweep(), an_existing_folder),
     # plot
-    Case("plot --out is an existing folder", "plot",
-         lambda env: [str(env.box / "w"), "--out", str(env.box / "out"), "--overwrite"],
-         lambda env: (env.copy_run(), an_existing_folder(env))),
-    Case("plot --out is the workdir", "plot", lambda env: [str(env.box / "w"), "--out", str(env.box / "w"),
-                                                          "--overwrite"], lambda env: env.copy_run()),
-    Case("plot metrics.jsonl torn last line", "plot", lambda env: [str(env.box / "w")],
-         metrics_line('{"step": 9, "rew', "end")),
+    Case(
+        "plot --out is an existing folder",
+        "plot",
+        lambda env: [str(env.box / "w"), "--out", str(env.box / "out"), "--overwrite"],
+        lambda env: (env.copy_run(), an_existing_folder(env)),
+    ),
+    Case(
+        "plot --out is the workdir",
+        "plot",
+        lambda env: [str(env.box / "w"), "--out", str(env.box / "w"), "--overwrite"],
+        lambda env: env.copy_run(),
+    ),
+    Case(
+        "plot metrics.jsonl torn last line",
+        "plot",
+        lambda env: [str(env.box / "w")],
+        metrics_line('{"step": 9, "rew', "end"),
+    ),
     Case("plot not a workdir", "plot", lambda env: [env.f("hf")]),
     # plan, local_job
     Case("plan --devices 0", "plan", lambda env: ["--config", "tiny_coarse.py", "--devices", "0"]),
     Case("local_job --processes 0", "local_job", lambda env: ["--processes", "0", "--", "true"]),
     # lm_eval
-    *[Case(f"lm_eval {name}", "lm_eval", lambda env, a=args: ["--model", "c2f-jax", "--model_args",
-                                                              a.format(hf=env.f("hf"), run=env.run),
-                                                              "--tasks", "arc_easy", "--limit", "1"])
-      for name, args in (("pretrained not found", "pretrained=/nowhere"),
-                         ("step without a checkpoint", "pretrained={run},step=999"),
-                         ("gamma 2", "coarse={hf},sft={hf},gamma=2"),
-                         ("coarse without sft", "coarse={hf},gamma=0.5"),
-                         ("mesh larger than the devices", "pretrained={hf},mesh=4x4x4"))],
-    Case("lm_eval --batch_size 0", "lm_eval", lambda env: ["--model", "c2f-jax", "--model_args",
-                                                          f"pretrained={env.f('hf')}", "--batch_size", "0",
-                                                          "--tasks", "arc_easy"]),
-    Case("lm_eval unknown task", "lm_eval", lambda env: ["--model", "c2f-jax", "--model_args",
-                                                        f"pretrained={env.f('hf')}", "--tasks", "no_such_task"]),
+    *[
+        Case(
+            f"lm_eval {name}",
+            "lm_eval",
+            lambda env, a=args: [
+                "--model",
+                "c2f-jax",
+                "--model_args",
+                a.format(hf=env.f("hf"), run=env.run),
+                "--tasks",
+                "arc_easy",
+                "--limit",
+                "1",
+            ],
+        )
+        for name, args in (
+            ("pretrained not found", "pretrained=/nowhere"),
+            ("step without a checkpoint", "pretrained={run},step=999"),
+            ("gamma 2", "coarse={hf},sft={hf},gamma=2"),
+            ("coarse without sft", "coarse={hf},gamma=0.5"),
+            ("mesh larger than the devices", "pretrained={hf},mesh=4x4x4"),
+        )
+    ],
+    Case(
+        "lm_eval --batch_size 0",
+        "lm_eval",
+        lambda env: [
+            "--model",
+            "c2f-jax",
+            "--model_args",
+            f"pretrained={env.f('hf')}",
+            "--batch_size",
+            "0",
+            "--tasks",
+            "arc_easy",
+        ],
+    ),
+    Case(
+        "lm_eval unknown task",
+        "lm_eval",
+        lambda env: ["--model", "c2f-jax", "--model_args", f"pretrained={env.f('hf')}", "--tasks", "no_such_task"],
+    ),
 ]
 
 
@@ -557,8 +859,15 @@ def run_case(case: Case, env: Env, mode: str = "fork", timeout: float = 90) -> d
     for w, b in zip(watched, before):
         a = snapshot(w)
         changed += [f"{w.name}/{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-    return {"name": case.name, "tool": case.tool, "argv": argv, "rc": rc, "output": output.strip()[-3000:],
-            "seconds": round(seconds, 2), "problem": verdict(rc, output, changed)}
+    return {
+        "name": case.name,
+        "tool": case.tool,
+        "argv": argv,
+        "rc": rc,
+        "output": output.strip()[-3000:],
+        "seconds": round(seconds, 2),
+        "problem": verdict(rc, output, changed),
+    }
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -637,8 +946,10 @@ def main(argv=None) -> int:
         results.append(r)
         shutil.rmtree(env.box, ignore_errors=True)
         last = r["output"].splitlines()[-1] if r["output"] else ""
-        print(f"{'ok  ' if not r['problem'] else 'FAIL'} {r['seconds']:6.1f} s  {case.name}: "
-              f"{r['problem'] or last}", flush=True)
+        print(
+            f"{'ok  ' if not r['problem'] else 'FAIL'} {r['seconds']:6.1f} s  {case.name}: {r['problem'] or last}",
+            flush=True,
+        )
     bad = [r for r in results if r["problem"]]
     print(f"{len(results) - len(bad)} of {len(results)} refused cleanly")
     if args.json:

@@ -26,8 +26,16 @@ def hf_config(**kw):
     from transformers import MistralConfig
 
     base = dict(
-        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, sliding_window=8, rms_norm_eps=1e-5, max_position_embeddings=512,
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        sliding_window=8,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=512,
     )
     base.update(kw)
     return MistralConfig(**base)
@@ -65,11 +73,21 @@ def tmp_root(tmp_path_factory):
 
 ROOT = Path(__file__).resolve().parent.parent
 # A short demo: 3 buckets, CM allowed to move every 2 steps, a checkpoint after every step.
-SHORT = ["--config.steps=8", "--config.checkpoint_every=1", "--config.keep_checkpoints=8",
-         "--config.model.pretrain_steps=30", "--config.reward_model.train.steps=20", "--config.cm.buckets=(8, 12, 16)",
-         "--config.cm.window=2", "--config.cm.min_steps=2", "--config.cm.threshold=0.01",
-         "--config.data.prompt_buckets=(128,)",
-         "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"]  # sharded over 8 fake devices
+SHORT = [
+    "--config.steps=8",
+    "--config.checkpoint_every=1",
+    "--config.keep_checkpoints=8",
+    "--config.model.pretrain_steps=30",
+    "--config.reward_model.train.steps=20",
+    "--config.cm.buckets=(8, 12, 16)",
+    "--config.cm.window=2",
+    "--config.cm.min_steps=2",
+    "--config.cm.threshold=0.01",
+    "--config.data.prompt_buckets=(128,)",
+    "--config.mesh.data=2",
+    "--config.mesh.fsdp=2",
+    "--config.mesh.tensor=2",
+]  # sharded over 8 fake devices
 
 
 TIMING_KEYS = ("time/", "compilations")
@@ -119,8 +137,9 @@ def small_disk(tmp_path):
 
     disk = tmp_path / "disk"
     disk.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=100M", "tmpfs", str(disk)], capture_output=True,
-                          text=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=100M", "tmpfs", str(disk)], capture_output=True, text=True
+    )
     if done.returncode != 0:
         pytest.skip(f"a full disk is a small tmpfs, and `mount -t tmpfs` was refused: {done.stderr.strip()}")
     yield disk

@@ -45,35 +45,61 @@ def cluster(folder: Path):
     for sub in ("state", "spool"):
         (folder / sub).mkdir(parents=True, exist_ok=True)
     conf = folder / "slurm.conf"
-    conf.write_text("\n".join([
-        "ClusterName=c2ftest", f"SlurmctldHost={host}", "SlurmUser=root", "SlurmdUser=root",
-        f"SlurmctldPort={free_port()}", f"SlurmdPort={free_port()}", "AuthType=auth/munge",
-        f"StateSaveLocation={folder}/state", f"SlurmdSpoolDir={folder}/spool",
-        f"SlurmctldPidFile={folder}/slurmctld.pid", f"SlurmdPidFile={folder}/slurmd.pid",
-        f"SlurmctldLogFile={folder}/slurmctld.log", f"SlurmdLogFile={folder}/slurmd.log",
-        "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none", "SelectType=select/cons_tres",
-        "SelectTypeParameters=CR_CPU", "MpiDefault=none", "ReturnToService=2", "SlurmdParameters=config_overrides",
-        # A requeued job waits out the launch credential's lifetime (120 s by default), then the next scheduling
-        # pass (up to 60 s): 2.5 of the 3.4 minutes the requeue test took. A cluster may shorten both too.
-        "AuthInfo=cred_expire=20", "SchedulerParameters=sched_interval=5,bf_interval=5",
-        f"NodeName={host} CPUs=8 State=UNKNOWN",
-        "PartitionName=debug Nodes=ALL Default=YES OverSubscribe=FORCE MaxTime=INFINITE State=UP", ""]))
+    conf.write_text(
+        "\n".join(
+            [
+                "ClusterName=c2ftest",
+                f"SlurmctldHost={host}",
+                "SlurmUser=root",
+                "SlurmdUser=root",
+                f"SlurmctldPort={free_port()}",
+                f"SlurmdPort={free_port()}",
+                "AuthType=auth/munge",
+                f"StateSaveLocation={folder}/state",
+                f"SlurmdSpoolDir={folder}/spool",
+                f"SlurmctldPidFile={folder}/slurmctld.pid",
+                f"SlurmdPidFile={folder}/slurmd.pid",
+                f"SlurmctldLogFile={folder}/slurmctld.log",
+                f"SlurmdLogFile={folder}/slurmd.log",
+                "ProctrackType=proctrack/linuxproc",
+                "TaskPlugin=task/none",
+                "SelectType=select/cons_tres",
+                "SelectTypeParameters=CR_CPU",
+                "MpiDefault=none",
+                "ReturnToService=2",
+                "SlurmdParameters=config_overrides",
+                # A requeued job waits out the launch credential's lifetime (120 s by default), then the next scheduling
+                # pass (up to 60 s): 2.5 of the 3.4 minutes the requeue test took. A cluster may shorten both too.
+                "AuthInfo=cred_expire=20",
+                "SchedulerParameters=sched_interval=5,bf_interval=5",
+                f"NodeName={host} CPUs=8 State=UNKNOWN",
+                "PartitionName=debug Nodes=ALL Default=YES OverSubscribe=FORCE MaxTime=INFINITE State=UP",
+                "",
+            ]
+        )
+    )
     env = {**os.environ, "SLURM_CONF": str(conf)}
     started = []
     try:
         if not _munge_works():
             Path("/run/munge").mkdir(parents=True, exist_ok=True)
             shutil.chown("/run/munge", "munge", "munge")
-            started.append(subprocess.Popen(["munged", "--foreground", "--force"], stdout=subprocess.DEVNULL,
-                                            stderr=subprocess.DEVNULL))
+            started.append(
+                subprocess.Popen(
+                    ["munged", "--foreground", "--force"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+                )
+            )
             deadline = time.monotonic() + 20
             while not _munge_works():
                 if time.monotonic() > deadline:
                     raise RuntimeError("munged did not start")
                 time.sleep(0.2)
         for daemon in ("slurmctld", "slurmd"):
-            started.append(subprocess.Popen([daemon, "-D", "-f", str(conf)], env=env, stdout=subprocess.DEVNULL,
-                                            stderr=subprocess.DEVNULL))
+            started.append(
+                subprocess.Popen(
+                    [daemon, "-D", "-f", str(conf)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+                )
+            )
         deadline = time.monotonic() + 60
         while True:
             state = subprocess.run(["sinfo", "-h", "-o", "%T"], env=env, capture_output=True, text=True).stdout

@@ -13,8 +13,13 @@ import pytest
 from conftest import ROOT, SHORT, cli_env
 
 # Each once printed a traceback, aborted, or logged above our line.
-AS_SUBPROCESS = ("train truncated checkpoint file", "train garbage .jsonl", "train config syntax error",
-                 "generate --max-new-tokens 1000000000", "export --dtype abc")
+AS_SUBPROCESS = (
+    "train truncated checkpoint file",
+    "train garbage .jsonl",
+    "train config syntax error",
+    "generate --max-new-tokens 1000000000",
+    "export --dtype abc",
+)
 
 
 def _run_table(demo, tmp_path_factory, *extra):
@@ -22,9 +27,26 @@ def _run_table(demo, tmp_path_factory, *extra):
     folder = tmp_path_factory.mktemp("bad_inputs")
     (folder / "run_args.json").write_text(json.dumps(SHORT))
     out = folder / "results.json"
-    done = subprocess.run([sys.executable, str(ROOT / "tests" / "bad_inputs.py"), "--fixtures", str(folder / "fx"),
-                           "--run", str(workdir), "--run-args", str(folder / "run_args.json"), "--json", str(out),
-                           *extra], capture_output=True, text=True, cwd=ROOT, env=cli_env(), timeout=1200)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tests" / "bad_inputs.py"),
+            "--fixtures",
+            str(folder / "fx"),
+            "--run",
+            str(workdir),
+            "--run-args",
+            str(folder / "run_args.json"),
+            "--json",
+            str(out),
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=cli_env(),
+        timeout=1200,
+    )
     print(done.stdout[-5000:])
     assert out.exists(), done.stderr[-3000:]
     return {r["name"]: r for r in json.loads(out.read_text())}
@@ -77,8 +99,10 @@ def test_tensorstore_echoes_are_dropped_and_nothing_else():
     assert len(filtered["logged"]) == 1 and "a bug of ours" in filtered["logged"][0], filtered["logged"]
     assert [u.object is None for u in filtered["unraisable"]] == [False]
     # and importing the module installs nothing
-    code = ("import logging, sys; hook = sys.unraisablehook; import c2f_jax.runtime.checkpoint; "
-            "assert sys.unraisablehook is hook and not logging.getLogger('asyncio').filters")
+    code = (
+        "import logging, sys; hook = sys.unraisablehook; import c2f_jax.runtime.checkpoint; "
+        "assert sys.unraisablehook is hook and not logging.getLogger('asyncio').filters"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 
@@ -109,12 +133,14 @@ def _echoes_and_ours(install) -> dict:
     logging.getLogger("asyncio").addHandler(handler)
     try:
         loop = asyncio.new_event_loop()
-        echoes = ['OUT_OF_RANGE: Error reading "critic.opt_state.1.0.nu.layers.mlp.up/0.0.0" in OCDBT database '
-                  'at local file "/w/checkpoints/8/state/": Requested byte range [31936166, 31947619) is not valid '
-                  'for value of size 15996928',
-                  'RESOURCE_EXHAUSTED: Error writing "critic.opt_state.1.0.mu.layers.attn.o/0.1.0.0" in OCDBT '
-                  'database at local file "/w/checkpoints/3.orbax-checkpoint-tmp/state.orbax-checkpoint-tmp/": '
-                  'Failed to write 40960 bytes to file 6: No space left on device']
+        echoes = [
+            'OUT_OF_RANGE: Error reading "critic.opt_state.1.0.nu.layers.mlp.up/0.0.0" in OCDBT database '
+            'at local file "/w/checkpoints/8/state/": Requested byte range [31936166, 31947619) is not valid '
+            "for value of size 15996928",
+            'RESOURCE_EXHAUSTED: Error writing "critic.opt_state.1.0.mu.layers.attn.o/0.1.0.0" in OCDBT '
+            'database at local file "/w/checkpoints/3.orbax-checkpoint-tmp/state.orbax-checkpoint-tmp/": '
+            "Failed to write 40960 bytes to file 6: No space left on device",
+        ]
         for text in (*echoes, "a bug of ours"):
             future = loop.create_future()
             future.set_exception(ValueError(text))
@@ -139,8 +165,10 @@ def _echoes_and_ours(install) -> dict:
     finally:
         logging.getLogger("asyncio").removeHandler(handler)
         remove()
-    return {"logged": [r.getMessage() + str(r.exc_info[1]) for r in handler.records if r.exc_info],
-            "unraisable": reported}
+    return {
+        "logged": [r.getMessage() + str(r.exc_info[1]) for r in handler.records if r.exc_info],
+        "unraisable": reported,
+    }
 
 
 async def _awaiting(future):
@@ -161,8 +189,9 @@ if sys.argv[1] == "failed read":
     checkpoint._finalise_failed_read(RuntimeError("file cut short"))
 warnings.resetwarnings()  # the filter dropped, as a thread's catch_warnings can drop it
 """
-    run = lambda how: subprocess.run([sys.executable, "-c", script, how], capture_output=True, text=True,
-                                     env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    run = lambda how: subprocess.run(
+        [sys.executable, "-c", script, how], capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu")
+    )
     control, closed = run("nothing"), run("failed read")
     assert "was never awaited" in control.stderr  # without the close at exit, the warning prints
     assert closed.returncode == 0 and "never awaited" not in closed.stderr, closed.stderr[-2000:]

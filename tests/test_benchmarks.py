@@ -9,15 +9,19 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def run_tool(name, *args):
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / name), *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=600)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / name), *args], capture_output=True, text=True, cwd=ROOT, timeout=600
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout
 
 
 def table_rows(text, first_cell):
-    return [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines()
-            if line.startswith(f"| {first_cell}")]
+    return [
+        [c.strip() for c in line.strip("|").split("|")]
+        for line in text.splitlines()
+        if line.startswith(f"| {first_cell}")
+    ]
 
 
 def number(cell):
@@ -26,8 +30,19 @@ def number(cell):
 
 def test_bench_rollout_prints_ratio_and_matmul_bound():
     # short decode lengths: the defaults (up to 512 + 1024) compile and decode for 20 of the test's 40 s
-    out = run_tool("bench_rollout.py", "--sizes", "2x64", "--new-tokens", "8", "--repeats", "1",
-                   "--lengths", "8,32", "--long", "16+32")
+    out = run_tool(
+        "bench_rollout.py",
+        "--sizes",
+        "2x64",
+        "--new-tokens",
+        "8",
+        "--repeats",
+        "1",
+        "--lengths",
+        "8,32",
+        "--long",
+        "16+32",
+    )
     (row,) = table_rows(out, "2 layers")
     ours, loaded, theirs, ratio, matmul_bound, share = (number(row[i]) for i in (2, 3, 4, 5, 8, 9))
     assert ours > 0 and loaded > 0 and theirs > 0 and abs(ratio - ours / theirs) < 0.02 * ratio

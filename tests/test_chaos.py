@@ -21,9 +21,14 @@ SEED = 20261208
 
 
 def _launch(path):
-    return subprocess.Popen([sys.executable, "-m", "c2f_jax.train", "--config", "tiny_coarse.py", *SHORT,
-                             "--workdir", str(path)], cwd=ROOT, env=cli_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "c2f_jax.train", "--config", "tiny_coarse.py", *SHORT, "--workdir", str(path)],
+        cwd=ROOT,
+        env=cli_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _phase(path) -> str:
@@ -70,8 +75,10 @@ def test_random_kills_and_stops_end_where_an_unbroken_run_does(tmp_path, capsys)
     assert steps == list(range(1, len(steps) + 1)) and len(steps) == 8  # no step written twice, none missing
     assert_ends_as(path, tmp_path / "unbroken")
     with capsys.disabled():
-        print(f"\nchaos: {len(faults)} faults over {launch + 1} launches; unbroken {unbroken_seconds:.0f} s, "
-              f"chaos {chaos_seconds:.0f} s, goodput {unbroken_seconds / chaos_seconds:.2f}")
+        print(
+            f"\nchaos: {len(faults)} faults over {launch + 1} launches; unbroken {unbroken_seconds:.0f} s, "
+            f"chaos {chaos_seconds:.0f} s, goodput {unbroken_seconds / chaos_seconds:.2f}"
+        )
         for name, delay, phase in faults:
             print(f"  {name} after {delay:5.1f} s, during {phase}")
     assert len(faults) >= FAULTS // 2, faults  # most runs were still going when their signal came

@@ -18,8 +18,9 @@ SCRIPTS = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scrip
 
 
 def test_the_nine_commands_are_installed_entry_points():
-    assert sorted(SCRIPTS) == sorted(f"c2f-{n}" for n in ("train", "export", "merge", "generate", "evaluate",
-                                                            "sweep", "plot", "plan", "lm-eval"))
+    assert sorted(SCRIPTS) == sorted(
+        f"c2f-{n}" for n in ("train", "export", "merge", "generate", "evaluate", "sweep", "plot", "plan", "lm-eval")
+    )
     for target in SCRIPTS.values():
         module, _, function = target.partition(":")
         assert callable(getattr(importlib.import_module(module), function)), target
@@ -44,8 +45,17 @@ def test_a_bare_config_name_is_found_from_any_folder(tmp_path, monkeypatch):
 
 
 def test_a_key_given_twice_takes_the_later_value():
-    config, _ = train.parse_args(["--config", "tiny_coarse.py", "--config.cm.buckets=(4,)",
-                                  "--config.cm.buckets", "(8, 16)", "--config.steps=3", "--config.steps=5"])
+    config, _ = train.parse_args(
+        [
+            "--config",
+            "tiny_coarse.py",
+            "--config.cm.buckets=(4,)",
+            "--config.cm.buckets",
+            "(8, 16)",
+            "--config.steps=3",
+            "--config.steps=5",
+        ]
+    )
     assert tuple(config.cm.buckets) == (8, 16) and config.steps == 5
 
 
@@ -84,8 +94,7 @@ def test_a_training_workdir_is_never_an_output(tmp_path):
 
 def test_an_output_apart_from_its_inputs(tmp_path):
     (tmp_path / "model").mkdir()
-    for out, relation in ((tmp_path / "model", "is"), (tmp_path / "model" / "o", "is inside"),
-                          (tmp_path, "contains")):
+    for out, relation in ((tmp_path / "model", "is"), (tmp_path / "model" / "o", "is inside"), (tmp_path, "contains")):
         with pytest.raises(workdir.WorkdirError, match=f"{relation} the input --sft"):
             workdir.check_output(out, {"--sft": tmp_path / "model"}, overwrite=True)
 
@@ -128,7 +137,15 @@ def test_a_lock_whose_process_cannot_exist_here_is_taken_over(pid, tmp_path, cap
 
 def test_a_lock_of_a_live_job_is_refused_naming_the_lock_file(tmp_path):
     lock = tmp_path / workdir_lock.LOCK
-    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getppid(),
-                                "start_ticks": workdir_lock._start_ticks(os.getppid()), "since": "x"}))
+    lock.write_text(
+        json.dumps(
+            {
+                "host": socket.gethostname(),
+                "pid": os.getppid(),
+                "start_ticks": workdir_lock._start_ticks(os.getppid()),
+                "since": "x",
+            }
+        )
+    )
     with pytest.raises(workdir_lock.HeldError, match=f"in {lock}"):
         workdir_lock.hold(tmp_path)

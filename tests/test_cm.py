@@ -57,9 +57,19 @@ def test_non_finite_metrics_hold_and_restart_the_window():
     assert state["rewards"] == [] and cm.length_limit(CFG, state) == 16
 
 
-@pytest.mark.parametrize("kw", [dict(buckets=(32, 16)), dict(buckets=()), dict(mode="linear"), dict(window=1),
-                                dict(threshold=1.5), dict(bias=float("nan")), dict(w_critic=float("inf")),
-                                dict(w_drop=-1.0)])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(buckets=(32, 16)),
+        dict(buckets=()),
+        dict(mode="linear"),
+        dict(window=1),
+        dict(threshold=1.5),
+        dict(bias=float("nan")),
+        dict(w_critic=float("inf")),
+        dict(w_drop=-1.0),
+    ],
+)
 def test_bad_settings_are_errors(kw):
     with pytest.raises(CMError):
         CMConfig(**kw)

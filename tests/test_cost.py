@@ -21,8 +21,7 @@ def test_the_iteration_flops_agree_with_xlas_count_and_2_and_6_x_params_x_tokens
     token): the attention's scores and sums come on top (4 x layers x width x keys per token and forward), and
     a head (the LM head, 2 x width x vocab) runs only where a response token is predicted, where its backward
     recomputes the logits (8, not 6); the count here has both."""
-    config = model.TINY.replace(vocab_size=1024, hidden_size=128, intermediate_size=512, head_dim=32,
-                                scan_layers=False)
+    config = model.TINY.replace(vocab_size=1024, hidden_size=128, intermediate_size=512, head_dim=32, scan_layers=False)
     params = model.init_params(config, jax.random.key(0))
     critic_config, critic = reward.init_from_base(config, params, jax.random.key(1))
     pc = ppo.PPOConfig(minibatches=1, epochs=1, actor=optim.OptimConfig(lr=1e-3), critic=optim.OptimConfig(lr=1e-3))
@@ -30,21 +29,42 @@ def test_the_iteration_flops_agree_with_xlas_count_and_2_and_6_x_params_x_tokens
     actor_state = jax.eval_shape(lambda p: optim.create_state(p, pc.actor), shapes(params))
     critic_state = jax.eval_shape(lambda p: optim.create_state(p, pc.critic), shapes(critic))
     progs = programs.coarse_programs(
-        sharding.make_mesh(1, 1, 1), actor_config=config, ref_config=config, critic_config=critic_config,
-        rm_config=critic_config, pc=pc, sampling=rollout.SamplingConfig(), eos_token_ids=(2,), pad_id=0,
-        actor_state=actor_state, critic_state=critic_state, reference=shapes(params), rm_params=shapes(critic))
+        sharding.make_mesh(1, 1, 1),
+        actor_config=config,
+        ref_config=config,
+        critic_config=critic_config,
+        rm_config=critic_config,
+        pc=pc,
+        sampling=rollout.SamplingConfig(),
+        eos_token_ids=(2,),
+        pad_id=0,
+        actor_state=actor_state,
+        critic_state=critic_state,
+        reference=shapes(params),
+        rm_params=shapes(critic),
+    )
     i32 = lambda *s: jax.ShapeDtypeStruct(s, np.int32)
-    compiled = progs.iteration.lower(actor_state, critic_state, shapes(params), i32(B, P + R), i32(B, P + R),
-                                     i32(B, R), jax.ShapeDtypeStruct((B,), np.float32),
-                                     jax.eval_shape(lambda: jax.random.key(0)), jax.ShapeDtypeStruct((), np.float32)
-                                     ).compile()
+    compiled = progs.iteration.lower(
+        actor_state,
+        critic_state,
+        shapes(params),
+        i32(B, P + R),
+        i32(B, P + R),
+        i32(B, R),
+        jax.ShapeDtypeStruct((B,), np.float32),
+        jax.eval_shape(lambda: jax.random.key(0)),
+        jax.ShapeDtypeStruct((), np.float32),
+    ).compile()
     xla = xla_flops(compiled)
-    ours = cost.iteration_cost(config, critic_config, config, critic_config, B, P, R, epochs=1, minibatches=1,
-                               devices=1)["ppo_iteration"].flops
+    ours = cost.iteration_cost(
+        config, critic_config, config, critic_config, B, P, R, epochs=1, minibatches=1, devices=1
+    )["ppo_iteration"].flops
     tokens = B * (P + R)
     thumb = (6 * cost.sum_params(config) + 6 * cost.sum_params(critic_config) + 2 * cost.sum_params(config)) * tokens
-    print(f"ppo.iteration FLOPs: XLA {xla:.4g}, ours {ours:.4g} ({ours / xla:.4f}), 2/6 x params x tokens "
-          f"{thumb:.4g} ({thumb / xla:.3f}: the embedding has no FLOPs, the LM head runs on {R} of {P + R} positions)")
+    print(
+        f"ppo.iteration FLOPs: XLA {xla:.4g}, ours {ours:.4g} ({ours / xla:.4f}), 2/6 x params x tokens "
+        f"{thumb:.4g} ({thumb / xla:.3f}: the embedding has no FLOPs, the LM head runs on {R} of {P + R} positions)"
+    )
     assert abs(ours / xla - 1) < 0.05
 
     forward = jax.jit(lambda p, x: model.forward(config, p, x)).lower(shapes(params), i32(B, P + R)).compile()

@@ -22,10 +22,13 @@ def test_split_keeps_every_turn_before_the_last_answer():
 
 def test_bad_rows_are_skipped_and_counted(tmp_path):
     good = {"chosen": MULTI_TURN, "rejected": MULTI_TURN.replace("The sea rising.", "No.")}
-    rows = [good, {"chosen": "garbage", "rejected": "garbage"},
-            {"chosen": MULTI_TURN, "rejected": "\n\nHuman: other\n\nAssistant: x"},  # prompts differ
-            {"chosen": MULTI_TURN, "rejected": MULTI_TURN.replace("The sea rising.</s>", "")},  # empty answer
-            {"chosen": None, "rejected": MULTI_TURN}]
+    rows = [
+        good,
+        {"chosen": "garbage", "rejected": "garbage"},
+        {"chosen": MULTI_TURN, "rejected": "\n\nHuman: other\n\nAssistant: x"},  # prompts differ
+        {"chosen": MULTI_TURN, "rejected": MULTI_TURN.replace("The sea rising.</s>", "")},  # empty answer
+        {"chosen": None, "rejected": MULTI_TURN},
+    ]
     path = tmp_path / "pairs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     pairs, skipped = data.load_pairs(str(path))
@@ -44,11 +47,17 @@ def test_parquet_and_json_files_load(tmp_path):
         assert len(pairs) == 3 and skipped == 0
 
 
-@pytest.mark.parametrize("make, words", [
-    (lambda d: d / "missing.jsonl", "dataset file not found"),
-    (lambda d: (d / "cols.jsonl").write_text('{"text": "x"}\n') and d / "cols.jsonl", r"no \['chosen', 'rejected'\]"),
-    (lambda d: (d / "bad.jsonl").write_text("{not json\n") and d / "bad.jsonl", "cannot read"),
-])
+@pytest.mark.parametrize(
+    "make, words",
+    [
+        (lambda d: d / "missing.jsonl", "dataset file not found"),
+        (
+            lambda d: (d / "cols.jsonl").write_text('{"text": "x"}\n') and d / "cols.jsonl",
+            r"no \['chosen', 'rejected'\]",
+        ),
+        (lambda d: (d / "bad.jsonl").write_text("{not json\n") and d / "bad.jsonl", "cannot read"),
+    ],
+)
 def test_bad_sources_are_one_line_errors(tmp_path, make, words):
     with pytest.raises(DataError, match=words) as e:
         data.load_pairs(str(make(tmp_path)))

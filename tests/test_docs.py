@@ -16,13 +16,23 @@ from conftest import ROOT
 
 PAGES = [ROOT / "README.md", ROOT / "CONTRIBUTING.md", *sorted((ROOT / "docs").rglob("*.md"))]
 # A command as the docs show it -> the module whose main() it runs (or a script run by path).
-MODULES = {"c2f-train": "c2f_jax.train", "c2f-export": "c2f_jax.cli.export", "c2f-merge": "c2f_jax.cli.merge",
-           "c2f-generate": "c2f_jax.cli.generate", "c2f-evaluate": "c2f_jax.cli.evaluate",
-           "c2f-sweep": "c2f_jax.cli.sweep", "c2f-plot": "c2f_jax.cli.plot", "c2f-plan": "c2f_jax.cli.plan",
-           "c2f-lm-eval": "c2f_jax.cli.lm_eval"}
-ALIASES = {("python", "-m", "c2f_jax.train"): "c2f-train", ("python", "-m", "c2f_jax.eval.lm_eval"): "c2f-lm-eval",
-           ("python", "tools/merge.py"): "c2f-merge",
-           **{("python", "-m", module): name for name, module in MODULES.items()}}
+MODULES = {
+    "c2f-train": "c2f_jax.train",
+    "c2f-export": "c2f_jax.cli.export",
+    "c2f-merge": "c2f_jax.cli.merge",
+    "c2f-generate": "c2f_jax.cli.generate",
+    "c2f-evaluate": "c2f_jax.cli.evaluate",
+    "c2f-sweep": "c2f_jax.cli.sweep",
+    "c2f-plot": "c2f_jax.cli.plot",
+    "c2f-plan": "c2f_jax.cli.plan",
+    "c2f-lm-eval": "c2f_jax.cli.lm_eval",
+}
+ALIASES = {
+    ("python", "-m", "c2f_jax.train"): "c2f-train",
+    ("python", "-m", "c2f_jax.eval.lm_eval"): "c2f-lm-eval",
+    ("python", "tools/merge.py"): "c2f-merge",
+    **{("python", "-m", module): name for name, module in MODULES.items()},
+}
 FLAG = re.compile(r"(?<![\w-])(--[a-zA-Z][\w-]*)")
 
 
@@ -47,10 +57,13 @@ def commands():
                 while words and re.fullmatch(r"[A-Z_]+=\S*", words[0]):
                     words = words[1:]
                 words = ["python" if w in ("python3",) else w for w in words]
-                name = words[0] if words and words[0] in MODULES else next(
-                    (n for k, n in ALIASES.items() if tuple(words[:len(k)]) == k), None)
+                name = (
+                    words[0]
+                    if words and words[0] in MODULES
+                    else next((n for k, n in ALIASES.items() if tuple(words[: len(k)]) == k), None)
+                )
                 if name is not None:
-                    skip = 1 if words[0] in MODULES else next(len(k) for k in ALIASES if tuple(words[:len(k)]) == k)
+                    skip = 1 if words[0] in MODULES else next(len(k) for k in ALIASES if tuple(words[: len(k)]) == k)
                     found.append((page.relative_to(ROOT), name, words[skip:]))
     return found
 
@@ -82,13 +95,21 @@ def test_each_flag_shown_exists(page, name, argv):
     if name == "c2f-lm-eval":
         known = set(FLAG.findall(help_text(name, "run")))
     elif name in ("c2f-train", "c2f-plan"):
-        config = next((a.split("=", 1)[1] if "=" in a else argv[i + 1] for i, a in enumerate(argv)
-                       if a == "--config" or a.startswith("--config=")), None)
+        config = next(
+            (
+                a.split("=", 1)[1] if "=" in a else argv[i + 1]
+                for i, a in enumerate(argv)
+                if a == "--config" or a.startswith("--config=")
+            ),
+            None,
+        )
         if config is None or not (ROOT / "configs" / config.split("/")[-1]).is_file():
             known = {"--config", "--workdir", "--help"}
         else:
             keys = help_text("c2f-train", "--config", "configs/" + config.split("/")[-1])
-            known = {"--config", "--workdir", "--help"} | {f"--config.{k}" for k in re.findall(r"^  (\S+)  ", keys, re.M)}
+            known = {"--config", "--workdir", "--help"} | {
+                f"--config.{k}" for k in re.findall(r"^  (\S+)  ", keys, re.M)
+            }
         if name == "c2f-plan":
             known |= set(FLAG.findall(help_text(name)))
             keys = help_text("c2f-train", "--config", "configs/" + (config or "coarse.py").split("/")[-1])
@@ -115,12 +136,20 @@ def test_every_relative_link_resolves():
 
 
 def test_the_configuration_reference_is_the_configs_own():
-    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "config_reference.py"), "--check"],
-                          capture_output=True, text=True, cwd=ROOT)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "config_reference.py"), "--check"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert done.returncode == 0, (done.stdout + done.stderr)[-2000:]
 
 
 def test_the_site_builds_strictly(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
-                          capture_output=True, text=True, cwd=ROOT)
+    done = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert done.returncode == 0, done.stderr[-3000:]

@@ -81,9 +81,10 @@ def test_scored_tokens_equal_a_direct_log_softmax(tiny):
     K = max(len(answer) for _, answer in rows) + 3
     targets = np.full((len(rows), K), -1, np.int32)
     for r, (_, answer) in enumerate(rows):
-        targets[r, -len(answer):] = answer
-    got, greedy = evaluate.compiled_score_tokens(policy.params, ids[:, :-1], mask[:, :-1], targets,
-                                                 config=policy.config)
+        targets[r, -len(answer) :] = answer
+    got, greedy = evaluate.compiled_score_tokens(
+        policy.params, ids[:, :-1], mask[:, :-1], targets, config=policy.config
+    )
     got = np.asarray(got)
     for r, (prompt, answer) in enumerate(rows):
         seq = jnp.asarray([prompt + answer], jnp.int32)
@@ -91,7 +92,7 @@ def test_scored_tokens_equal_a_direct_log_softmax(tiny):
         logp = jax.nn.log_softmax(logits, axis=-1)
         want = sum(float(logp[len(prompt) - 1 + i, tok_id]) for i, tok_id in enumerate(answer))
         assert got[r] == pytest.approx(want, rel=1e-4, abs=1e-3)
-        argmax = np.asarray(jnp.argmax(logits, -1))[len(prompt) - 1:]
+        argmax = np.asarray(jnp.argmax(logits, -1))[len(prompt) - 1 :]
         assert bool(greedy[r]) == bool(np.all(argmax == np.asarray(answer)))
     ppl = evaluate.perplexity(policy, pairs, batch_size=2)
     n = sum(len(a) for _, a in rows)
@@ -113,14 +114,19 @@ def test_sample_responses_strip_eos_and_measure_what_was_generated(tiny, monkeyp
     """The responses evaluate measures are the rollout's tokens up to EOS, without it; suppressed EOS gives
     full-length responses."""
     _, policy, _ = tiny
-    gens = evaluate.sample_responses(policy, ["Hi", "Tell me a story"], max_new_tokens=8, suppress_eos=True,
-                                     batch_size=4)
+    gens = evaluate.sample_responses(
+        policy, ["Hi", "Tell me a story"], max_new_tokens=8, suppress_eos=True, batch_size=4
+    )
     assert [len(g["tokens"]) for g in gens] == [8, 8] and not any(g["ended_with_eos"] for g in gens)
     eos, pad = policy.tokenizer.eos_token_id, policy.tokenizer.pad_token_id
     # A rollout where row 0 stops after two tokens: EOS is dropped from the measured tokens, the rest kept.
     tokens = np.array([[10, 11, eos, pad], [12, 13, 14, 15]] * 2, np.int32)
     mask = np.array([[1, 1, 1, 0], [1, 1, 1, 1]] * 2, np.int32)
-    monkeypatch.setattr(evaluate.rollout, "generate", lambda *a, **k: evaluate.rollout.Rollout(tokens, mask, np.zeros(mask.shape, np.float32)))
+    monkeypatch.setattr(
+        evaluate.rollout,
+        "generate",
+        lambda *a, **k: evaluate.rollout.Rollout(tokens, mask, np.zeros(mask.shape, np.float32)),
+    )
     gens = evaluate.sample_responses(policy, ["a", "b"], max_new_tokens=4, batch_size=4)
     assert [g["tokens"] for g in gens] == [[10, 11], [12, 13, 14, 15]]
     assert [g["ended_with_eos"] for g in gens] == [True, False]
@@ -133,13 +139,16 @@ def test_a_policy_must_be_a_causal_lm(tiny):
         evaluate.evaluate_model(rm, ["Hi"], evaluate.EvalSettings(max_new_tokens=4))
 
 
-@pytest.mark.parametrize("argv, words", [
-    (["--model", "{root}/nope"], r"--model \S+nope: model folder not found"),
-    (["--model", "{root}/policy", "--prompts", "{root}/none.txt"], r"none\.txt: prompts file not found"),
-    (["--model", "{root}/policy", "--prompts", "{root}/bad.jsonl"], r"bad\.jsonl:2: expected a JSON object"),
-    (["--model", "{root}/policy", "--batch-size", "0"], r"--batch-size=0, .* must be >= 1"),
-    (["--model", "{root}/policy", "--limit", "0"], r"--limit=0 must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--model", "{root}/nope"], r"--model \S+nope: model folder not found"),
+        (["--model", "{root}/policy", "--prompts", "{root}/none.txt"], r"none\.txt: prompts file not found"),
+        (["--model", "{root}/policy", "--prompts", "{root}/bad.jsonl"], r"bad\.jsonl:2: expected a JSON object"),
+        (["--model", "{root}/policy", "--batch-size", "0"], r"--batch-size=0, .* must be >= 1"),
+        (["--model", "{root}/policy", "--limit", "0"], r"--limit=0 must be >= 1"),
+    ],
+)
 def test_evaluate_cli_bad_inputs_are_one_line_errors(tiny, argv, words, capsys):
     root, _, _ = tiny
     (root / "bad.jsonl").write_text('{"prompt": "a"}\n[1, 2]\n')
@@ -157,13 +166,49 @@ def test_sweep_refuses_an_existing_out_and_a_missing_reward_model(tiny, capsys):
     tool = load_tool("sweep")
     (root / "taken").mkdir(exist_ok=True)
     for argv, words in (
-        (["--coarse", root / "policy", "--sft", root / "policy", "--out", root / "taken",
-          "--reward-model", root / "rm"], "already exists"),
+        (
+            [
+                "--coarse",
+                root / "policy",
+                "--sft",
+                root / "policy",
+                "--out",
+                root / "taken",
+                "--reward-model",
+                root / "rm",
+            ],
+            "already exists",
+        ),
         (["--coarse", root / "policy", "--sft", root / "policy", "--out", root / "new"], "--reward-model is required"),
-        (["--coarse", root / "policy", "--sft", root / "policy", "--out", root / "new", "--reward-model",
-          root / "rm", "--gammas", "0.5,1.5"], r"gamma='1\.5' is outside"),
-        (["--coarse", root / "policy", "--sft", root / "policy", "--out", root / "policy", "--overwrite",
-          "--reward-model", root / "rm"], r"is the input --coarse"),
+        (
+            [
+                "--coarse",
+                root / "policy",
+                "--sft",
+                root / "policy",
+                "--out",
+                root / "new",
+                "--reward-model",
+                root / "rm",
+                "--gammas",
+                "0.5,1.5",
+            ],
+            r"gamma='1\.5' is outside",
+        ),
+        (
+            [
+                "--coarse",
+                root / "policy",
+                "--sft",
+                root / "policy",
+                "--out",
+                root / "policy",
+                "--overwrite",
+                "--reward-model",
+                root / "rm",
+            ],
+            r"is the input --coarse",
+        ),
     ):
         with pytest.raises(SystemExit) as e:
             tool.cli.run(lambda: tool.main([str(a) for a in argv]))

@@ -25,8 +25,10 @@ def test_a_checkpoint_save_on_a_full_disk_is_one_error_and_the_previous_one_stay
     ckpt.save(2, {"a": np.random.default_rng(0).random(4_000_000, np.float32)}, {"step": 2})
     with pytest.raises(checkpoint.CheckpointError) as e:
         ckpt.wait()
-    assert str(e.value) == (f"{small_disk / 'w' / 'checkpoints' / '2'}: the checkpoint was not saved (no space left "
-                            "on device); the latest intact one is step 1"), e.value
+    assert str(e.value) == (
+        f"{small_disk / 'w' / 'checkpoints' / '2'}: the checkpoint was not saved (no space left "
+        "on device); the latest intact one is step 1"
+    ), e.value
     assert sorted(p.name for p in (small_disk / "w" / "checkpoints").iterdir()) == ["1"]  # no uncommitted folder
     filler.unlink()
     ckpt.save(3, {"a": np.full(1000, 3, np.float32)}, {"step": 3})
@@ -67,20 +69,37 @@ def test_an_export_or_a_merge_on_a_full_disk_leaves_no_output(demo, small_disk, 
     exported = export.export(workdir, tmp_path / "hf", dtype="float32")
     commands = {
         "export": ["-m", "c2f_jax.cli.export", "--checkpoint", str(workdir), "--dtype", "float32"],
-        "merge": ["-m", "c2f_jax.cli.merge", "--coarse", str(exported), "--sft",
-                  str(workdir / "base_model"), "--gamma", "0.7", "--dtype", "float32"]}
+        "merge": [
+            "-m",
+            "c2f_jax.cli.merge",
+            "--coarse",
+            str(exported),
+            "--sft",
+            str(workdir / "base_model"),
+            "--gamma",
+            "0.7",
+            "--dtype",
+            "float32",
+        ],
+    }
     filler = fill(small_disk, leave=1 << 20)  # the config and tokenizer fit, the weights do not
     for name, command in commands.items():
         out = small_disk / name
-        done = subprocess.run([sys.executable, *command, "--out", str(out)], capture_output=True, text=True,
-                              env=cli_env(), cwd=ROOT)
+        done = subprocess.run(
+            [sys.executable, *command, "--out", str(out)], capture_output=True, text=True, env=cli_env(), cwd=ROOT
+        )
         line = _one_error(done)
         print(f"{name} on a full disk: exit {done.returncode}: {line}")
         assert line == f"error: [Errno 28] No space left on device: '{out}'", line
         assert sorted(p.name for p in small_disk.iterdir()) == ["filler"]  # nothing half-written, no temporary
     filler.unlink()
     for name, command in commands.items():
-        done = subprocess.run([sys.executable, *command, "--out", str(small_disk / name)], capture_output=True,
-                              text=True, env=cli_env(), cwd=ROOT)
+        done = subprocess.run(
+            [sys.executable, *command, "--out", str(small_disk / name)],
+            capture_output=True,
+            text=True,
+            env=cli_env(),
+            cwd=ROOT,
+        )
         assert done.returncode == 0, done.stderr[-2000:]
     assert os.path.getsize(small_disk / "export" / "model.safetensors") > 1 << 20

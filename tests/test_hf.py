@@ -122,7 +122,6 @@ def broken_copy(hf_folder, tmp_path, edit):
     return dst
 
 
-
 def _index(folder):
     return json.loads((folder / hf.INDEX_NAME).read_text())
 
@@ -184,7 +183,10 @@ def _missing_tensor(d):
     [
         (_remove_shard, r"names shard model-00002-of-\d+\.safetensors, which is missing"),
         (_index_names_absent_tensor, r"says model\.layers\.0\.mlp\.extra\.weight is in .* does not hold it"),
-        (_shape_disagrees, r"tensor model\.layers\.0\.mlp\.gate_proj\.weight has shape \(96, 64\), config\.json implies \(100, 64\)"),
+        (
+            _shape_disagrees,
+            r"tensor model\.layers\.0\.mlp\.gate_proj\.weight has shape \(96, 64\), config\.json implies \(100, 64\)",
+        ),
         (_unsupported_architecture, r"config\.json: unsupported model"),
         (_truncate, r"truncated"),
         (_garbage_header, r"truncated or corrupt|corrupt header"),
@@ -192,8 +194,17 @@ def _missing_tensor(d):
         (_no_config, r"config\.json: missing"),
         (_missing_tensor, r"tensor model\.norm\.weight is missing"),
     ],
-    ids=["missing-shard", "index-names-absent-tensor", "shape-vs-config", "architecture", "truncated",
-         "garbage-header", "pickle-only", "no-config", "missing-tensor"],
+    ids=[
+        "missing-shard",
+        "index-names-absent-tensor",
+        "shape-vs-config",
+        "architecture",
+        "truncated",
+        "garbage-header",
+        "pickle-only",
+        "no-config",
+        "missing-tensor",
+    ],
 )
 def test_bad_folders_are_one_line_errors(hf_folder, tmp_path, edit, words):
     bad = broken_copy(hf_folder, tmp_path, edit)

@@ -25,7 +25,8 @@ def folder(tmp_path_factory):
     out = tmp_path_factory.mktemp("lmeval") / "model"
     params = model.init_params(model.TINY, jax.random.key(0))
     params = jax.tree_util.tree_map_with_path(
-        lambda path, a: a if "norm" in jax.tree_util.keystr(path) else a * 5, params)
+        lambda path, a: a if "norm" in jax.tree_util.keystr(path) else a * 5, params
+    )
     hf.save_pretrained(out, model.TINY, params, tokenizer_source=tokenizer.load_tokenizer(None))
     return out
 
@@ -34,8 +35,15 @@ def evaluate(model, model_args, **kw):
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    return lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=TASKS, log_samples=True, batch_size=4,
-                                   task_manager=TaskManager(include_path=str(ROOT / "tests" / "lm_eval_tasks")), **kw)
+    return lm_eval.simple_evaluate(
+        model=model,
+        model_args=model_args,
+        tasks=TASKS,
+        log_samples=True,
+        batch_size=4,
+        task_manager=TaskManager(include_path=str(ROOT / "tests" / "lm_eval_tasks")),
+        **kw,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +75,9 @@ def test_loglikelihoods_and_is_greedy_equal_the_hf_backend(both, folder):
     worst = 0.0
     for sa, sb in [pair for task in ("c2f_mc", "c2f_mc_letters") for pair in _pairs(*both, task)]:
         assert sa["arguments"] == sb["arguments"]  # the same two-shot prompts
-        for (ll_a, greedy_a), (ll_b, greedy_b), args in zip((r[0] for r in sa["resps"]), (r[0] for r in sb["resps"]),
-                                                            sa["arguments"]):
+        for (ll_a, greedy_a), (ll_b, greedy_b), args in zip(
+            (r[0] for r in sa["resps"]), (r[0] for r in sb["resps"]), sa["arguments"]
+        ):
             tokens = len(tok(args[1], add_special_tokens=False).input_ids)
             worst = max(worst, abs(ll_a - ll_b) / tokens)
             assert greedy_a == greedy_b
@@ -115,7 +124,7 @@ def test_windows_pack_into_rows_that_share_their_prefix():
     assert sorted(seen) == sorted(choices | documents)
     for prefix, ws in rows:
         assert len(prefix) + sum(len(c) for _, c in ws) <= 40
-        assert all(inp[:len(inp) - len(c)] == prefix for inp, c in ws)
+        assert all(inp[: len(inp) - len(c)] == prefix for inp, c in ws)
     assert [len(ws) for p, ws in rows if p == question[:-1]] == [4]  # the last context token predicts
     assert len([p for p, _ in rows if p == ()]) == 3  # 100 tokens in rows of 40, first-fit longest first
 
@@ -130,8 +139,9 @@ def test_a_second_evaluation_compiles_nothing(folder, monkeypatch):
 
     monkeypatch.chdir(ROOT)
     lm = C2FJaxLM(pretrained=str(folder), max_length=MAX_LENGTH, batch_size=4)
-    run = lambda: lm_eval.simple_evaluate(model=lm, tasks=TASKS, task_manager=TaskManager(
-        include_path=str(ROOT / "tests" / "lm_eval_tasks")))
+    run = lambda: lm_eval.simple_evaluate(
+        model=lm, tasks=TASKS, task_manager=TaskManager(include_path=str(ROOT / "tests" / "lm_eval_tasks"))
+    )
     run()
     before = compilations.total()
     run()
@@ -172,10 +182,34 @@ def test_bad_model_args_are_one_line_errors(folder):
 def test_the_cli_is_lm_evals_with_c2f_jax_registered(folder, tmp_path):
     out = tmp_path / "results"
     done = subprocess.run(
-        [sys.executable, "-m", "c2f_jax.eval.lm_eval", "--model", "c2f-jax", "--model_args",
-         f"pretrained={folder},max_length={MAX_LENGTH}", "--tasks", "c2f_mc,c2f_gen", "--include_path",
-         "tests/lm_eval_tasks", "--limit", "2", "--batch_size", "2", "--seed", "1", "--log_samples",
-         "--output_path", str(out)], cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            "-m",
+            "c2f_jax.eval.lm_eval",
+            "--model",
+            "c2f-jax",
+            "--model_args",
+            f"pretrained={folder},max_length={MAX_LENGTH}",
+            "--tasks",
+            "c2f_mc,c2f_gen",
+            "--include_path",
+            "tests/lm_eval_tasks",
+            "--limit",
+            "2",
+            "--batch_size",
+            "2",
+            "--seed",
+            "1",
+            "--log_samples",
+            "--output_path",
+            str(out),
+        ],
+        cwd=ROOT,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     results = [p for p in out.rglob("results_*.json")]
     assert results, list(out.rglob("*"))
@@ -207,9 +241,31 @@ def test_sweep_tasks_writes_table3_with_every_gamma_merged_in_memory(folder, tmp
 
     monkeypatch.chdir(ROOT)
     out = tmp_path / "table3"
-    assert sweep.main(["--coarse", str(folder), "--sft", str(sft), "--gammas", "0.5", "--tasks", "c2f_mc:1,c2f_rolling",
-                       "--include-path", "tests/lm_eval_tasks", "--task-limit", "2", "--max-length", "64",
-                       "--batch-size", "4", "--out", str(out)]) == 0
+    assert (
+        sweep.main(
+            [
+                "--coarse",
+                str(folder),
+                "--sft",
+                str(sft),
+                "--gammas",
+                "0.5",
+                "--tasks",
+                "c2f_mc:1,c2f_rolling",
+                "--include-path",
+                "tests/lm_eval_tasks",
+                "--task-limit",
+                "2",
+                "--max-length",
+                "64",
+                "--batch-size",
+                "4",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     table = (out / "table3.md").read_text()
     assert "| 0 (SFT) |" in table and "| 0.5 |" in table and "| 1 (coarse) |" in table
     saved = json.loads((out / "table3.json").read_text())
@@ -232,9 +288,15 @@ def test_on_a_2x2x2_mesh_the_results_equal_one_device(folder, monkeypatch):
     for mesh in ("1x1x1", "2x2x2"):
         lm = C2FJaxLM(pretrained=str(folder), max_length=MAX_LENGTH, batch_size=4, mesh=mesh)
         assert len(lm.params["embed"].sharding.device_set) == (8 if mesh == "2x2x2" else 1)
-        results.append(lm_eval.simple_evaluate(model=lm, tasks=["c2f_mc", "c2f_gen"], log_samples=True, limit=3,
-                                               task_manager=TaskManager(include_path=str(ROOT / "tests" /
-                                                                                         "lm_eval_tasks"))))
+        results.append(
+            lm_eval.simple_evaluate(
+                model=lm,
+                tasks=["c2f_mc", "c2f_gen"],
+                log_samples=True,
+                limit=3,
+                task_manager=TaskManager(include_path=str(ROOT / "tests" / "lm_eval_tasks")),
+            )
+        )
     one, eight = results
     for sa, sb in _pairs(one, eight, "c2f_mc"):
         for a, b in zip(sa["resps"], sb["resps"]):

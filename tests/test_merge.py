@@ -149,7 +149,7 @@ def test_gamma_0_and_1_return_the_inputs_bit_exactly(pair, request, root, tmp_pa
     for src, dst in zip(request.getfixturevalue(pair), (coarse, sft)):
         shutil.copytree(src, dst)
     # Values that 0 * x + y would not keep: -0.0 next to a positive coarse value, inf and NaN on the other side.
-    special = lambda x, v: np.concatenate([np.array(v, x.dtype), x.reshape(-1)[len(v):]]).reshape(x.shape)
+    special = lambda x, v: np.concatenate([np.array(v, x.dtype), x.reshape(-1)[len(v) :]]).reshape(x.shape)
     rewrite_tensor(coarse, "model.norm.weight", lambda x: special(x, [1.0, np.inf, np.nan, -0.0]))
     rewrite_tensor(sft, "model.norm.weight", lambda x: special(x, [-0.0, np.nan, -np.inf, 2.0]))
     run("--coarse", coarse, "--sft", sft, "--gamma", "0,1", "--out", tmp_path / "out")
@@ -161,8 +161,18 @@ def test_gamma_0_and_1_return_the_inputs_bit_exactly(pair, request, root, tmp_pa
 
 
 def test_sweep_equals_separate_merges(fp32, root, tmp_path):
-    run("--coarse", fp32[0], "--sft", fp32[1], "--gamma", "0.1,0.7", "--out", tmp_path / "sweep",
-        "--max-shard-size", "60KB")
+    run(
+        "--coarse",
+        fp32[0],
+        "--sft",
+        fp32[1],
+        "--gamma",
+        "0.1,0.7",
+        "--out",
+        tmp_path / "sweep",
+        "--max-shard-size",
+        "60KB",
+    )
     for gamma, single in ((0.1, tmp_path / "single"), (0.7, root / "merged")):
         if gamma != 0.7:
             run("--coarse", fp32[0], "--sft", fp32[1], "--gamma", gamma, "--out", single, "--max-shard-size", "60KB")
@@ -177,8 +187,17 @@ def test_content_hash_does_not_depend_on_sharding(fp32, merged, tmp_path):
     # gamma 1 with a large shard size re-writes the coarse model as one file, tensor for tensor.
     run("--coarse", fp32[0], "--sft", fp32[1], "--gamma", "1", "--out", tmp_path / "copy")
     assert (tmp_path / "copy" / hf.SINGLE_NAME).exists() and not (tmp_path / "copy" / hf.INDEX_NAME).exists()
-    run("--coarse", tmp_path / "copy", "--sft", fp32[1], "--gamma", "0.7", "--out", tmp_path / "again",
-        "--allow-tokenizer-mismatch")  # the copy carries the SFT's tokenizer
+    run(
+        "--coarse",
+        tmp_path / "copy",
+        "--sft",
+        fp32[1],
+        "--gamma",
+        "0.7",
+        "--out",
+        tmp_path / "again",
+        "--allow-tokenizer-mismatch",
+    )  # the copy carries the SFT's tokenizer
     first = json.loads((merged / merge.PROVENANCE_NAME).read_text())
     second = json.loads((tmp_path / "again" / merge.PROVENANCE_NAME).read_text())
     assert first["coarse"]["sha256"] == second["coarse"]["sha256"]
@@ -218,12 +237,24 @@ def test_merge_params_keeps_shardings_and_gamma_endpoints(fp32):
     out = merge.merge_params(coarse, sft, 0.25)
     same = jax.tree.map(lambda o, s: o.sharding.is_equivalent_to(s.sharding, o.ndim) and o.dtype == s.dtype, out, sft)
     assert all(jax.tree.leaves(same))
-    jax.tree.map(lambda o, a, b: np.testing.assert_array_equal(
-        bits(np.asarray(o)), bits(expected(np.asarray(a), np.asarray(b), 0.25).astype(BF16))), out, coarse, sft)
-    jax.tree.map(lambda o, s: np.testing.assert_array_equal(bits(np.asarray(o)), bits(np.asarray(s))),
-                 merge.merge_params(coarse, sft, 0.0), sft)
-    jax.tree.map(lambda o, c: np.testing.assert_array_equal(bits(np.asarray(o)), bits(np.asarray(c))),
-                 merge.merge_params(coarse, sft, 1.0, dtype="float32"), coarse)
+    jax.tree.map(
+        lambda o, a, b: np.testing.assert_array_equal(
+            bits(np.asarray(o)), bits(expected(np.asarray(a), np.asarray(b), 0.25).astype(BF16))
+        ),
+        out,
+        coarse,
+        sft,
+    )
+    jax.tree.map(
+        lambda o, s: np.testing.assert_array_equal(bits(np.asarray(o)), bits(np.asarray(s))),
+        merge.merge_params(coarse, sft, 0.0),
+        sft,
+    )
+    jax.tree.map(
+        lambda o, c: np.testing.assert_array_equal(bits(np.asarray(o)), bits(np.asarray(c))),
+        merge.merge_params(coarse, sft, 1.0, dtype="float32"),
+        coarse,
+    )
 
 
 @pytest.mark.parametrize("spelling", [np.float32, jax.numpy.float32, "float32"])
@@ -235,11 +266,18 @@ def test_merge_params_takes_any_dtype_spelling(spelling):
         merge.merge_params({"w": a}, {"w": b}, 0.25, dtype="f33")
 
 
-@pytest.mark.parametrize("edit, words", [
-    (lambda p: {k: v for k, v in p.items() if k != "lm_head"}, r"param \['lm_head'\] is in the coarse tree but not"),
-    (lambda p: dict(p, embed=p["embed"][:5]), r"param \['embed'\]: coarse shape \(128, 64\), SFT shape \(5, 64\)"),
-    (lambda p: dict(p, embed=p["embed"].astype(np.int32)), r"param \['embed'\]: not floating point"),
-], ids=["missing-leaf", "shape", "integer"])
+@pytest.mark.parametrize(
+    "edit, words",
+    [
+        (
+            lambda p: {k: v for k, v in p.items() if k != "lm_head"},
+            r"param \['lm_head'\] is in the coarse tree but not",
+        ),
+        (lambda p: dict(p, embed=p["embed"][:5]), r"param \['embed'\]: coarse shape \(128, 64\), SFT shape \(5, 64\)"),
+        (lambda p: dict(p, embed=p["embed"].astype(np.int32)), r"param \['embed'\]: not floating point"),
+    ],
+    ids=["missing-leaf", "shape", "integer"],
+)
 def test_merge_params_names_the_mismatching_path(edit, words):
     params = {"embed": np.ones((128, 64), np.float32), "lm_head": np.ones((64, 128), np.float32)}
     with pytest.raises(MergeError, match=words):
@@ -304,19 +342,35 @@ def _classifier(d):
     (d / "config.json").write_text(json.dumps(cfg))
 
 
-@pytest.mark.parametrize("edit, words", [
-    (_truncate, r"truncated"),
-    (_corrupt_header, r"corrupt"),
-    (_remove_shard, r"names shard model-00002-of-\d+\.safetensors, which is missing"),
-    (_unlisted_shard, r"model-00009-of-00009\.safetensors: shard not named in model\.safetensors\.index\.json"),
-    (_other_tokenizer, r"tokenizers differ: .*tokenizer\.json .*--allow-tokenizer-mismatch"),
-    (_no_tokenizer, r"has no tokenizer files but .* has; pass --allow-tokenizer-mismatch"),
-    (_no_config, r"not an HF model folder \(no config\.json\); a training workdir has run_config\.json"),
-    (_workdir, r"is a training workdir; only --coarse takes one \(export it with c2f-export "
-               r"--checkpoint \S+bad "),
-    (_classifier, r"is a MistralForSequenceClassification; the merger takes MistralForCausalLM"),
-], ids=["truncated", "corrupt", "shard-missing", "shard-not-in-index", "tokenizer", "no-tokenizer", "no-config",
-        "workdir", "classifier"])
+@pytest.mark.parametrize(
+    "edit, words",
+    [
+        (_truncate, r"truncated"),
+        (_corrupt_header, r"corrupt"),
+        (_remove_shard, r"names shard model-00002-of-\d+\.safetensors, which is missing"),
+        (_unlisted_shard, r"model-00009-of-00009\.safetensors: shard not named in model\.safetensors\.index\.json"),
+        (_other_tokenizer, r"tokenizers differ: .*tokenizer\.json .*--allow-tokenizer-mismatch"),
+        (_no_tokenizer, r"has no tokenizer files but .* has; pass --allow-tokenizer-mismatch"),
+        (_no_config, r"not an HF model folder \(no config\.json\); a training workdir has run_config\.json"),
+        (
+            _workdir,
+            r"is a training workdir; only --coarse takes one \(export it with c2f-export "
+            r"--checkpoint \S+bad ",
+        ),
+        (_classifier, r"is a MistralForSequenceClassification; the merger takes MistralForCausalLM"),
+    ],
+    ids=[
+        "truncated",
+        "corrupt",
+        "shard-missing",
+        "shard-not-in-index",
+        "tokenizer",
+        "no-tokenizer",
+        "no-config",
+        "workdir",
+        "classifier",
+    ],
+)
 def test_bad_sft_folder_is_refused_before_writing(fp32, tmp_path, edit, words):
     bad = copy_of(fp32[1], tmp_path, edit)
     with pytest.raises(MergeError, match=words):
@@ -324,10 +378,14 @@ def test_bad_sft_folder_is_refused_before_writing(fp32, tmp_path, edit, words):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad"]
 
 
-@pytest.mark.parametrize("kw, words", [
-    (dict(vocab_size=130), r"tensor lm_head\.weight has shape \(128, 64\) in \S+ but \(130, 64\) in \S+"),
-    (dict(num_hidden_layers=3), r"tensor model\.layers\.2\.input_layernorm\.weight is in \S+sft \S+ but not in"),
-], ids=["vocab", "layers"])
+@pytest.mark.parametrize(
+    "kw, words",
+    [
+        (dict(vocab_size=130), r"tensor lm_head\.weight has shape \(128, 64\) in \S+ but \(130, 64\) in \S+"),
+        (dict(num_hidden_layers=3), r"tensor model\.layers\.2\.input_layernorm\.weight is in \S+sft \S+ but not in"),
+    ],
+    ids=["vocab", "layers"],
+)
 def test_shape_and_name_mismatches_name_the_tensor(fp32, tmp_path, kw, words):
     sft = save(tmp_path / "sft", 1, **kw)
     with pytest.raises(MergeError, match=words):
@@ -335,8 +393,10 @@ def test_shape_and_name_mismatches_name_the_tensor(fp32, tmp_path, kw, words):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("gamma, words", [("1.5", "outside"), ("-0.1", "outside"), ("nan", "outside"),
-                                          ("0.2,x", "not a number"), ("0.5,0.5", "repeat")])
+@pytest.mark.parametrize(
+    "gamma, words",
+    [("1.5", "outside"), ("-0.1", "outside"), ("nan", "outside"), ("0.2,x", "not a number"), ("0.5,0.5", "repeat")],
+)
 def test_gamma_must_lie_in_0_1(fp32, tmp_path, gamma, words):
     with pytest.raises(MergeError, match=words):
         run("--coarse", fp32[0], "--sft", fp32[1], "--gamma", gamma, "--out", tmp_path / "out")
@@ -411,9 +471,24 @@ def test_a_failed_write_on_the_writer_thread_fails_the_merge_and_leaves_nothing(
 
 def test_cli_error_is_one_line_and_exit_2(fp32, tmp_path):
     bad = copy_of(fp32[1], tmp_path, _truncate)
-    r = subprocess.run([sys.executable, str(ROOT / "tools" / "merge.py"), "--coarse", str(fp32[0]), "--sft", str(bad),
-                        "--gamma", "0.5", "--out", str(tmp_path / "out")], capture_output=True, text=True,
-                       env={"JAX_PLATFORMS": "cpu", "PATH": ""}, cwd=ROOT)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tools" / "merge.py"),
+            "--coarse",
+            str(fp32[0]),
+            "--sft",
+            str(bad),
+            "--gamma",
+            "0.5",
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        env={"JAX_PLATFORMS": "cpu", "PATH": ""},
+        cwd=ROOT,
+    )
     assert r.returncode == 2, r.stderr
     assert len(r.stderr.splitlines()) == 1 and r.stderr.startswith("error: ") and "truncated" in r.stderr
     assert not (tmp_path / "out").exists()

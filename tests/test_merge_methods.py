@@ -69,8 +69,18 @@ def tensors(folder) -> dict:
 def run_mergekit(exe, folder, config: str):
     """mergekit-yaml on `config` (written beside `folder` as FOLDER.yml) into `folder`: its tensors."""
     (folder.parent / f"{folder.name}.yml").write_text(config)
-    done = subprocess.run([str(exe), str(folder.parent / f"{folder.name}.yml"), str(folder), "--no-copy-tokenizer",
-                           "--no-write-model-card", "--quiet"], capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            str(exe),
+            str(folder.parent / f"{folder.name}.yml"),
+            str(folder),
+            "--no-copy-tokenizer",
+            "--no-write-model-card",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return tensors(folder)
 
@@ -79,20 +89,21 @@ CASES = {  # method: mergekit's YAML body
     "linear": "models:\n  - model: {a}\n    parameters: {{weight: 0.7}}\n  - model: {b}\n    parameters: {{weight: 0.2}}\n",
     "slerp": "base_model: {a}\nmodels:\n  - model: {a}\n  - model: {b}\nparameters: {{t: [0.1, 0.8]}}\n",
     "task_arithmetic": "base_model: {base}\nmodels:\n  - model: {a}\n    parameters: {{weight: 0.7}}\n"
-                       "  - model: {b}\n    parameters: {{weight: [0.2, 0.5]}}\n",
+    "  - model: {b}\n    parameters: {{weight: [0.2, 0.5]}}\n",
     "ties": "base_model: {base}\nmodels:\n  - model: {base}\n  - model: {a}\n    parameters: {{weight: 0.7, density: 0.4}}\n"
-            "  - model: {b}\n    parameters: {{weight: 0.5, density: 0.6}}\n",
+    "  - model: {b}\n    parameters: {{weight: 0.5, density: 0.6}}\n",
 }
 
 
 @pytest.mark.parametrize("method", list(CASES))
-@pytest.mark.parametrize("dtype, out_dtype", [("float32", "float32"), ("float32", "bfloat16"), ("bfloat16", "bfloat16")])
+@pytest.mark.parametrize(
+    "dtype, out_dtype", [("float32", "float32"), ("float32", "bfloat16"), ("bfloat16", "bfloat16")]
+)
 def test_a_recipe_merges_as_mergekit_does_tensor_by_tensor(mergekit, folders, tmp_path, method, dtype, out_dtype):
     """The same YAML through mergekit-yaml and through tools/merge.py --config (gradients over the layers
     included): float32 within 1e-6, bfloat16 within one ulp (the float32 values may straddle a rounding tie).
     With dtype bfloat16 the inputs are read as bfloat16 and the task-vector methods compute in it, step by step."""
-    config = (f"merge_method: {method}\n" + CASES[method].format(**folders)
-              + f"dtype: {dtype}\nout_dtype: {out_dtype}\n")
+    config = f"merge_method: {method}\n" + CASES[method].format(**folders) + f"dtype: {dtype}\nout_dtype: {out_dtype}\n"
     theirs = run_mergekit(mergekit, tmp_path / "theirs", config)
     assert merge_tool.main(["--config", str(tmp_path / "theirs.yml"), "--out", str(tmp_path / "ours")]) == 0
     mine = tensors(tmp_path / "ours")
@@ -111,8 +122,10 @@ def test_a_recipe_merges_as_mergekit_does_tensor_by_tensor(mergekit, folders, tm
                 at_cut = ties_at_the_cut(folders, name, densities=(0.4, 0.6))
                 ulps, tied, total = ulps[~at_cut], tied + int(at_cut.sum()), total + at_cut.size
             worst = max(worst, float(ulps.max(initial=0)))
-    print(f"{method} {dtype} -> {out_dtype}: max |ours - mergekit| = {worst:.3g}{' ulp' if out_dtype == 'bfloat16' else ''}"
-          + (f", leaving out the {tied} of {total} entries tied at a model's magnitude cut" if tied else ""))
+    print(
+        f"{method} {dtype} -> {out_dtype}: max |ours - mergekit| = {worst:.3g}{' ulp' if out_dtype == 'bfloat16' else ''}"
+        + (f", leaving out the {tied} of {total} entries tied at a model's magnitude cut" if tied else "")
+    )
     assert worst <= (1e-6 if out_dtype == "float32" else 1)
     assert tied <= total / 50  # the ties are a sliver, not a way around the check
     provenance = json.loads((tmp_path / "ours" / "merge_provenance.json").read_text())
@@ -131,16 +144,18 @@ def ties_at_the_cut(folders, name, densities):
     return out
 
 
-@pytest.mark.parametrize("line, words", [
-    ("slices: []\n", "unsupported key 'slices'"),
-    ("parameters: {{t: 0.3, filter_wise: true}}\n", "parameters: unsupported key 'filter_wise' for slerp"),
-    ("parameters: {{t: [{{filter: self_attn, value: 0.2}}]}}\n", "parameters.t: a list must hold numbers"),
-    ("tokenizer_source: union\n", "tokenizer_source: 'union' is not supported"),
-])
+@pytest.mark.parametrize(
+    "line, words",
+    [
+        ("slices: []\n", "unsupported key 'slices'"),
+        ("parameters: {{t: 0.3, filter_wise: true}}\n", "parameters: unsupported key 'filter_wise' for slerp"),
+        ("parameters: {{t: [{{filter: self_attn, value: 0.2}}]}}\n", "parameters.t: a list must hold numbers"),
+        ("tokenizer_source: union\n", "tokenizer_source: 'union' is not supported"),
+    ],
+)
 def test_an_unsupported_recipe_is_refused_in_one_line(folders, tmp_path, capsys, line, words):
     yml = tmp_path / "r.yml"
-    yml.write_text("merge_method: slerp\nbase_model: {a}\nmodels:\n  - model: {b}\n".format(**folders)
-                   + line.format())
+    yml.write_text("merge_method: slerp\nbase_model: {a}\nmodels:\n  - model: {b}\n".format(**folders) + line.format())
     with pytest.raises(merge.MergeError) as e:
         merge_tool.main(["--config", str(yml), "--out", str(tmp_path / "out")])
     assert str(e.value).startswith(f"{yml}: ") and words in str(e.value) and "\n" not in str(e.value), e.value
@@ -173,13 +188,17 @@ def test_dare_keeps_its_density_rescales_to_the_l1_norm_and_follows_its_seed(mer
         assert abs(share - density) < 4 * np.sqrt(density * (1 - density) / delta.size), (density, share)
         assert np.abs(kept).sum() == pytest.approx(np.abs(delta).sum(), rel=1e-5)  # mergekit's L1 rescale
     run = lambda seed: methods.merge_whole(
-        methods.TaskVectors(method, [0.7, 0.5], base.size, [0.5, 0.5], seed=seed, tensor=name), [base, a, ins["b"][name]])
+        methods.TaskVectors(method, [0.7, 0.5], base.size, [0.5, 0.5], seed=seed, tensor=name),
+        [base, a, ins["b"][name]],
+    )
     assert np.array_equal(run(7), run(7)) and not np.array_equal(run(7), run(8))
     # mergekit's own drops (torch's RNG) on the same inputs: the merged delta has the same L1 mass
-    config = (f"merge_method: {method}\nbase_model: {folders['base']}\nmodels:\n"
-              f"  - model: {folders['a']}\n    parameters: {{weight: 0.7, density: 0.5}}\n"
-              f"  - model: {folders['b']}\n    parameters: {{weight: 0.5, density: 0.5}}\n"
-              "dtype: float32\nout_dtype: float32\n")
+    config = (
+        f"merge_method: {method}\nbase_model: {folders['base']}\nmodels:\n"
+        f"  - model: {folders['a']}\n    parameters: {{weight: 0.7, density: 0.5}}\n"
+        f"  - model: {folders['b']}\n    parameters: {{weight: 0.5, density: 0.5}}\n"
+        "dtype: float32\nout_dtype: float32\n"
+    )
     theirs = run_mergekit(mergekit, tmp_path / "out", config)[name]
     mass = lambda out: float(np.abs(out - base).sum())
     print(f"{method}: merged delta L1 mass, ours {mass(run(7)):.4g}, mergekit {mass(theirs):.4g}")
@@ -194,15 +213,17 @@ def test_the_in_memory_slerp_of_the_sweep_equals_the_recipe_folder(folders, tmp_
     made = recipe.write_recipe(recipe.slerp_recipe(folders["b"], folders["a"], 0.3), tmp_path / "r")
     _, written = hf.load_pretrained(tmp_path / "r")
     assert made["parameters"] == {"t": 0.3}
-    worst = max(float(np.abs(np.asarray(x) - np.asarray(y)).max())
-                for x, y in zip(jax.tree.leaves(merged), jax.tree.leaves(written), strict=True))
+    worst = max(
+        float(np.abs(np.asarray(x) - np.asarray(y)).max())
+        for x, y in zip(jax.tree.leaves(merged), jax.tree.leaves(written), strict=True)
+    )
     assert worst <= 1e-6, worst
 
 
 def merge_in_chunks(merger, arrays, chunk):
     """`merger` run as the streaming merge runs it: every pass over chunks of `chunk` elements, in order."""
     flat = [a.reshape(-1).astype(np.float32) for a in arrays]
-    pieces = lambda: [(s, [x[s:s + chunk] for x in flat]) for s in range(0, flat[0].size, chunk)]
+    pieces = lambda: [(s, [x[s : s + chunk] for x in flat]) for s in range(0, flat[0].size, chunk)]
     for p in range(merger.counting_passes):
         for start, chunks in pieces():
             merger.observe(p, start, chunks)
@@ -256,7 +277,7 @@ def test_ties_keeps_exactly_the_largest_magnitudes_when_many_are_equal(density):
     cut = magnitude[on].min()
     assert (~on).all() or magnitude[~on].max() <= cut
     equal_kept = np.flatnonzero(on & (magnitude == cut))
-    np.testing.assert_array_equal(equal_kept, np.flatnonzero(magnitude == cut)[:len(equal_kept)])
+    np.testing.assert_array_equal(equal_kept, np.flatnonzero(magnitude == cut)[: len(equal_kept)])
 
 
 def test_dare_draws_are_addressed_by_element_not_by_chunk():
@@ -277,13 +298,20 @@ def test_the_recipe_streams_in_chunks_and_hashes_each_input_once(folders, tmp_pa
     body = CASES.get(method) or CASES["ties"].replace("ties", method)
     config = tmp_path / "r.yml"
     config.write_text(f"merge_method: {method}\n" + body.format(**folders) + "dtype: float32\n")
-    made = [recipe.write_recipe(recipe.read_recipe(config), tmp_path / name, seed=4, chunk_bytes=size)
-            for name, size in (("small", 256), ("default", 2 << 20))]
+    made = [
+        recipe.write_recipe(recipe.read_recipe(config), tmp_path / name, seed=4, chunk_bytes=size)
+        for name, size in (("small", 256), ("default", 2 << 20))
+    ]
     small, default = tensors(tmp_path / "small"), tensors(tmp_path / "default")
     assert set(small) == set(default)
     for name in small:  # the whole-tensor sums (SLERP's dot, DARE's L1) are added in another order
-        np.testing.assert_allclose(small[name], default[name], rtol=0 if method == "ties" else 1e-6,
-                                   atol=0 if method == "ties" else 1e-7, err_msg=name)
+        np.testing.assert_allclose(
+            small[name],
+            default[name],
+            rtol=0 if method == "ties" else 1e-6,
+            atol=0 if method == "ties" else 1e-7,
+            err_msg=name,
+        )
     assert made[0]["inputs"] == made[1]["inputs"]
     linear = recipe.write_recipe(recipe.read_recipe(_linear_recipe(tmp_path, folders)), tmp_path / "linear")
     digests = {e["path"]: e["sha256"] for e in linear["inputs"]}
@@ -307,22 +335,33 @@ def test_a_recipe_merge_holds_a_few_chunks_whatever_the_tensor_size(tmp_path):
 
     peaks = {}
     for vocab in (2048, 32768):
-        config = model.MistralConfig(vocab_size=vocab, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                                     num_attention_heads=4, num_key_value_heads=2, head_dim=32)
+        config = model.MistralConfig(
+            vocab_size=vocab,
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=32,
+        )
         paths = [tmp_path / f"{name}-{vocab}" for name in ("base", "a", "b")]
         for seed, path in enumerate(paths):
             bench_merge.write_checkpoint(path, config, seed)
         yml = tmp_path / f"ties-{vocab}.yml"
-        yml.write_text(f"merge_method: ties\nbase_model: {paths[0]}\nmodels:\n"
-                       + "".join(f"  - model: {p}\n    parameters: {{weight: 0.5, density: 0.4}}\n" for p in paths[1:]))
+        yml.write_text(
+            f"merge_method: ties\nbase_model: {paths[0]}\nmodels:\n"
+            + "".join(f"  - model: {p}\n    parameters: {{weight: 0.5, density: 0.4}}\n" for p in paths[1:])
+        )
         tracemalloc.start()
         try:
             recipe.write_recipe(recipe.read_recipe(yml), tmp_path / f"out-{vocab}", chunk_bytes=64 << 10)
             peaks[vocab * 128 * 4] = tracemalloc.get_traced_memory()[1]
         finally:
             tracemalloc.stop()
-    print("TIES of 3 models, 64 KiB chunks: traced peak " +
-          ", ".join(f"{p / 2**20:.2f} MiB with a {n / 2**20:.0f} MiB embedding" for n, p in peaks.items()))
+    print(
+        "TIES of 3 models, 64 KiB chunks: traced peak "
+        + ", ".join(f"{p / 2**20:.2f} MiB with a {n / 2**20:.0f} MiB embedding" for n, p in peaks.items())
+    )
     (small, small_peak), (large, large_peak) = peaks.items()
     assert large_peak - small_peak < (large - small) / 16 and large_peak < large / 4, peaks
 
@@ -330,11 +369,14 @@ def test_a_recipe_merge_holds_a_few_chunks_whatever_the_tensor_size(tmp_path):
 def test_a_float32_merge_starts_without_jax_or_ml_dtypes(folders, tmp_path):
     """The merger's start-up is part of every merge's time: it imports neither JAX nor ml_dtypes (0.57 s to
     import on the CI VM) unless a tensor or the output is bfloat16 / float8."""
+
     def imported(extra: str, out: str) -> str:
         (tmp_path / f"{out}.yml").write_text("merge_method: slerp\n" + CASES["slerp"].format(**folders) + extra)
-        script = ("import sys; from c2f_jax.cli import merge; "
-                  f"merge.main(['--config', {str(tmp_path / f'{out}.yml')!r}, '--out', {str(tmp_path / out)!r}]); "
-                  "print(sorted(m for m in ('jax', 'ml_dtypes', 'torch') if m in sys.modules))")
+        script = (
+            "import sys; from c2f_jax.cli import merge; "
+            f"merge.main(['--config', {str(tmp_path / f'{out}.yml')!r}, '--out', {str(tmp_path / out)!r}]); "
+            "print(sorted(m for m in ('jax', 'ml_dtypes', 'torch') if m in sys.modules))"
+        )
         done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
         assert done.returncode == 0, done.stderr[-2000:]
         return done.stdout.splitlines()[-1]
@@ -347,10 +389,17 @@ def test_rounding_to_bfloat16_is_ml_dtypes_round_to_nearest_even():
     """The bit-level rounding the task vectors use for a bfloat16 dtype, against ml_dtypes' cast: random values,
     halfway cases, subnormals, the largest finite value (which rounds to inf), inf, -0.0 and NaN."""
     rng = np.random.default_rng(0)
-    x = np.concatenate([rng.standard_normal(100_000, dtype=np.float32) * np.float32(10) ** rng.integers(-40, 38, 100_000).astype(np.float32),
-                        np.array([1 + 2**-8, 1 + 3 * 2**-8, 1e-40, -1e-41, np.finfo(np.float32).max, np.inf, -np.inf,
-                                  -0.0, np.nan], np.float32),
-                        np.uint32([0x7F800001, 0xFFC00001, 0x7FFFFFFF, 0xFFFFFFFF, 0x7FFF8000]).view(np.float32)])
+    x = np.concatenate(
+        [
+            rng.standard_normal(100_000, dtype=np.float32)
+            * np.float32(10) ** rng.integers(-40, 38, 100_000).astype(np.float32),
+            np.array(
+                [1 + 2**-8, 1 + 3 * 2**-8, 1e-40, -1e-41, np.finfo(np.float32).max, np.inf, -np.inf, -0.0, np.nan],
+                np.float32,
+            ),
+            np.uint32([0x7F800001, 0xFFC00001, 0x7FFFFFFF, 0xFFFFFFFF, 0x7FFF8000]).view(np.float32),
+        ]
+    )
     with np.errstate(over="ignore", invalid="ignore"):  # ml_dtypes' cast warns of the NaN and the overflow
         got, want = methods.rounding(BF16)(x), x.astype(BF16).astype(np.float32)
     assert np.array_equal(np.isnan(got), np.isnan(want))
@@ -375,17 +424,20 @@ def test_dare_in_float16_rescales_in_float32_as_mergekit_does():
     the result; rounding the norms to float16 made the merge inf and NaN."""
     base = np.zeros(200_000, np.float32)
     model = np.full(200_000, 0.5, np.float32)
-    merged = methods.merge_whole(methods.TaskVectors("dare_linear", [1.0], base.size, [0.5], dtype=np.float16,
-                                                     tensor="x"), [base, model])
+    merged = methods.merge_whole(
+        methods.TaskVectors("dare_linear", [1.0], base.size, [0.5], dtype=np.float16, tensor="x"), [base, model]
+    )
     assert np.isfinite(merged).all()
     assert np.abs(merged).sum() == pytest.approx(np.abs(model).sum(), rel=1e-3)
 
 
 def test_dare_without_rescale_keeps_the_kept_entries_as_they_are(folders, tmp_path):
     """parameters.rescale: false (mergekit's) is honoured: every entry is the delta or nothing."""
-    (tmp_path / "r.yml").write_text(f"merge_method: dare_linear\nbase_model: {folders['base']}\nmodels:\n"
-                                    f"  - model: {folders['a']}\n    parameters: {{weight: 1.0, density: 0.5}}\n"
-                                    "parameters: {rescale: false}\n")
+    (tmp_path / "r.yml").write_text(
+        f"merge_method: dare_linear\nbase_model: {folders['base']}\nmodels:\n"
+        f"  - model: {folders['a']}\n    parameters: {{weight: 1.0, density: 0.5}}\n"
+        "parameters: {rescale: false}\n"
+    )
     recipe.write_recipe(recipe.read_recipe(tmp_path / "r.yml"), tmp_path / "out", seed=3)
     base, a, out = tensors(folders["base"]), tensors(folders["a"]), tensors(tmp_path / "out")
     name = "model.layers.0.mlp.down_proj.weight"
@@ -395,10 +447,13 @@ def test_dare_without_rescale_keeps_the_kept_entries_as_they_are(folders, tmp_pa
     np.testing.assert_allclose(kept[~dropped], delta[~dropped], rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("line, words", [
-    ("parameters: {{t: .nan}}\n", "parameters.t: nan is not a finite number"),
-    ("dtype: [bfloat16]\n", "dtype: ['bfloat16'] is not a string"),
-])
+@pytest.mark.parametrize(
+    "line, words",
+    [
+        ("parameters: {{t: .nan}}\n", "parameters.t: nan is not a finite number"),
+        ("dtype: [bfloat16]\n", "dtype: ['bfloat16'] is not a string"),
+    ],
+)
 def test_a_recipe_value_of_the_wrong_kind_is_refused_in_one_line(folders, tmp_path, line, words):
     yml = tmp_path / "r.yml"
     yml.write_text("merge_method: slerp\nbase_model: {a}\nmodels:\n  - model: {b}\n".format(**folders) + line.format())

@@ -137,8 +137,11 @@ def test_param_shapes_match_the_hf_mapping():
 
 
 def test_config_round_trips_through_transformers(tmp_path):
-    for ours in (model.MISTRAL_7B_V01, model.MISTRAL_7B_INSTRUCT_V02, model.TINY.replace(
-            architecture=model.SEQ_CLS, num_labels=1, pad_token_id=0, eos_token_id=(2, 5))):
+    for ours in (
+        model.MISTRAL_7B_V01,
+        model.MISTRAL_7B_INSTRUCT_V02,
+        model.TINY.replace(architecture=model.SEQ_CLS, num_labels=1, pad_token_id=0, eos_token_id=(2, 5)),
+    ):
         (tmp_path / "config.json").write_text(json.dumps(ours.to_hf()))
         theirs = transformers.AutoConfig.from_pretrained(tmp_path)
         assert theirs.rope_parameters["rope_theta"] == ours.rope_theta

@@ -51,8 +51,10 @@ def weights_relative(path_a, path_b, step) -> float:
     _, b, _ = export.load_model(path_b, step)
     import jax
 
-    return max(float(np.linalg.norm(x - y) / max(np.linalg.norm(x), 1e-12))
-               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+    return max(
+        float(np.linalg.norm(x - y) / max(np.linalg.norm(x), 1e-12))
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    )
 
 
 def models_of(path):
@@ -75,8 +77,10 @@ def folder_relative(a, b) -> float:
     from c2f_jax.model import hf
 
     (_, pa), (_, pb) = hf.load_pretrained(a), hf.load_pretrained(b)
-    return max(float(np.abs(np.asarray(x) - np.asarray(y)).max() / np.abs(np.asarray(x)).max())
-               for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb), strict=True))
+    return max(
+        float(np.abs(np.asarray(x) - np.asarray(y)).max() / np.abs(np.asarray(x)).max())
+        for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb), strict=True)
+    )
 
 
 def test_demo_as_2_processes_matches_1_process_on_the_same_mesh(demo, demo_2x4):
@@ -106,8 +110,18 @@ def test_ppo_as_several_processes_equals_1_process(demo, tmp_path, processes, de
     one, rows = demo
     base, rm = models_of(one)
     path = tmp_path / "ppo"
-    exits = run_job([*TRAIN, "--config.steps=1", f"--config.model.base={base}", f"--config.reward_model.path={rm}",
-                     "--workdir", path], processes, devices)
+    exits = run_job(
+        [
+            *TRAIN,
+            "--config.steps=1",
+            f"--config.model.base={base}",
+            f"--config.reward_model.path={rm}",
+            "--workdir",
+            path,
+        ],
+        processes,
+        devices,
+    )
     assert_all_succeeded(exits)
     metric, weights = worst_relative(metrics.read_metrics(path)[0], rows[0]), weights_relative(one, path, step=1)
     print(f"{processes}x{devices} against 1x8 after one iteration: metrics {metric}, weights {weights:.2e}")
@@ -135,8 +149,24 @@ def test_export_evaluate_and_sweep_run_as_2_processes(demo_2x4, tmp_path):
     assert two_procs == json.loads((tmp_path / "eval_1.json").read_text())[str(two)]
 
     out = tmp_path / "sweep"
-    exits = run_job([*_tool("sweep"), "--coarse", two, "--sft", two / c2f_workdir.BASE_MODEL, "--gammas", "0.5",
-                     "--reward-model", rm, "--out", out, *few], 2, 1)
+    exits = run_job(
+        [
+            *_tool("sweep"),
+            "--coarse",
+            two,
+            "--sft",
+            two / c2f_workdir.BASE_MODEL,
+            "--gammas",
+            "0.5",
+            "--reward-model",
+            rm,
+            "--out",
+            out,
+            *few,
+        ],
+        2,
+        1,
+    )
     assert_all_succeeded(exits)
     rows = json.loads((out / "sweep.json").read_text())["rows"]
     assert [r["gamma"] for r in rows] == [0.0, 0.5, 1.0]
@@ -150,8 +180,19 @@ def _lines_naming(log: str, what: str) -> list[str]:
 
 def test_an_exception_in_one_process_ends_every_process_promptly(demo, tmp_path):
     base, rm = models_of(demo[0])
-    command = [sys.executable, str(ROOT / "tests" / "failing_train.py"), "2", "--config", "tiny_coarse.py", *SHORT,
-               *STEPS, f"--config.model.base={base}", f"--config.reward_model.path={rm}", "--workdir", tmp_path / "w"]
+    command = [
+        sys.executable,
+        str(ROOT / "tests" / "failing_train.py"),
+        "2",
+        "--config",
+        "tiny_coarse.py",
+        *SHORT,
+        *STEPS,
+        f"--config.model.base={base}",
+        f"--config.reward_model.path={rm}",
+        "--workdir",
+        tmp_path / "w",
+    ]
     survivor, failing = run_job(command, 2, 4, timeout=400)
     assert failing.returncode == 1, failing.log[-2000:]
     assert failing.log.strip().splitlines()[-1] == "[process 1] error: RuntimeError: injected failure in step 2"
@@ -159,7 +200,8 @@ def test_an_exception_in_one_process_ends_every_process_promptly(demo, tmp_path)
     assert survivor.returncode == 3 and survivor.seconds - failing.seconds < 60, (survivor, failing.seconds)
     named = _lines_naming(survivor.log, "process 1")  # a progress bar may share the line (tqdm's \r)
     assert len(named) == 1 and named[0].endswith(
-        "[process 0] error: stopping: process 1 failed: RuntimeError: injected failure in step 2"), named
+        "[process 0] error: stopping: process 1 failed: RuntimeError: injected failure in step 2"
+    ), named
     for e in (survivor, failing):
         assert not any(trace in e.log for trace in NO_CPP_TRACES), e.log[-3000:]
 
@@ -167,19 +209,24 @@ def test_an_exception_in_one_process_ends_every_process_promptly(demo, tmp_path)
 def test_processes_at_different_barriers_end_in_seconds_naming_both(tmp_path):
     """A process that skipped a barrier would leave the others waiting BARRIER_TIMEOUT (3 hours): the watchdog
     sees each waiting at another barrier and ends the job."""
-    code = ("import sys; from c2f_jax.runtime import cli, distributed\n"
-            "def main():\n"
-            "    distributed.barrier('start')\n"
-            "    distributed.barrier('export' if distributed.process_index() == 0 else 'checkpoint')\n"
-            "cli.run(main)\n")
-    with LocalJob([sys.executable, "-c", code], devices=1, processes=2, cwd=ROOT, env=cli_env(),
-                  log_dir=tmp_path / "logs") as job:
+    code = (
+        "import sys; from c2f_jax.runtime import cli, distributed\n"
+        "def main():\n"
+        "    distributed.barrier('start')\n"
+        "    distributed.barrier('export' if distributed.process_index() == 0 else 'checkpoint')\n"
+        "cli.run(main)\n"
+    )
+    with LocalJob(
+        [sys.executable, "-c", code], devices=1, processes=2, cwd=ROOT, env=cli_env(), log_dir=tmp_path / "logs"
+    ) as job:
         exits = job.wait(timeout=120)
     for e in exits:
         assert e.returncode == distributed.EXIT_PEER_FAILED, e.log[-2000:]
         assert e.seconds < distributed.BARRIER_MISMATCH + 40, e.seconds
-        assert "waits at barrier 'export#1', process 1 at 'checkpoint#1'" in e.log or \
-               "waits at barrier 'checkpoint#1', process 0 at 'export#1'" in e.log, e.log[-2000:]
+        assert (
+            "waits at barrier 'export#1', process 1 at 'checkpoint#1'" in e.log
+            or "waits at barrier 'checkpoint#1', process 0 at 'export#1'" in e.log
+        ), e.log[-2000:]
         assert not any(trace in e.log for trace in NO_CPP_TRACES), e.log[-3000:]
 
 
@@ -204,8 +251,14 @@ def test_a_declared_long_wait_completes_and_a_peer_stuck_elsewhere_ends_the_job(
     """Process 0 works alone (declared) for longer than the stray limit: the others wait. Then process 2 stays
     away from a barrier the others wait at, alive: every process ends, naming the barrier and process 2."""
     stray = 6
-    with LocalJob([sys.executable, "-c", STRAY_AFTER_WORK], devices=1, processes=3, cwd=ROOT,
-                  env={**cli_env(), "C2F_BARRIER_STRAY": str(stray)}, log_dir=tmp_path / "logs") as job:
+    with LocalJob(
+        [sys.executable, "-c", STRAY_AFTER_WORK],
+        devices=1,
+        processes=3,
+        cwd=ROOT,
+        env={**cli_env(), "C2F_BARRIER_STRAY": str(stray)},
+        log_dir=tmp_path / "logs",
+    ) as job:
         exits = job.wait(timeout=120)
     for e in exits:
         print(f"stuck peer: process {e.index} exited {e.returncode} after {e.seconds:.1f} s")
@@ -215,7 +268,9 @@ def test_a_declared_long_wait_completes_and_a_peer_stuck_elsewhere_ends_the_job(
         lines = [line for line in e.log.splitlines() if "error" in line]
         assert len(lines) == 1 and re.fullmatch(
             rf"\[process {e.index}\] error: stopping: process [01] has waited at barrier 'end of step#1' for "
-            rf"{stray}.0 s; process 2 neither came nor declared long work: stuck elsewhere", lines[0]), e.log[-2000:]
+            rf"{stray}.0 s; process 2 neither came nor declared long work: stuck elsewhere",
+            lines[0],
+        ), e.log[-2000:]
     assert max(e.seconds for e in exits) - min(e.seconds for e in exits) < 15
 
 
@@ -245,8 +300,14 @@ def test_the_loss_of_process_0_ends_the_others_with_one_line_each(tmp_path, sig,
     """Process 0 hosts the coordinator. Killed, its peers' JAX clients would abort with a C++ stack trace;
     frozen (a node lost without a connection reset), they would wait for JAX's 120 s heartbeat timeout. The
     others wait at a barrier, in a collective and in their own work: each ends with one line."""
-    with LocalJob([sys.executable, "-c", LOSE_PROCESS_0, str(int(sig))], devices=1, processes=4, cwd=ROOT,
-                  env=cli_env(), log_dir=tmp_path / "logs") as job:
+    with LocalJob(
+        [sys.executable, "-c", LOSE_PROCESS_0, str(int(sig))],
+        devices=1,
+        processes=4,
+        cwd=ROOT,
+        env=cli_env(),
+        log_dir=tmp_path / "logs",
+    ) as job:
         deadline = time.monotonic() + within + 60
         while time.monotonic() < deadline and not all(job.procs[i].poll() is not None for i in (1, 2, 3)):
             time.sleep(0.1)
@@ -257,8 +318,9 @@ def test_the_loss_of_process_0_ends_the_others_with_one_line_each(tmp_path, sig,
         print(f"process 0 lost ({sig.name}): process {e.index} exited {e.returncode}, {after:.1f} s later")
         assert e.returncode not in (0, None) and after < within, (e.returncode, after)
         lines = [line for line in e.log.splitlines() if line.strip()]
-        assert len(lines) == 1 and lines[0].startswith(f"[process {e.index}] error: stopping: lost the "
-                                                       "coordinator (process 0)"), e.log[-3000:]
+        assert len(lines) == 1 and lines[0].startswith(
+            f"[process {e.index}] error: stopping: lost the coordinator (process 0)"
+        ), e.log[-3000:]
 
 
 def test_a_bad_input_in_one_process_ends_every_process_promptly(demo, tmp_path):
@@ -268,8 +330,9 @@ def test_a_bad_input_in_one_process_ends_every_process_promptly(demo, tmp_path):
     with LocalJob([command, bad], 4, env=cli_env(), cwd=ROOT) as job:
         survivor, failing = job.wait(300)
     assert failing.returncode == 2 and survivor.returncode == 3, (survivor, failing)
-    assert _lines_naming(failing.log, "error") == [
-        "[process 1] error: /nowhere/pairs.jsonl: dataset file not found"], failing.log[-2000:]
+    assert _lines_naming(failing.log, "error") == ["[process 1] error: /nowhere/pairs.jsonl: dataset file not found"], (
+        failing.log[-2000:]
+    )
     print(f"bad input: the survivor exited {survivor.seconds - failing.seconds:.1f} s after the failing process")
     assert survivor.seconds - failing.seconds < 60
     assert len(_lines_naming(survivor.log, "process 1 failed")) == 1
@@ -302,8 +365,15 @@ def test_sigterm_to_every_process_saves_the_current_step_and_resumes_exactly(dem
     two, _ = demo_2x4
     base, rm = models_of(two)
     path = tmp_path / "evicted"
-    command = [*TRAIN, *STEPS, "--config.checkpoint_every=100", f"--config.model.base={base}",
-               f"--config.reward_model.path={rm}", "--workdir", path]
+    command = [
+        *TRAIN,
+        *STEPS,
+        "--config.checkpoint_every=100",
+        f"--config.model.base={base}",
+        f"--config.reward_model.path={rm}",
+        "--workdir",
+        path,
+    ]
     with LocalJob(command, 4, 2, env=cli_env(), cwd=ROOT) as job:
         deadline = time.monotonic() + 300
         while not metrics.read_metrics(path) and time.monotonic() < deadline and not job.poll():
@@ -313,8 +383,10 @@ def test_sigterm_to_every_process_saves_the_current_step_and_resumes_exactly(dem
         signalled = time.monotonic() - job.started
         exits = job.wait(200)
     logged = len(metrics.read_metrics(path))
-    print(f"SIGTERM to both processes: step {logged} saved, exits {[round(e.seconds - signalled, 1) for e in exits]} "
-          "s after the signal")
+    print(
+        f"SIGTERM to both processes: step {logged} saved, exits {[round(e.seconds - signalled, 1) for e in exits]} "
+        "s after the signal"
+    )
     for e in exits:
         assert e.returncode == preemption.EXIT_RESUMABLE, e.log[-3000:]
     assert 1 <= logged < 3 and checkpoint.step_dirs(path).keys() == {logged}, (logged, checkpoint.step_dirs(path))
@@ -353,12 +425,31 @@ def slurm(tmp_path_factory):
 def sbatch_command(env, script, tasks, devices, workdir, args, gpu_option, *flags):
     """(argv, env, log) of `sbatch` for a launch script, unchanged, on this node's CPUs: the CPU overrides are
     sbatch options and environment variables only."""
-    env = {**cli_env(), **env, "PATH": f"{Path(sys.executable).parent}:{env['PATH']}", "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "CONFIG": "configs/tiny_coarse.py",
-           "WORKDIR": str(workdir)}
+    env = {
+        **cli_env(),
+        **env,
+        "PATH": f"{Path(sys.executable).parent}:{env['PATH']}",
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        "CONFIG": "configs/tiny_coarse.py",
+        "WORKDIR": str(workdir),
+    }
     out = workdir.parent / f"{workdir.name}-slurm.out"
-    return (["sbatch", *flags, "--nodes=1", f"--ntasks-per-node={tasks}", gpu_option, "--cpus-per-task=1",
-             f"--output={out}", f"launch/{script}", *map(str, args)], env, out)
+    return (
+        [
+            "sbatch",
+            *flags,
+            "--nodes=1",
+            f"--ntasks-per-node={tasks}",
+            gpu_option,
+            "--cpus-per-task=1",
+            f"--output={out}",
+            f"launch/{script}",
+            *map(str, args),
+        ],
+        env,
+        out,
+    )
 
 
 def sbatch(env, script, tasks, devices, workdir, args, gpu_option):
@@ -375,9 +466,16 @@ def test_slurms_early_warning_saves_the_step_requeues_and_ends_as_the_unbroken_r
     two, _ = demo_2x4
     base, rm = models_of(two)
     path = tmp_path / "run"
-    argv, env, out = sbatch_command({**slurm, "BASE": str(base), "REWARD": str(rm)}, "slurm_2x8_a100.sbatch", 2, 4,
-                                    path, [*SHORT, *STEPS, "--config.checkpoint_every=100"], "--gpus-per-node=0",
-                                    "--parsable")
+    argv, env, out = sbatch_command(
+        {**slurm, "BASE": str(base), "REWARD": str(rm)},
+        "slurm_2x8_a100.sbatch",
+        2,
+        4,
+        path,
+        [*SHORT, *STEPS, "--config.checkpoint_every=100"],
+        "--gpus-per-node=0",
+        "--parsable",
+    )
     job = subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
     deadline = time.monotonic() + 300
     while not metrics.read_metrics(path) and time.monotonic() < deadline:
@@ -390,8 +488,10 @@ def test_slurms_early_warning_saves_the_step_requeues_and_ends_as_the_unbroken_r
         time.sleep(0.2)
     log = out.read_text()
     saved = re.search(r"stopped at step (\d+) on a signal", log)
-    print(f"SLURM USR1: step {saved and saved.group(1)} saved, requeue {(requeued or 0) - signalled:.1f} s after "
-          "the signal")
+    print(
+        f"SLURM USR1: step {saved and saved.group(1)} saved, requeue {(requeued or 0) - signalled:.1f} s after "
+        "the signal"
+    )
     assert "stopped to be resumed: requeueing job" in log and "done:" in log, log[-3000:]
     assert comparable(metrics.read_metrics(path)) == comparable(metrics.read_metrics(two))
     assert weights_relative(two, path, step=3) == 0.0
@@ -401,8 +501,15 @@ def test_the_launch_script_under_slurm_equals_the_env_var_run(slurm, demo_2x4, t
     """One task per node (here: 2 tasks on the one node), jax.distributed initialised from SLURM's variables."""
     two, _ = demo_2x4
     base, rm = models_of(two)
-    log = sbatch({**slurm, "BASE": str(base), "REWARD": str(rm)}, "slurm_2x8_a100.sbatch", 2, 4, tmp_path / "run",
-                 [*SHORT, *STEPS], "--gpus-per-node=0")
+    log = sbatch(
+        {**slurm, "BASE": str(base), "REWARD": str(rm)},
+        "slurm_2x8_a100.sbatch",
+        2,
+        4,
+        tmp_path / "run",
+        [*SHORT, *STEPS],
+        "--gpus-per-node=0",
+    )
     assert "done:" in log
     assert comparable(metrics.read_metrics(tmp_path / "run")) == comparable(metrics.read_metrics(two))
     assert weights_relative(two, tmp_path / "run", step=3) == 0.0
@@ -411,7 +518,14 @@ def test_the_launch_script_under_slurm_equals_the_env_var_run(slurm, demo_2x4, t
 def test_the_one_task_per_gpu_launch_script_under_slurm(slurm, demo, tmp_path):
     one, rows = demo
     base, rm = models_of(one)
-    sbatch({**slurm, "BASE": str(base), "REWARD": str(rm)}, "slurm_16x1_a100.sbatch", 4, 2, tmp_path / "run",
-           [*SHORT, "--config.steps=1"], "--gpus-per-task=0")
+    sbatch(
+        {**slurm, "BASE": str(base), "REWARD": str(rm)},
+        "slurm_16x1_a100.sbatch",
+        4,
+        2,
+        tmp_path / "run",
+        [*SHORT, "--config.steps=1"],
+        "--gpus-per-task=0",
+    )
     assert worst_relative(metrics.read_metrics(tmp_path / "run")[0], rows[0])[0] < 1e-5
     assert weights_relative(one, tmp_path / "run", step=1) < 1e-5

@@ -32,8 +32,10 @@ def test_ppo_reaches_the_kl_regularised_optimum(case, tmp_path):
     logp = ppo_optimum.response_logprobs(*hf.load_pretrained(tmp_path / "actor-hf", dtype="float32"), problem)
     np.testing.assert_allclose(np.exp(logp).sum(-1), 1.0, atol=1e-5)  # every response enumerated
     m = ppo_optimum.measure(logp, ref_logp, r)
-    print(f"{case}: J(pi_ref) {m.J_ref:.4f}, J {m.J:.4f}, J* {m.J_star:.4f}, gap closed {m.gap_closed:.3f}, "
-          f"TV to pi* {m.tv:.3f} (pi_ref's {m.tv_ref:.3f})")
+    print(
+        f"{case}: J(pi_ref) {m.J_ref:.4f}, J {m.J:.4f}, J* {m.J_star:.4f}, gap closed {m.gap_closed:.3f}, "
+        f"TV to pi* {m.tv:.3f} (pi_ref's {m.tv_ref:.3f})"
+    )
     assert m.tv_ref > 0.4  # the optimum is far from where the actor starts: the test can fail
     assert m.gap_closed >= 0.9
     assert m.tv <= 0.1

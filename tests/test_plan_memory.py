@@ -11,17 +11,32 @@ from conftest import ROOT, cli_env
 
 from c2f_jax.runtime import cli
 
-needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
-                                  reason="libtpu is not installed (pip install -e '.[tpu]')")
+needs_libtpu = pytest.mark.skipif(
+    importlib.util.find_spec("libtpu") is None, reason="libtpu is not installed (pip install -e '.[tpu]')"
+)
 # The demo's model at small shapes, its params and batch split over fsdp and tensor on a 4-chip v5p slice.
-TINY = ["--config", "configs/tiny_coarse.py", "--config.mesh.fsdp=2", "--config.mesh.tensor=2",
-        "--config.data.prompt_buckets=(16,)", "--config.cm.buckets=(8,)", "--config.data.batch_size=4",
-        "--config.ppo.minibatches=1", "--config.ppo.epochs=1"]
+TINY = [
+    "--config",
+    "configs/tiny_coarse.py",
+    "--config.mesh.fsdp=2",
+    "--config.mesh.tensor=2",
+    "--config.data.prompt_buckets=(16,)",
+    "--config.cm.buckets=(8,)",
+    "--config.data.batch_size=4",
+    "--config.ppo.minibatches=1",
+    "--config.ppo.epochs=1",
+]
 
 
 def plan_memory(*args):
-    return subprocess.run([sys.executable, "-m", "c2f_jax.cli.plan", *args], capture_output=True,
-                          text=True, cwd=ROOT, env=cli_env(), timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "c2f_jax.cli.plan", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=cli_env(),
+        timeout=600,
+    )
 
 
 @needs_libtpu
@@ -43,8 +58,9 @@ def test_tiny_job_compiles_for_a_tpu_slice():
 def test_unknown_topology_is_one_line_error():
     done = plan_memory(*TINY, "--topology", "v9z:2x2")
     assert done.returncode == 2
-    assert done.stderr.strip().splitlines() == ["error: --topology v9z:2x2: INVALID_ARGUMENT: Invalid TPU external "
-                                                "name: TPU v9z"]
+    assert done.stderr.strip().splitlines() == [
+        "error: --topology v9z:2x2: INVALID_ARGUMENT: Invalid TPU external name: TPU v9z"
+    ]
 
 
 def test_topology_without_libtpu_is_a_usage_error(monkeypatch):
@@ -52,6 +68,9 @@ def test_topology_without_libtpu_is_a_usage_error(monkeypatch):
 
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "libtpu" else find_spec(name))
-    with pytest.raises(cli.UsageError, match=r"^--topology v5p:2x2x1: libtpu is not installed \(the tpu extra: "
-                                             r"pip install -e '\.\[tpu\]'\)$"):
+    with pytest.raises(
+        cli.UsageError,
+        match=r"^--topology v5p:2x2x1: libtpu is not installed \(the tpu extra: "
+        r"pip install -e '\.\[tpu\]'\)$",
+    ):
         tool.tpu_devices("v5p:2x2x1")

@@ -12,8 +12,21 @@ from c2f_jax.runtime import backend
 ppo_lib = ppo  # for the helpers below, whose PPOConfig argument is named `ppo` as in c2f_jax.rl.ppo
 
 
-def experience(actor, reference, critic, seq_ids, seq_mask, response_mask, score, kl_coef=None, *, actor_config,
-               ref_config, critic_config, ppo):
+def experience(
+    actor,
+    reference,
+    critic,
+    seq_ids,
+    seq_mask,
+    response_mask,
+    score,
+    kl_coef=None,
+    *,
+    actor_config,
+    ref_config,
+    critic_config,
+    ppo,
+):
     """The unfused scoring of a rollout (what `ppo.iteration` does before its update), each forward pass whole."""
     R = response_mask.shape[1]
     old, _ = ppo_lib.policy_logprobs(actor_config, actor, seq_ids, seq_mask, R, ppo)
@@ -24,8 +37,9 @@ def experience(actor, reference, critic, seq_ids, seq_mask, response_mask, score
 
 make_experience = jax.jit(experience, static_argnames=("actor_config", "ref_config", "critic_config", "ppo"))
 ppo_update = jax.jit(ppo_lib.update, static_argnames=("actor_config", "critic_config", "ppo"), donate_argnums=(0, 1))
-ppo_iteration = jax.jit(ppo_lib.iteration, static_argnames=("actor_config", "ref_config", "critic_config", "ppo"),
-                        donate_argnums=(0, 1))
+ppo_iteration = jax.jit(
+    ppo_lib.iteration, static_argnames=("actor_config", "ref_config", "critic_config", "ppo"), donate_argnums=(0, 1)
+)
 
 
 def prefix_mask(rng, batch, length):
@@ -106,8 +120,19 @@ def test_kl_is_zero_when_actor_equals_reference(tiny_roles):
     seq = jax.random.randint(jax.random.key(2), (4, 12), 3, 128)
     seq_mask = jnp.ones_like(seq)
     response_mask = jnp.ones((4, 5), jnp.int32)
-    exp = make_experience(actor, actor, critic, seq, seq_mask, response_mask, jnp.zeros(4), actor_config=config,
-                              ref_config=config, critic_config=critic_config, ppo=ppo.PPOConfig())
+    exp = make_experience(
+        actor,
+        actor,
+        critic,
+        seq,
+        seq_mask,
+        response_mask,
+        jnp.zeros(4),
+        actor_config=config,
+        ref_config=config,
+        critic_config=critic_config,
+        ppo=ppo.PPOConfig(),
+    )
     np.testing.assert_array_equal(np.asarray(exp.old_logprobs), np.asarray(exp.ref_logprobs))
     assert not np.asarray(exp.rewards).any()  # no KL, zero score
 
@@ -140,16 +165,28 @@ def run_ppo(config, actor, critic_config, critic, iterations, pc, score_fn, seed
         seq, seq_mask = ppo.join(prompts, prompt_mask, out.tokens, out.mask)
         score = score_fn(out.tokens)
         actor_state, critic_state, _, metrics = ppo_iteration(
-            actor_state, critic_state, actor, seq, seq_mask, out.mask, score, k2, actor_config=config,
-            ref_config=config, critic_config=critic_config, ppo=pc)
+            actor_state,
+            critic_state,
+            actor,
+            seq,
+            seq_mask,
+            out.mask,
+            score,
+            k2,
+            actor_config=config,
+            ref_config=config,
+            critic_config=critic_config,
+            ppo=pc,
+        )
         scores.append(float(score.mean()))
     return actor_state, critic_state, scores, metrics
 
 
 def test_ppo_raises_a_fixed_reward(tiny_roles):
     config, actor, critic_config, critic = tiny_roles
-    pc = ppo.PPOConfig(kl_coef=0.01, epochs=2, minibatches=2, actor=optim.OptimConfig(lr=3e-3),
-                       critic=optim.OptimConfig(lr=1e-3))
+    pc = ppo.PPOConfig(
+        kl_coef=0.01, epochs=2, minibatches=2, actor=optim.OptimConfig(lr=3e-3), critic=optim.OptimConfig(lr=1e-3)
+    )
     # Reward: 5 x the share of response tokens from a fixed set of 16 ids (1/8 of the vocabulary by chance).
     score_fn = lambda tokens: 5.0 * jnp.mean((tokens < 16).astype(jnp.float32), axis=1)
     _, _, scores, metrics = run_ppo(config, actor, critic_config, critic, 12, pc, score_fn)
@@ -176,19 +213,20 @@ def test_iteration_equals_experience_then_update(tiny_roles, epochs, minibatches
     response_mask = jnp.ones((B, R), jnp.int32).at[3, 3:].set(0)  # one response stopped early
     score = jax.random.normal(jax.random.key(3), (B,))
     reference = jax.tree.map(lambda a: a * 1.01, actor)  # nonzero KL
-    pc = ppo.PPOConfig(epochs=epochs, minibatches=minibatches, actor=optim.OptimConfig(lr=1e-3),
-                       critic=optim.OptimConfig(lr=1e-3))
+    pc = ppo.PPOConfig(
+        epochs=epochs, minibatches=minibatches, actor=optim.OptimConfig(lr=1e-3), critic=optim.OptimConfig(lr=1e-3)
+    )
     kw = dict(actor_config=config, critic_config=critic_config, ppo=pc)
     states = lambda: (optim.create_state(actor, pc.actor), optim.create_state(critic, pc.critic))
 
     a, c = states()
-    exp = make_experience(a.params, reference, c.params, seq, seq_mask, response_mask, score, ref_config=config,
-                              **kw)
+    exp = make_experience(a.params, reference, c.params, seq, seq_mask, response_mask, score, ref_config=config, **kw)
     a1, c1, m1 = ppo_update(a, c, exp, ppo.epoch_orders(jax.random.key(7), B, epochs), **kw)
     m1 = {**m1, **ppo.experience_metrics(exp)}
     a, c = states()
-    a2, c2, exp2, m2 = ppo_iteration(a, c, reference, seq, seq_mask, response_mask, score, jax.random.key(7),
-                                         ref_config=config, **kw)
+    a2, c2, exp2, m2 = ppo_iteration(
+        a, c, reference, seq, seq_mask, response_mask, score, jax.random.key(7), ref_config=config, **kw
+    )
     for x, y in zip(jax.tree.leaves(exp), jax.tree.leaves(exp2)):  # same rows in the same order
         np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-5, atol=1e-6)
     for x, y in zip(jax.tree.leaves((a1.params, c1.params)), jax.tree.leaves((a2.params, c2.params))):
@@ -211,11 +249,12 @@ def test_iteration_runs_one_actor_and_one_critic_forward_fewer(tiny_roles):
     a, c = optim.create_state(actor, pc.actor), optim.create_state(critic, pc.critic)
     flops = lambda fn, *args, **static: fn.lower(*args, **static).compile().cost_analysis()["flops"]
     exp = make_experience(a.params, actor, c.params, seq, seq_mask, response_mask, score, ref_config=config, **kw)
-    separate = (flops(make_experience, a.params, actor, c.params, seq, seq_mask, response_mask, score,
-                      ref_config=config, **kw)
-                + flops(ppo_update, a, c, exp, ppo.epoch_orders(jax.random.key(0), B, 1), **kw))
-    fused = flops(ppo_iteration, a, c, actor, seq, seq_mask, response_mask, score, jax.random.key(0),
-                  ref_config=config, **kw)
+    separate = flops(
+        make_experience, a.params, actor, c.params, seq, seq_mask, response_mask, score, ref_config=config, **kw
+    ) + flops(ppo_update, a, c, exp, ppo.epoch_orders(jax.random.key(0), B, 1), **kw)
+    fused = flops(
+        ppo_iteration, a, c, actor, seq, seq_mask, response_mask, score, jax.random.key(0), ref_config=config, **kw
+    )
     actor_fwd = flops(jax.jit(ppo.response_logprobs, static_argnums=(0, 4)), config, actor, seq, seq_mask, R)
     critic_fwd = flops(jax.jit(ppo.response_values, static_argnums=(0, 4)), critic_config, critic, seq, seq_mask, R)
     assert separate - fused == pytest.approx(actor_fwd + critic_fwd, rel=0.1)
@@ -240,8 +279,9 @@ def test_logprobs_with_suppressed_tokens_are_the_samplers_policy():
     p = jnp.exp(full)
     np.testing.assert_allclose(entropy, -jnp.sum(jnp.where(p > 0, p * full, 0.0), -1), rtol=1e-5, atol=1e-6)
     weights = jnp.asarray(rng.normal(size=(2, 3)))
-    ours = jax.grad(lambda h, w: jnp.sum(weights * ppo.token_logprobs(h, w, tokens, temperature, suppress)[0]),
-                    argnums=(0, 1))(hidden, head)
+    ours = jax.grad(
+        lambda h, w: jnp.sum(weights * ppo.token_logprobs(h, w, tokens, temperature, suppress)[0]), argnums=(0, 1)
+    )(hidden, head)
     theirs = jax.grad(lambda h, w: jnp.sum(weights * reference(h, w)[0]), argnums=(0, 1))(hidden, head)
     for a, b in zip(ours, theirs):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
@@ -265,8 +305,16 @@ def test_experience_metrics_by_hand():
     B, R = 4, 5
     mask = prefix_mask(rng, B, R)
     old, ref, values, returns = (rng.normal(size=(B, R)) * mask for _ in range(4))
-    exp = ppo.Experience(*(jnp.zeros((B, R)),) * 3, jnp.asarray(old), jnp.asarray(ref), jnp.asarray(values),
-                         jnp.zeros((B, R)), jnp.zeros((B, R)), jnp.asarray(returns), jnp.zeros(B))
+    exp = ppo.Experience(
+        *(jnp.zeros((B, R)),) * 3,
+        jnp.asarray(old),
+        jnp.asarray(ref),
+        jnp.asarray(values),
+        jnp.zeros((B, R)),
+        jnp.zeros((B, R)),
+        jnp.asarray(returns),
+        jnp.zeros(B),
+    )
     exp.response_mask = jnp.asarray(mask)
     m = {k: float(v) for k, v in ppo.experience_metrics(exp).items()}
     valid = mask > 0

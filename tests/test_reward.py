@@ -29,8 +29,9 @@ def trained(tmp_path_factory):
     pairs, _ = data.load_pairs("bundled")
     train, held_out = data.train_eval_split(pairs, 0.2, seed=0)
     config = model.TINY
-    rm_config, rm_params = reward.init_from_base(config, model.init_params(config, jax.random.key(0)),
-                                                 jax.random.key(1))
+    rm_config, rm_params = reward.init_from_base(
+        config, model.init_params(config, jax.random.key(0)), jax.random.key(1)
+    )
     oc = optim.OptimConfig(lr=2e-3, warmup_steps=10)
     state = optim.create_state(rm_params, oc)
     it = data.BatchIterator(len(train), 16, seed=0)
@@ -54,7 +55,10 @@ def test_reward_model_exports_as_sequence_classification(trained, tmp_path):
     ids, mask = held["chosen_ids"][:4], held["chosen_mask"][:4]
     pos = np.maximum(mask.cumsum(-1) - 1, 0)
     with torch.no_grad():
-        ref = hm(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),
-                 position_ids=torch.tensor(pos)).logits.numpy()[:, 0]
+        ref = hm(
+            input_ids=torch.tensor(ids, dtype=torch.long),
+            attention_mask=torch.tensor(mask),
+            position_ids=torch.tensor(pos),
+        ).logits.numpy()[:, 0]
     ours = np.asarray(model.sequence_scores(rm_config, params, ids, mask))[:, 0]
     np.testing.assert_allclose(ours, ref, atol=1e-4)

@@ -40,9 +40,15 @@ def prompts():
 
 def hf_generate(hm, ids, mask, **kw):
     with torch.no_grad():
-        out = hm.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), do_sample=False,
-                          max_new_tokens=R, pad_token_id=0, **kw)
-    return out[:, ids.shape[1]:].numpy()
+        out = hm.generate(
+            input_ids=torch.tensor(ids),
+            attention_mask=torch.tensor(mask),
+            do_sample=False,
+            max_new_tokens=R,
+            pad_token_id=0,
+            **kw,
+        )
+    return out[:, ids.shape[1] :].numpy()
 
 
 def greedy(config, params, ids, mask, **kw):
@@ -77,9 +83,18 @@ decode = jax.jit(rollout.decode, static_argnames=STATIC)
 
 def decode_greedy(config, params, ids, mask, *, chunk, eos=(2,), suppress=()):
     """rollout.decode at temperature 0 with a given chunk size: (tokens, mask, decode steps run) as numpy."""
-    out, ran = decode(params, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32), jax.random.key(0),
-                      config=config, max_new_tokens=R, sampling=SamplingConfig(0.0, 0, 1.0, tuple(suppress)),
-                      eos_token_ids=tuple(eos), pad_id=0, chunk=chunk)
+    out, ran = decode(
+        params,
+        jnp.asarray(ids, jnp.int32),
+        jnp.asarray(mask, jnp.int32),
+        jax.random.key(0),
+        config=config,
+        max_new_tokens=R,
+        sampling=SamplingConfig(0.0, 0, 1.0, tuple(suppress)),
+        eos_token_ids=tuple(eos),
+        pad_id=0,
+        chunk=chunk,
+    )
     return np.asarray(out.tokens), np.asarray(out.mask), int(ran)
 
 
@@ -144,8 +159,8 @@ def test_mask_ends_at_eos_like_transformers(tiny, prompts):
     tokens, mask = np.asarray(ours.tokens), np.asarray(ours.mask)
     np.testing.assert_array_equal(tokens[:, : ref.shape[1]], ref)  # HF pads finished rows with pad_token_id
     first_eos = list(tokens[0]).index(eos)
-    assert mask[0, : first_eos + 1].all() and not mask[0, first_eos + 1:].any()
-    assert (tokens[0, first_eos + 1:] == 0).all()
+    assert mask[0, : first_eos + 1].all() and not mask[0, first_eos + 1 :].any()
+    assert (tokens[0, first_eos + 1 :] == 0).all()
     # Suppressed, the model's favourite token never appears and every response runs to the limit.
     held = greedy(config, params, *prompts, eos_token_ids=(eos,), suppress_token_ids=(eos,))
     assert eos not in np.asarray(held.tokens) and np.asarray(held.mask).all()
@@ -154,9 +169,12 @@ def test_mask_ends_at_eos_like_transformers(tiny, prompts):
 def test_suppressed_token_never_sampled_even_when_most_likely():
     logits = jnp.zeros((4, 10)).at[:, 2].set(8.0)  # EOS holds ~99% of the mass
     draws = jax.vmap(lambda k: rollout.sample_token(logits, k, SamplingConfig(suppress_token_ids=(2,))))(
-        jax.random.split(jax.random.key(0), 500))
+        jax.random.split(jax.random.key(0), 500)
+    )
     assert (np.asarray(draws) != 2).all()
-    free = jax.vmap(lambda k: rollout.sample_token(logits, k, SamplingConfig()))(jax.random.split(jax.random.key(0), 50))
+    free = jax.vmap(lambda k: rollout.sample_token(logits, k, SamplingConfig()))(
+        jax.random.split(jax.random.key(0), 50)
+    )
     assert (np.asarray(free) == 2).mean() > 0.9
 
 
@@ -182,8 +200,9 @@ def test_top_k_and_top_p_keep_only_allowed_tokens():
 
 def test_same_rng_same_sample(tiny, prompts):
     _, config, params = tiny
-    run = lambda seed: np.asarray(rollout.generate(config, params, *prompts, jax.random.key(seed), max_new_tokens=R,
-                                                   top_k=50).tokens)
+    run = lambda seed: np.asarray(
+        rollout.generate(config, params, *prompts, jax.random.key(seed), max_new_tokens=R, top_k=50).tokens
+    )
     np.testing.assert_array_equal(run(7), run(7))
     assert (run(7) != run(8)).any()
 
@@ -195,16 +214,25 @@ def test_new_batches_of_a_bucket_do_not_recompile(tiny):
 
     def batch(seed):
         ids, mask, _ = left_padded_batch(128, length=16, pads=(seed % 5, 2, 9), seed=seed)
-        return rollout.generate(config, params, ids, mask, jax.random.key(seed), max_new_tokens=8,
-                                suppress_token_ids=(2,))
+        return rollout.generate(
+            config, params, ids, mask, jax.random.key(seed), max_new_tokens=8, suppress_token_ids=(2,)
+        )
 
     jax.block_until_ready(batch(0))
     before = compiled()
     for seed in range(1, 4):
         jax.block_until_ready(batch(seed))
     assert compiled() == before
-    jax.block_until_ready(rollout.generate(config, params, *left_padded_batch(128, length=16)[:2],
-                                           jax.random.key(0), max_new_tokens=16, suppress_token_ids=(2,)))
+    jax.block_until_ready(
+        rollout.generate(
+            config,
+            params,
+            *left_padded_batch(128, length=16)[:2],
+            jax.random.key(0),
+            max_new_tokens=16,
+            suppress_token_ids=(2,),
+        )
+    )
     assert compiled() == before + 1  # a new response bucket is a new program, once
 
 
@@ -241,9 +269,24 @@ def test_generate_cli_writes_jsonl(tiny, tmp_path):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("\n".join(json.dumps({"prompt": q}) for q in ["Hello there", "What is RLHF?", "Why?"]))
     out = tmp_path / "out.jsonl"
-    cmd = [sys.executable, "-m", "c2f_jax.cli.generate", "--model", str(model_dir), "--prompts-file",
-           str(prompts), "--max-new-tokens", "6", "--suppress-eos", "--system-prompt", "coarse", "--batch-size", "2",
-           "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "c2f_jax.cli.generate",
+        "--model",
+        str(model_dir),
+        "--prompts-file",
+        str(prompts),
+        "--max-new-tokens",
+        "6",
+        "--suppress-eos",
+        "--system-prompt",
+        "coarse",
+        "--batch-size",
+        "2",
+        "--out",
+        str(out),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     rows = [json.loads(line) for line in out.read_text().splitlines()]
@@ -266,8 +309,12 @@ def test_bundled_tokenizer_is_mistral_v01():
 
 def test_drawn_tokens_carry_their_logprob_under_the_filtered_distribution():
     logits = jax.random.normal(jax.random.key(3), (6, 700)) * 3
-    for s in (SamplingConfig(temperature=0.7, suppress_token_ids=(2,)), SamplingConfig(top_k=5),
-              SamplingConfig(top_p=0.8), SamplingConfig(temperature=0.0)):
+    for s in (
+        SamplingConfig(temperature=0.7, suppress_token_ids=(2,)),
+        SamplingConfig(top_k=5),
+        SamplingConfig(top_p=0.8),
+        SamplingConfig(temperature=0.0),
+    ):
         token, logprob = rollout.draw(logits, jax.random.key(4), s)
         want = jax.nn.log_softmax(rollout.filter_logits(logits, s), axis=-1)
         np.testing.assert_allclose(logprob, jnp.take_along_axis(want, token[:, None], -1)[:, 0], atol=2e-5)

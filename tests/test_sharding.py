@@ -30,9 +30,20 @@ def one_iteration(mesh_shape):
     reference = sharding.place(base, sharding.param_shardings(mesh, base))
     rm_params = sharding.place(critic, sharding.param_shardings(mesh, critic))
     progs = programs.coarse_programs(
-        mesh, actor_config=config, ref_config=config, critic_config=critic_config, rm_config=critic_config, pc=pc,
-        sampling=rollout.SamplingConfig(temperature=0.0, suppress_token_ids=(2,)), eos_token_ids=(2,), pad_id=0,
-        actor_state=actor_state, critic_state=critic_state, reference=reference, rm_params=rm_params)
+        mesh,
+        actor_config=config,
+        ref_config=config,
+        critic_config=critic_config,
+        rm_config=critic_config,
+        pc=pc,
+        sampling=rollout.SamplingConfig(temperature=0.0, suppress_token_ids=(2,)),
+        eos_token_ids=(2,),
+        pad_id=0,
+        actor_state=actor_state,
+        critic_state=critic_state,
+        reference=reference,
+        rm_params=rm_params,
+    )
     ids = sharding.global_batch(mesh, np.random.default_rng(0).integers(3, 256, (B, P)).astype(np.int32))
     mask = sharding.global_batch(mesh, np.ones((B, P), np.int32))
 
@@ -40,17 +51,20 @@ def one_iteration(mesh_shape):
         out = progs.generate(R)(progs.to_rollout(actor_state.params), ids, mask, jax.random.key(0))
         seq, seq_mask = ppo.join(ids, mask, out.tokens, out.mask)
         score = progs.score(rm_params, seq, seq_mask)
-        actor_state, critic_state, exp, m = progs.iteration(actor_state, critic_state, reference, seq, seq_mask,
-                                                            out.mask, score, jax.random.key(1), np.float32(0.05))
+        actor_state, critic_state, exp, m = progs.iteration(
+            actor_state, critic_state, reference, seq, seq_mask, out.mask, score, jax.random.key(1), np.float32(0.05)
+        )
         return out, exp, actor_state, critic_state
 
     out, exp, actor_state, critic_state = step(actor_state, critic_state)
     host = lambda tree: jax.tree.map(np.asarray, tree)  # the next step donates these buffers
     snapshot = (host(out), host(exp), host(actor_state.params))
-    shards = {"q": sharding.shard_shapes(actor_state.params["layers"]["attn"]["q"]),
-              "tokens": sharding.shard_shapes(out.tokens),
-              "mu_follows_param": actor_state.opt_state[1][0].mu["layers"]["mlp"]["up"].sharding
-              == actor_state.params["layers"]["mlp"]["up"].sharding}
+    shards = {
+        "q": sharding.shard_shapes(actor_state.params["layers"]["attn"]["q"]),
+        "tokens": sharding.shard_shapes(out.tokens),
+        "mu_follows_param": actor_state.opt_state[1][0].mu["layers"]["mlp"]["up"].sharding
+        == actor_state.params["layers"]["mlp"]["up"].sharding,
+    }
     before = compilations.total()
     jax.block_until_ready(step(actor_state, critic_state))  # a second iteration of the same shapes
     return (*snapshot, mesh, compilations.total() - before, shards)
@@ -98,8 +112,11 @@ def test_rollout_layout_drops_fsdp():
     sh = sharding.param_shardings(mesh, per_layer, "rollout")
     assert sh["layers_0"]["mlp"]["up"].spec == jax.sharding.PartitionSpec(None, "tensor")
     mlp = sh["layers_0"]["mlp"]  # down_t [D, F] on CPU, else down [F, D]: F split either way
-    assert mlp["down_t"].spec == jax.sharding.PartitionSpec(None, "tensor") if "down_t" in mlp else \
-        mlp["down"].spec == jax.sharding.PartitionSpec("tensor", None)
+    assert (
+        mlp["down_t"].spec == jax.sharding.PartitionSpec(None, "tensor")
+        if "down_t" in mlp
+        else mlp["down"].spec == jax.sharding.PartitionSpec("tensor", None)
+    )
     assert sh["layers_0"]["attn"]["k"].spec == jax.sharding.PartitionSpec(None, None, None)  # 2 kv heads: not 4 ways
     assert sh["embed"].spec == jax.sharding.PartitionSpec("tensor", None)
 
@@ -135,16 +152,31 @@ def test_chunked_decode_with_early_stop_matches_one_device():
     ids = np.random.default_rng(0).integers(3, 256, (B, P)).astype(np.int32)
     mask = np.ones((B, P), np.int32)
     mask[:3, :4] = 0  # left padding
-    settings = dict(config=layout, max_new_tokens=12, sampling=rollout.SamplingConfig(temperature=0.0),
-                    eos_token_ids=tuple(range(3, 80)), pad_id=0, chunk=2)
+    settings = dict(
+        config=layout,
+        max_new_tokens=12,
+        sampling=rollout.SamplingConfig(temperature=0.0),
+        eos_token_ids=tuple(range(3, 80)),
+        pad_id=0,
+        chunk=2,
+    )
     want, want_ran = jax.jit(functools.partial(rollout.decode, **settings))(params, ids, mask, jax.random.key(0))
     mesh = sharding.make_mesh(2, 2, 2)
     param_sh = sharding.param_shardings(mesh, params, "rollout")
     batch2, repl = sharding.batch_sharding(mesh, 2), sharding.replicated(mesh)
-    sharded = programs._jit(mesh, rollout.decode, (param_sh, batch2, batch2, repl),
-                            (rollout.Rollout(batch2, batch2, batch2), repl), **settings)
-    out, ran = sharded(sharding.place(params, param_sh), sharding.global_batch(mesh, ids),
-                       sharding.global_batch(mesh, mask), jax.random.key(0))
+    sharded = programs._jit(
+        mesh,
+        rollout.decode,
+        (param_sh, batch2, batch2, repl),
+        (rollout.Rollout(batch2, batch2, batch2), repl),
+        **settings,
+    )
+    out, ran = sharded(
+        sharding.place(params, param_sh),
+        sharding.global_batch(mesh, ids),
+        sharding.global_batch(mesh, mask),
+        jax.random.key(0),
+    )
     np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(want.tokens))
     np.testing.assert_array_equal(np.asarray(out.mask), np.asarray(want.mask))
     assert int(ran) == int(want_ran) < 11  # every row stopped before the last chunks, which did not run
@@ -157,15 +189,27 @@ def test_the_layer_by_layer_reshard_equals_the_whole_copy(scan_layers):
     mesh = sharding.make_mesh(1, 4, 2)
     config = model.TINY.replace(vocab_size=256, scan_layers=scan_layers, compute_dtype="bfloat16")
     params = model.init_params(config, jax.random.key(3))
-    state = optim.create_state(sharding.place(params, sharding.param_shardings(mesh, params)), optim.OptimConfig(lr=1e-3))
+    state = optim.create_state(
+        sharding.place(params, sharding.param_shardings(mesh, params)), optim.OptimConfig(lr=1e-3)
+    )
     state = sharding.place(state, sharding.like_params(mesh, state, state.params))
     critic_config, critic = reward.init_from_base(config, params, jax.random.key(1))
     critic_state = optim.create_state(critic, optim.OptimConfig(lr=1e-3))
     progs = programs.coarse_programs(
-        mesh, actor_config=config, ref_config=config, critic_config=critic_config, rm_config=critic_config,
+        mesh,
+        actor_config=config,
+        ref_config=config,
+        critic_config=critic_config,
+        rm_config=critic_config,
         pc=ppo.PPOConfig(actor=optim.OptimConfig(lr=1e-3), critic=optim.OptimConfig(lr=1e-3)),
-        sampling=rollout.SamplingConfig(), eos_token_ids=(2,), pad_id=0, actor_state=state,
-        critic_state=critic_state, reference=params, rm_params=critic)
+        sampling=rollout.SamplingConfig(),
+        eos_token_ids=(2,),
+        pad_id=0,
+        actor_state=state,
+        critic_state=critic_state,
+        reference=params,
+        rm_params=critic,
+    )
     layout = rollout.rollout_layout(config, backend.of_mesh(mesh))
     want = rollout.rollout_params(layout, jax.tree.map(lambda a: a.astype("bfloat16"), params))
     before = compilations.total()

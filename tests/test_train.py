@@ -23,19 +23,46 @@ from c2f_jax.runtime import workdir as c2f_workdir
 
 
 def run_cli(*args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "c2f_jax.train", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT, env=cli_env())
+    return subprocess.run(
+        [sys.executable, "-m", "c2f_jax.train", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env=cli_env(),
+    )
 
 
 def test_demo_logs_every_metric_and_advances_cm(demo):
     workdir, rows = demo
     logged = metrics.read_metrics(workdir)
     assert [r["step"] for r in logged] == list(range(1, 9))
-    needed = {"reward/mean", "reward/std", "kl", "loss/policy", "loss/value", "clipfrac", "entropy",
-              "cm/length_limit", "cm/p_advance", "time/rollout_tokens_per_s", "time/update_tokens_per_s",
-              "compilations", "skipped_updates", "kl_coef", "kl/per_response", "approx_kl", "ratio/max",
-              "sampler_gap/mean", "sampler_gap/max", "value/explained_variance", "advantages/mean",
-              "advantages/std", "returns/mean", "returns/std"}
+    needed = {
+        "reward/mean",
+        "reward/std",
+        "kl",
+        "loss/policy",
+        "loss/value",
+        "clipfrac",
+        "entropy",
+        "cm/length_limit",
+        "cm/p_advance",
+        "time/rollout_tokens_per_s",
+        "time/update_tokens_per_s",
+        "compilations",
+        "skipped_updates",
+        "kl_coef",
+        "kl/per_response",
+        "approx_kl",
+        "ratio/max",
+        "sampler_gap/mean",
+        "sampler_gap/max",
+        "value/explained_variance",
+        "advantages/mean",
+        "advantages/std",
+        "returns/mean",
+        "returns/std",
+    }
     assert needed <= set(logged[0])
     for r in logged:
         # float32 on both sides, the same weights: the rollout copy and the trainer agree to rounding
@@ -67,16 +94,18 @@ def test_export_loads_in_transformers_with_our_logits(demo, tmp_path):
     out = export.export(workdir, tmp_path / "hf", dtype="float32")
     config, params = hf.load_pretrained(out)
     restored, _ = checkpoint.Checkpointer(workdir).restore()
-    assert np.array_equal(np.asarray(params["layers"]["mlp"]["up"]),
-                          np.asarray(restored["actor"]["params"]["layers"]["mlp"]["up"]))
+    assert np.array_equal(
+        np.asarray(params["layers"]["mlp"]["up"]), np.asarray(restored["actor"]["params"]["layers"]["mlp"]["up"])
+    )
     hm = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     tok = transformers.AutoTokenizer.from_pretrained(out)
     ids = np.array([tok("Human: How do tides work? Assistant: First,").input_ids])
     with torch.no_grad():
         ref = hm(torch.tensor(ids)).logits.numpy()
     assert np.abs(np.asarray(model.forward(config, params, ids)) - ref).max() < 1e-4
-    done = subprocess.run([sys.executable, "-m", "c2f_jax.cli.plot", str(workdir)], capture_output=True,
-                          text=True, env=cli_env())
+    done = subprocess.run(
+        [sys.executable, "-m", "c2f_jax.cli.plot", str(workdir)], capture_output=True, text=True, env=cli_env()
+    )
     assert done.returncode == 0 and (workdir / "run.png").stat().st_size > 10_000
 
 
@@ -90,6 +119,7 @@ def test_workdir_model_is_restored_alone_and_exactly(demo):
     ckpt.close()
     config, actor, _ = export.load_model(workdir)
     assert sub_meta == meta and config.has_lm_head
+
     # Alone: bytes the process reads from the checkpoint files (page cache included), for the actor's
     # params and for the whole state (actor and critic, each with two AdamW moments).
     def read_bytes():
@@ -123,8 +153,14 @@ def _interrupted(args, workdir, sig, rows: int, during_save=None) -> tuple[int, 
     """The CLI run of `args`, sent `sig` once `workdir` has `rows` metrics rows and, when given, the signal
     `during_save` while the save that follows is being written: (exit status, stdout, stderr, seconds from the
     first signal to the exit)."""
-    proc = subprocess.Popen([sys.executable, "-m", "c2f_jax.train", *args], cwd=ROOT, env=cli_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "c2f_jax.train", *args],
+        cwd=ROOT,
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 300
     while time.time() < deadline and len(metrics.read_metrics(workdir)) < rows:
         time.sleep(0.1)
@@ -144,19 +180,34 @@ def ppo_reference(demo, tmp_path_factory):
     """(args, workdir) of an uninterrupted PPO run on the demo's base and reward model (only PPO runs). While it
     runs, the same job submitted twice on its workdir is refused."""
     workdir, _ = demo
-    common = ["--config", "tiny_coarse.py", *SHORT, f"--config.model.base={workdir / 'base_model'}",
-              f"--config.reward_model.path={workdir / 'reward_model'}"]
+    common = [
+        "--config",
+        "tiny_coarse.py",
+        *SHORT,
+        f"--config.model.base={workdir / 'base_model'}",
+        f"--config.reward_model.path={workdir / 'reward_model'}",
+    ]
     path = tmp_path_factory.mktemp("ppo") / "reference"
-    reference = subprocess.Popen([sys.executable, "-m", "c2f_jax.train", *common, "--workdir", path],
-                                 cwd=ROOT, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    reference = subprocess.Popen(
+        [sys.executable, "-m", "c2f_jax.train", *common, "--workdir", path],
+        cwd=ROOT,
+        env=cli_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     while not metrics.read_metrics(path) and reference.poll() is None:
         time.sleep(0.1)
     second = run_cli(*common, "--workdir", str(path))
     assert second.returncode == 2 and re.fullmatch(
-        re.escape(f"error: {path}: in use by another job (host {os.uname().nodename}, process id "
-                  f"{reference.pid}, since ") + r"[0-9: -]+ UTC, in " + re.escape(str(path / workdir_lock.LOCK)) +
-        r"\); wait for it to end or use another --workdir\n",
-        second.stderr), second.stderr[-2000:]
+        re.escape(
+            f"error: {path}: in use by another job (host {os.uname().nodename}, process id {reference.pid}, since "
+        )
+        + r"[0-9: -]+ UTC, in "
+        + re.escape(str(path / workdir_lock.LOCK))
+        + r"\); wait for it to end or use another --workdir\n",
+        second.stderr,
+    ), second.stderr[-2000:]
     assert reference.wait(timeout=300) == 0, reference.stderr.read()[-2000:]
     return common, path
 
@@ -167,8 +218,14 @@ def test_killed_or_signalled_run_resumes_to_the_same_metrics_and_weights(ppo_ref
     that save changes nothing, and a SIGKILL during it leaves the previous checkpoint as the latest. Each way
     the relaunched command ends exactly where an uninterrupted run does."""
     common, reference = ppo_reference
-    runs = {name: [*common, *extra, "--workdir", str(tmp_path / name)] for name, extra in (
-        ("killed", []), ("stopped", ["--config.checkpoint_every=100"]), ("killed_saving", ["--config.checkpoint_every=2"]))}
+    runs = {
+        name: [*common, *extra, "--workdir", str(tmp_path / name)]
+        for name, extra in (
+            ("killed", []),
+            ("stopped", ["--config.checkpoint_every=100"]),
+            ("killed_saving", ["--config.checkpoint_every=2"]),
+        )
+    }
 
     _interrupted(runs["killed"], tmp_path / "killed", signal.SIGKILL, 5)  # after a checkpoint (step 4), before the next
     assert 0 < len(metrics.read_metrics(tmp_path / "killed")) < 8
@@ -181,7 +238,10 @@ def test_killed_or_signalled_run_resumes_to_the_same_metrics_and_weights(ppo_ref
     # the checkpoint due at step 2 has been written; SIGTERM at step 3, SIGKILL while step 3 is being saved
     code, *_ = _interrupted(runs["killed_saving"], tmp_path / "killed_saving", signal.SIGTERM, 3, signal.SIGKILL)
     assert code == -signal.SIGKILL and _saving(tmp_path / "killed_saving", 3)  # cut off half-way through the save
-    logged, saved = len(metrics.read_metrics(tmp_path / "killed_saving")), checkpoint.step_dirs(tmp_path / "killed_saving")
+    logged, saved = (
+        len(metrics.read_metrics(tmp_path / "killed_saving")),
+        checkpoint.step_dirs(tmp_path / "killed_saving"),
+    )
     print(f"SIGTERM then SIGKILL during the save of step {logged}: latest checkpoint {max(saved)}")
     assert max(saved) == (logged - 1) // 2 * 2, (logged, saved)
     checkpoint.latest_checked(tmp_path / "killed_saving")  # the previous one is intact
@@ -203,8 +263,14 @@ def test_a_full_disk_ends_the_run_with_one_line_and_the_resume_loses_nothing(ppo
     common, reference = ppo_reference
     path = small_disk / "run"
     args = [*common, "--config.keep_checkpoints=1", "--workdir", str(path)]  # a save needs 2 x 38 MB of 100
-    proc = subprocess.Popen([sys.executable, "-m", "c2f_jax.train", *args], cwd=ROOT, env=cli_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "c2f_jax.train", *args],
+        cwd=ROOT,
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 300
     while time.time() < deadline and max([0, *(checkpoint.step_dirs(path) if path.exists() else ())]) < 2:
         time.sleep(0.05)
@@ -213,8 +279,11 @@ def test_a_full_disk_ends_the_run_with_one_line_and_the_resume_loses_nothing(ppo
     errors = [line for line in re.split(r"[\r\n]", err) if "error" in line.lower()]
     print(f"full disk at step {len(metrics.read_metrics(path))}: exit {proc.returncode}: {errors}")
     assert proc.returncode == 2 and len(errors) == 1, err[-3000:]
-    assert errors[0].startswith("error: ") and str(path) in errors[0] and \
-        ("No space left on device" in errors[0] or "no space left on device" in errors[0]), errors
+    assert (
+        errors[0].startswith("error: ")
+        and str(path) in errors[0]
+        and ("No space left on device" in errors[0] or "no space left on device" in errors[0])
+    ), errors
     rows = metrics.read_metrics(path)  # every line whole
     assert [r["step"] for r in rows] == list(range(1, len(rows) + 1)) and len(rows) < 8
     for step_dir in checkpoint.step_dirs(path).values():
@@ -226,13 +295,16 @@ def test_a_full_disk_ends_the_run_with_one_line_and_the_resume_loses_nothing(ppo
     assert_ends_as(path, reference)
 
 
-@pytest.mark.parametrize("extra, words", [
-    (["--config.ppo.kl_coeff=0.1"], "bad command line"),
-    (["--config.data.source=/nowhere/pairs.jsonl"], "dataset file not found"),
-    (["--config.model.base=/nowhere/mistral"], "model folder not found"),
-    (["--config.ppo.minibatches=3"], "does not split into ppo.minibatches=3"),
-    (["--config.ppo.minibatches=8", "--config.mesh.data=4"], "minibatches) size 2 does not split over"),
-])
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["--config.ppo.kl_coeff=0.1"], "bad command line"),
+        (["--config.data.source=/nowhere/pairs.jsonl"], "dataset file not found"),
+        (["--config.model.base=/nowhere/mistral"], "model folder not found"),
+        (["--config.ppo.minibatches=3"], "does not split into ppo.minibatches=3"),
+        (["--config.ppo.minibatches=8", "--config.mesh.data=4"], "minibatches) size 2 does not split over"),
+    ],
+)
 def test_bad_inputs_are_one_line_errors(extra, words, tmp_path):
     done = run_cli("--config", "tiny_coarse.py", *extra, "--workdir", str(tmp_path / "w"))
     assert done.returncode == 2 and words in done.stderr and done.stderr.strip().count("\n") == 0, done.stderr
@@ -269,11 +341,37 @@ def test_gamma_sweep_end_to_end_on_the_demo_models(demo, tmp_path):
     the sweep's gamma-1 numbers; the table, JSON, plot and generations page agree."""
     workdir, _ = demo
     few = ["--limit", "4", "--max-new-tokens", "8", "--batch-size", "4"]
-    _tool("sft").main(["--base", str(workdir / "base_model"), "--out", str(tmp_path / "sft"), "--steps", "4",
-                       "--batch-size", "4", "--max-length", "128"])
-    _tool("sweep").main(["--coarse", str(workdir), "--sft", str(tmp_path / "sft"), "--gammas", "0.7,0.3",
-                         "--reward-model", str(workdir / "reward_model"), "--out", str(tmp_path / "sweep"),
-                         "--show", "2", *few])
+    _tool("sft").main(
+        [
+            "--base",
+            str(workdir / "base_model"),
+            "--out",
+            str(tmp_path / "sft"),
+            "--steps",
+            "4",
+            "--batch-size",
+            "4",
+            "--max-length",
+            "128",
+        ]
+    )
+    _tool("sweep").main(
+        [
+            "--coarse",
+            str(workdir),
+            "--sft",
+            str(tmp_path / "sft"),
+            "--gammas",
+            "0.7,0.3",
+            "--reward-model",
+            str(workdir / "reward_model"),
+            "--out",
+            str(tmp_path / "sweep"),
+            "--show",
+            "2",
+            *few,
+        ]
+    )
     out = tmp_path / "sweep"
     assert sorted(p.name for p in out.iterdir()) == ["generations.md", "sweep.json", "sweep.md", "sweep.png"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sft", "sweep"]  # no scratch export, no temp folder
@@ -290,15 +388,40 @@ def test_gamma_sweep_end_to_end_on_the_demo_models(demo, tmp_path):
     page = (out / "generations.md").read_text()
     assert page.count("## Prompt") == 2 and page.count("| 0.3 |") == 2 and page.count("| 1 (coarse) |") == 2
     # SLERP swept the same way: its ends are the same two models, its middle a model of its own
-    _tool("sweep").main(["--coarse", str(workdir), "--sft", str(tmp_path / "sft"), "--gammas", "0.5", "--method",
-                         "slerp", "--reward-model", str(workdir / "reward_model"), "--out",
-                         str(tmp_path / "slerp"), "--show", "1", *few])
+    _tool("sweep").main(
+        [
+            "--coarse",
+            str(workdir),
+            "--sft",
+            str(tmp_path / "sft"),
+            "--gammas",
+            "0.5",
+            "--method",
+            "slerp",
+            "--reward-model",
+            str(workdir / "reward_model"),
+            "--out",
+            str(tmp_path / "slerp"),
+            "--show",
+            "1",
+            *few,
+        ]
+    )
     slerp = json.loads((tmp_path / "slerp" / "sweep.json").read_text())
     assert slerp["method"] == "slerp" and [r["gamma"] for r in slerp["rows"]] == [0.0, 0.5, 1.0]
     assert [r["metrics"] for r in slerp["rows"][::2]] == [rows[0]["metrics"], rows[-1]["metrics"]]
     assert all(np.isfinite(list(slerp["rows"][1]["metrics"].values())))
     # The sweep's gamma-1 row is the workdir's actor: c2f-evaluate on the workdir gives the same numbers.
-    _tool("evaluate").main(["--model", str(workdir), "--reward-model", str(workdir / "reward_model"),
-                            "--json", str(tmp_path / "eval.json"), *few])
+    _tool("evaluate").main(
+        [
+            "--model",
+            str(workdir),
+            "--reward-model",
+            str(workdir / "reward_model"),
+            "--json",
+            str(tmp_path / "eval.json"),
+            *few,
+        ]
+    )
     direct = json.loads((tmp_path / "eval.json").read_text())[str(workdir)]
     assert direct == pytest.approx(rows[-1]["metrics"], rel=1e-5, abs=1e-6)

@@ -30,8 +30,11 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reward-model", help="HF folder or reward-run workdir of a reward model (scores responses)")
     p.add_argument("--prompts", help=".txt or .jsonl prompts (default: the bundled sample's held-out prompts)")
     p.add_argument("--limit", type=int, default=32, help="at most this many default prompts/pairs (default 32)")
-    p.add_argument("--preferences", default="bundled",
-                   help="preference file whose held-out chosen answers give perplexity ('none' to skip)")
+    p.add_argument(
+        "--preferences",
+        default="bundled",
+        help="preference file whose held-out chosen answers give perplexity ('none' to skip)",
+    )
     p.add_argument("--max-new-tokens", type=int, default=64, help="response length bucket (default 64)")
     cli.add_sampling_args(p, temperature=0.0)
     p.add_argument("--batch-size", type=int, default=8)
@@ -41,28 +44,42 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
 
 def settings_from(args) -> evaluate.EvalSettings:
     if min(args.batch_size, args.max_new_tokens, args.limit) < 1:
-        raise cli.UsageError(f"--batch-size={args.batch_size}, --max-new-tokens={args.max_new_tokens} and "
-                             f"--limit={args.limit} must be >= 1")
+        raise cli.UsageError(
+            f"--batch-size={args.batch_size}, --max-new-tokens={args.max_new_tokens} and "
+            f"--limit={args.limit} must be >= 1"
+        )
     float_dtype(args.dtype, "--dtype")
     system = tokenizer.system_prompt(args.system_prompt)
-    return evaluate.EvalSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                                 top_p=args.top_p, suppress_eos=args.suppress_eos, system_prompt=system,
-                                 batch_size=args.batch_size, seed=args.seed)
+    return evaluate.EvalSettings(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        suppress_eos=args.suppress_eos,
+        system_prompt=system,
+        batch_size=args.batch_size,
+        seed=args.seed,
+    )
 
 
 def input_paths(args) -> list[tuple[str, str]]:
     """Every path the evaluation (or sweep) reads, with its flag: no output may be, be inside or contain one."""
     flags = [("--model", m) for m in getattr(args, "model", None) or ()]
-    flags += [(f"--{k.replace('_', '-')}", getattr(args, k, None))
-              for k in ("coarse", "sft", "reward_model", "prompts", "preferences")]
+    flags += [
+        (f"--{k.replace('_', '-')}", getattr(args, k, None))
+        for k in ("coarse", "sft", "reward_model", "prompts", "preferences")
+    ]
     return [(flag, path) for flag, path in flags if path]
 
 
 def inputs_from(args):
     """(prompts, preference pairs, reward model or None), checked before any model runs."""
     # Distinct prompts only: a repeated prompt would count its (greedy, identical) response twice.
-    prompts = (evaluate.read_prompts(args.prompts) if args.prompts
-               else list(dict.fromkeys(p.prompt for p in evaluate.held_out_pairs("bundled")))[:args.limit])
+    prompts = (
+        evaluate.read_prompts(args.prompts)
+        if args.prompts
+        else list(dict.fromkeys(p.prompt for p in evaluate.held_out_pairs("bundled")))[: args.limit]
+    )
     pairs = [] if args.preferences == "none" else evaluate.held_out_pairs(args.preferences, args.limit)
     rm = evaluate.load_model(args.reward_model, args.dtype) if args.reward_model else None
     return prompts, pairs, rm
@@ -98,8 +115,9 @@ def main(argv=None) -> int:
         loaded = evaluate.load_model(path, args.dtype, args.step if workdir.is_workdir(path) else None)
         results[path] = evaluate.evaluate_model(loaded, prompts, settings, rm, pairs)
         if tasks:
-            lm = lm_eval.C2FJaxLM.from_params(loaded.config, loaded.params, loaded.tokenizer, path,
-                                              batch_size=args.batch_size)
+            lm = lm_eval.C2FJaxLM.from_params(
+                loaded.config, loaded.params, loaded.tokenizer, path, batch_size=args.batch_size
+            )
             scores, _ = lm_eval.run_tasks(lm, tasks, limit=args.task_limit)
             results[path]["metrics"].update({name: value for name, (_, value) in scores.items()})
         print(f"evaluated {path}", file=sys.stderr)

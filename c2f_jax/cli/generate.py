@@ -46,8 +46,9 @@ def parse_args(argv=None):
 def load_model(args) -> evaluate.Loaded:
     if args.tiny:
         config = model.TINY.replace(compute_dtype=args.dtype)
-        return evaluate.Loaded(config, model.init_params(config, jax.random.key(args.seed)),
-                               tokenizer.load_tokenizer(None), "tiny")
+        return evaluate.Loaded(
+            config, model.init_params(config, jax.random.key(args.seed)), tokenizer.load_tokenizer(None), "tiny"
+        )
     loaded = evaluate.load_model(args.model, args.dtype)
     if not loaded.config.has_lm_head:
         raise cli.UsageError(f"{args.model}: is a {loaded.config.architecture}; generation needs MistralForCausalLM")
@@ -62,16 +63,37 @@ def main(argv=None) -> int:
     buckets = cli.positive_ints(args.prompt_buckets, "--prompt-buckets")
     rollout.SamplingConfig(args.temperature, args.top_k, args.top_p)  # its range checks, before the model loads
     if args.out:
-        workdir.check_output(args.out, {"--model": args.model, "--prompts-file": args.prompts_file},
-                             overwrite=args.overwrite, folder=False)
+        workdir.check_output(
+            args.out,
+            {"--model": args.model, "--prompts-file": args.prompts_file},
+            overwrite=args.overwrite,
+            folder=False,
+        )
     system = tokenizer.system_prompt(args.system_prompt)
     prompts = [args.prompt] if args.prompt is not None else evaluate.read_prompts(args.prompts_file)
     gens = evaluate.sample_responses(
-        load_model(args), prompts, max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, suppress_eos=args.suppress_eos,
-        system_prompt=system, batch_size=args.batch_size, buckets=buckets, truncate=args.truncate, seed=args.seed)
-    records = [{"prompt": g["prompt"], "response": g["response"], "num_tokens": len(g["tokens"]) + g["ended_with_eos"],
-                "ended_with_eos": g["ended_with_eos"]} for g in gens]
+        load_model(args),
+        prompts,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        suppress_eos=args.suppress_eos,
+        system_prompt=system,
+        batch_size=args.batch_size,
+        buckets=buckets,
+        truncate=args.truncate,
+        seed=args.seed,
+    )
+    records = [
+        {
+            "prompt": g["prompt"],
+            "response": g["response"],
+            "num_tokens": len(g["tokens"]) + g["ended_with_eos"],
+            "ended_with_eos": g["ended_with_eos"],
+        }
+        for g in gens
+    ]
     if args.out:
         workdir.write_text(args.out, "".join(json.dumps(r) + "\n" for r in records), overwrite=args.overwrite)
     else:

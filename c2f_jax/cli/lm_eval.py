@@ -39,14 +39,20 @@ def check_run(args) -> None:
         lm_eval.check_model_args(model_args)
     names = args.tasks if isinstance(args.tasks, list) else str(args.tasks or "").split(",")
     # A task may also be given as a YAML file or folder, which lm-eval reads itself.
-    tasks = [(n.strip(), None) for item in names for n in str(item).split(",")
-             if n.strip() and not Path(n.strip()).exists()]
+    tasks = [
+        (n.strip(), None) for item in names for n in str(item).split(",") if n.strip() and not Path(n.strip()).exists()
+    ]
     if tasks:
         lm_eval.check_tasks(tasks, getattr(args, "include_path", None))
     if args.output_path:
         inputs = [(f"model_args {k}", model_args.get(k)) for k in ("pretrained", "coarse", "sft")]
-        workdir.check_output(args.output_path, inputs, "--output_path", overwrite=True,
-                             folder=not str(args.output_path).endswith(".json"))
+        workdir.check_output(
+            args.output_path,
+            inputs,
+            "--output_path",
+            overwrite=True,
+            folder=not str(args.output_path).endswith(".json"),
+        )
 
 
 def main(argv=None) -> int:
@@ -58,7 +64,8 @@ def main(argv=None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("--tasks", "-t") or a.startswith("--tasks=") for a in argv) and not any(
-            a.startswith("--include_path") for a in argv):
+        a.startswith("--include_path") for a in argv
+    ):
         argv += ["--include_path", str(TASKS_DIR)]
     setup_logging()
     harness = HarnessCLI()

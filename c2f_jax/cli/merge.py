@@ -29,17 +29,25 @@ def parse_args(argv=None):
     p.add_argument("--config", help="a mergekit YAML recipe (instead of --coarse/--sft/--gamma)")
     p.add_argument("--seed", type=int, default=0, help="with --config: the seed of DARE's drops (default 0)")
     p.add_argument("--coarse", help="the Coarse Actor: HF folder or coarse training workdir")
-    p.add_argument("--coarse-step", type=int, default=None, help="checkpoint step of a workdir --coarse (default latest)")
-    p.add_argument("--sft",
-                   help="the SFT / Instruct model (HF folder); config and tokenizer come from it")
+    p.add_argument(
+        "--coarse-step", type=int, default=None, help="checkpoint step of a workdir --coarse (default latest)"
+    )
+    p.add_argument("--sft", help="the SFT / Instruct model (HF folder); config and tokenizer come from it")
     p.add_argument("--gamma", help="weight of the coarse model in [0, 1], or a comma-separated sweep")
     p.add_argument("--out", required=True, help="output folder (for a sweep: holds one gamma_<g> folder per gamma)")
-    p.add_argument("--dtype", choices=sorted(merge.DTYPES), default=None,
-                   help="output dtype (default: each tensor as stored in the SFT model)")
+    p.add_argument(
+        "--dtype",
+        choices=sorted(merge.DTYPES),
+        default=None,
+        help="output dtype (default: each tensor as stored in the SFT model)",
+    )
     p.add_argument("--max-shard-size", default="5GB", help="largest output shard, e.g. 5GB or 500MiB (default 5GB)")
     cli.add_overwrite_arg(p)
-    p.add_argument("--allow-tokenizer-mismatch", action="store_true",
-                   help="merge even when the tokenizers differ (a warning; the output takes the SFT's tokenizer)")
+    p.add_argument(
+        "--allow-tokenizer-mismatch",
+        action="store_true",
+        help="merge even when the tokenizers differ (a warning; the output takes the SFT's tokenizer)",
+    )
     args = p.parse_args(argv)
     if args.config is None and None in (args.coarse, args.sft, args.gamma):
         p.error("--coarse, --sft and --gamma are required (or a recipe: --config merge.yml)")
@@ -57,8 +65,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
     if args.config is not None:
-        made = recipe.write_recipe(recipe.read_recipe(args.config), args.out, args.seed, args.max_shard_size,
-                                   args.overwrite)
+        made = recipe.write_recipe(
+            recipe.read_recipe(args.config), args.out, args.seed, args.max_shard_size, args.overwrite
+        )
         print(f"{made['method'].split()[0]}: {made['tensors']} tensors -> {args.out}")
         print(f"done in {time.perf_counter() - start:.1f} s")
         return 0

@@ -34,8 +34,10 @@ TPU_HBM = {"TPU v5": 95 * GB, "TPU v5 lite": 16 * GB, "TPU v6 lite": 32 * GB}
 
 
 def parse(argv):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                epilog="--config FILE and --config.KEY=VALUE name the coarse job as c2f-train's do.")
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        epilog="--config FILE and --config.KEY=VALUE name the coarse job as c2f-train's do.",
+    )
     p.add_argument("--devices", type=int, default=16, help="fake CPU devices to compile for (default 16)")
     p.add_argument("--topology", help="a TPU topology name (v5p:2x2x4, v5e:4x4, ...): compile for its chips instead")
     p.add_argument("--json", action="store_true")
@@ -80,8 +82,9 @@ def main(argv=None) -> int:
     args, rest = parse(sys.argv[1:] if argv is None else argv)
     # Fake devices must be requested before JAX starts.
     if not args.topology:
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                                   f" --xla_force_host_platform_device_count={args.devices}").strip()
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={args.devices}"
+        ).strip()
     os.environ["JAX_PLATFORMS"] = "cpu"  # TPU topologies compile through libtpu without a TPU backend
     os.environ.setdefault("C2F_SHARDING_HINTS", "1")  # plan the programs the GPUs run (hints on)
     import jax
@@ -116,9 +119,20 @@ def main(argv=None) -> int:
     critic_state = jax.eval_shape(lambda s: optim.create_state(s, pc.critic), model.param_shapes(roles.critic))
     reference, rm_params = model.param_shapes(roles.reference), model.param_shapes(roles.reward)
     progs = programs.coarse_programs(
-        mesh, actor_config=actor_config, ref_config=roles.reference, critic_config=roles.critic,
-        rm_config=roles.reward, pc=pc, sampling=job.sampling, eos_token_ids=(2,), pad_id=0,
-        actor_state=actor_state, critic_state=critic_state, reference=reference, rm_params=rm_params)
+        mesh,
+        actor_config=actor_config,
+        ref_config=roles.reference,
+        critic_config=roles.critic,
+        rm_config=roles.reward,
+        pc=pc,
+        sampling=job.sampling,
+        eos_token_ids=(2,),
+        pad_id=0,
+        actor_state=actor_state,
+        critic_state=critic_state,
+        reference=reference,
+        rm_params=rm_params,
+    )
 
     B, P, R = job.batch_size, max(job.prompt_buckets), max(job.cm.buckets)
     i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)
@@ -129,21 +143,26 @@ def main(argv=None) -> int:
     plan = {
         f"rollout_{P}+{R}": (progs.generate(R), (r_params, i32(B, P), i32(B, P), key)),
         "reward_score": (progs.score, (rm_params, i32(B, P + R), i32(B, P + R))),
-        "ppo_iteration": (progs.iteration, (actor_state, critic_state, reference, i32(B, P + R), i32(B, P + R),
-                                            i32(B, R), f32(B), key, f32())),
+        "ppo_iteration": (
+            progs.iteration,
+            (actor_state, critic_state, reference, i32(B, P + R), i32(B, P + R), i32(B, R), f32(B), key, f32()),
+        ),
     }
     n_params = sum(x.size for x in jax.tree.leaves(shapes))
-    print(f"{n_params / 1e9:.2f}B params on {mesh.size} {kind} devices, mesh data={config.mesh.data} "
-          f"fsdp={config.mesh.fsdp} tensor={config.mesh.tensor}, batch {B}, prompt {P}, response {R}, "
-          f"compute {mc.compute_dtype}, remat {mc.remat}\n")
+    print(
+        f"{n_params / 1e9:.2f}B params on {mesh.size} {kind} devices, mesh data={config.mesh.data} "
+        f"fsdp={config.mesh.fsdp} tensor={config.mesh.tensor}, batch {B}, prompt {P}, response {R}, "
+        f"compute {mc.compute_dtype}, remat {mc.remat}\n"
+    )
     print("| program | arguments GB | outputs GB | temporaries GB | total GB | compile s |")
     print("|---|---|---|---|---|---|")
     result = {}
 
     def row(name: str, arg: int, out: int, tmp: int, total: int, took: float) -> None:
         result[name] = {"argument_bytes": arg, "output_bytes": out, "temp_bytes": tmp, "total_bytes": total}
-        print(f"| {name} | {arg / GB:.2f} | {out / GB:.2f} | {tmp / GB:.2f} | {total / GB:.2f} | {took:.0f} |",
-              flush=True)
+        print(
+            f"| {name} | {arg / GB:.2f} | {out / GB:.2f} | {tmp / GB:.2f} | {total / GB:.2f} | {took:.0f} |", flush=True
+        )
 
     # The reshard is one program for the weights outside the layers and one for a layer, called once per layer:
     # its arguments are the train params, its outputs the whole copy, its temporaries the largest call's.
@@ -158,27 +177,44 @@ def main(argv=None) -> int:
     for name, (fn, fargs) in plan.items():
         start = time.perf_counter()
         mem = fn.lower(*fargs).compile().memory_analysis()
-        total = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
-                 - mem.alias_size_in_bytes)  # donated outputs reuse their inputs
-        row(name, mem.argument_size_in_bytes, mem.output_size_in_bytes, mem.temp_size_in_bytes, total,
-            time.perf_counter() - start)
+        total = (
+            mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
+        )  # donated outputs reuse their inputs
+        row(
+            name,
+            mem.argument_size_in_bytes,
+            mem.output_size_in_bytes,
+            mem.temp_size_in_bytes,
+            total,
+            time.perf_counter() - start,
+        )
+
     def per_device(tree, layout_tree):
         shardings = sharding.like_params(mesh, tree, layout_tree)
-        return sum(int(np.prod(sh.shard_shape(x.shape))) * x.dtype.itemsize
-                   for x, sh in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)))
+        return sum(
+            int(np.prod(sh.shard_shape(x.shape))) * x.dtype.itemsize
+            for x, sh in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings))
+        )
 
     ref, rm = per_device(reference, reference), per_device(rm_params, rm_params)
     trained = per_device(actor_state, actor_state.params) + per_device(critic_state, critic_state.params)
     # Beside each program stays whatever of the job's state is not its argument (the rollout copy lives
     # from the reshard to the end of the rollout).
-    beside = {"reshard_to_rollout": trained + ref + rm - result["reshard_to_rollout"]["argument_bytes"],
-              f"rollout_{P}+{R}": trained + ref + rm, "reward_score": trained + ref, "ppo_iteration": rm}
+    beside = {
+        "reshard_to_rollout": trained + ref + rm - result["reshard_to_rollout"]["argument_bytes"],
+        f"rollout_{P}+{R}": trained + ref + rm,
+        "reward_score": trained + ref,
+        "ppo_iteration": rm,
+    }
     peak = max(result[name]["total_bytes"] + beside[name] for name in result)
-    print(f"\nresident per device: train states {trained / GB:.2f} GB, "
-          f"reference + reward model {(ref + rm) / GB:.2f} GB")
+    print(
+        f"\nresident per device: train states {trained / GB:.2f} GB, reference + reward model {(ref + rm) / GB:.2f} GB"
+    )
     fits = "".join(f"; fits {what}: {'yes' if peak < size else 'no'}" for what, size in capacity)
-    print(f"\npeak per device (estimate, largest program plus what stays resident): {peak / GB:.1f} GB"
-          f"{fits or f'; HBM of a {kind} not known here'}")
+    print(
+        f"\npeak per device (estimate, largest program plus what stays resident): {peak / GB:.1f} GB"
+        f"{fits or f'; HBM of a {kind} not known here'}"
+    )
     print_time_estimate(config, roles, pc, B, P, R, mesh.size)
     if args.json:
         print(json.dumps(result))
@@ -190,25 +226,41 @@ def print_time_estimate(config, roles, pc, B: int, P: int, R: int, chips: int) -
     for the config's steps, and per 1024 prompts beside OpenRLHF's published figure."""
     from c2f_jax.rl import cost
 
-    costs = cost.iteration_cost(roles.actor, roles.critic, roles.reference, roles.reward, B, P, R, pc.epochs,
-                                pc.minibatches, chips)
+    costs = cost.iteration_cost(
+        roles.actor, roles.critic, roles.reference, roles.reward, B, P, R, pc.epochs, pc.minibatches, chips
+    )
     names = list(cost.HARDWARE)
     times = {hw: cost.seconds(costs, hw, chips) for hw in names}
-    print(f"\ntime estimate on {chips} chips (rollout at {cost.ROLLOUT_BANDWIDTH_EFFICIENCY:.0%} of the bandwidth "
-          f"bound, the rest at {cost.UPDATE_MFU:.1%} MFU; response at its longest bucket, {R}: an upper bound)\n")
+    print(
+        f"\ntime estimate on {chips} chips (rollout at {cost.ROLLOUT_BANDWIDTH_EFFICIENCY:.0%} of the bandwidth "
+        f"bound, the rest at {cost.UPDATE_MFU:.1%} MFU; response at its longest bucket, {R}: an upper bound)\n"
+    )
     print("| program | TFLOP (all chips) | GB moved per chip | " + " | ".join(f"{hw} s" for hw in names) + " |")
     print("|---|---|---|" + "---|" * len(names))
     for name, c in costs.items():
-        print(f"| {name} | {c.flops / 1e12:,.0f} | {c.bytes / GB:,.0f} | "
-              + " | ".join(f"{times[hw][name]:.1f}" for hw in names) + " |")
+        print(
+            f"| {name} | {c.flops / 1e12:,.0f} | {c.bytes / GB:,.0f} | "
+            + " | ".join(f"{times[hw][name]:.1f}" for hw in names)
+            + " |"
+        )
     total = {hw: sum(times[hw].values()) for hw in names}
-    print("| iteration | " + f"{sum(c.flops for c in costs.values()) / 1e12:,.0f} | | "
-          + " | ".join(f"{total[hw]:.1f}" for hw in names) + " |")
-    print(f"\n{config.steps} steps: " + "; ".join(
-        f"{hw} {total[hw] * config.steps / 3600:.1f} h ({total[hw] * config.steps * chips / 3600:,.0f} chip-hours)"
-        for hw in names))
-    print(f"per 1024 prompts on {chips} A100-80GB: {total['A100-80GB'] * 1024 / B:.0f} s "
-          "(OpenRLHF publishes 471 s for 7B PPO on 16 A800s)")
+    print(
+        "| iteration | "
+        + f"{sum(c.flops for c in costs.values()) / 1e12:,.0f} | | "
+        + " | ".join(f"{total[hw]:.1f}" for hw in names)
+        + " |"
+    )
+    print(
+        f"\n{config.steps} steps: "
+        + "; ".join(
+            f"{hw} {total[hw] * config.steps / 3600:.1f} h ({total[hw] * config.steps * chips / 3600:,.0f} chip-hours)"
+            for hw in names
+        )
+    )
+    print(
+        f"per 1024 prompts on {chips} A100-80GB: {total['A100-80GB'] * 1024 / B:.0f} s "
+        "(OpenRLHF publishes 471 s for 7B PPO on 16 A800s)"
+    )
 
 
 def command() -> None:

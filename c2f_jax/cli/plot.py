@@ -15,8 +15,9 @@ from c2f_jax.runtime import cli, metrics, workdir
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("workdir")
-    p.add_argument("--out", default=None,
-                   help=f"PNG path (default WORKDIR/{workdir.RUN_PLOT}, which each plot replaces)")
+    p.add_argument(
+        "--out", default=None, help=f"PNG path (default WORKDIR/{workdir.RUN_PLOT}, which each plot replaces)"
+    )
     cli.add_overwrite_arg(p)
     args = p.parse_args(argv)
     if not workdir.is_workdir(args.workdir):
@@ -25,8 +26,9 @@ def main(argv=None) -> int:
     out = own if args.out is None else Path(args.out)
     # The workdir's own plot is renewed by every call; any other path follows the output rule.
     renew = out.absolute() == own.absolute()
-    workdir.check_output(out, {} if renew else {"WORKDIR": args.workdir}, overwrite=renew or args.overwrite,
-                         folder=False)
+    workdir.check_output(
+        out, {} if renew else {"WORKDIR": args.workdir}, overwrite=renew or args.overwrite, folder=False
+    )
     rows = metrics.read_metrics(args.workdir)
     if not rows:
         raise cli.UsageError(f"{args.workdir}: no {workdir.METRICS} with any step")
@@ -37,13 +39,17 @@ def main(argv=None) -> int:
 
     coarse = "reward/mean" in rows[0]
     # Each panel: (title, [(key, label, right axis?)]); keys a run lacks (older runs) are left out.
-    panels = ([("reward (mean)", [("reward/mean", "reward", False)]),
-               ("KL to reference, nats/token", [("kl", "KL", False), ("kl_coef", "KL coefficient", True)]),
-               ("policy change per iteration", [("approx_kl", "approx_kl", False), ("clipfrac", "clipfrac", True)]),
-               ("entropy, nats/token", [("entropy", "entropy", False)]),
-               ("length limit", [("cm/length_limit", "length limit", False)])]
-              if coarse else [("train loss", [("loss", "loss", False)]),
-                              ("held-out accuracy", [("eval/accuracy", "accuracy", False)])])
+    panels = (
+        [
+            ("reward (mean)", [("reward/mean", "reward", False)]),
+            ("KL to reference, nats/token", [("kl", "KL", False), ("kl_coef", "KL coefficient", True)]),
+            ("policy change per iteration", [("approx_kl", "approx_kl", False), ("clipfrac", "clipfrac", True)]),
+            ("entropy, nats/token", [("entropy", "entropy", False)]),
+            ("length limit", [("cm/length_limit", "length limit", False)]),
+        ]
+        if coarse
+        else [("train loss", [("loss", "loss", False)]), ("held-out accuracy", [("eval/accuracy", "accuracy", False)])]
+    )
     fig, axes = plt.subplots(len(panels), 1, figsize=(7, 2.2 * len(panels)), sharex=True)
     for ax, (title, series) in zip(axes, panels):
         for i, (key, label, right) in enumerate(series):
@@ -51,8 +57,13 @@ def main(argv=None) -> int:
             if not pts:
                 continue
             target = ax.twinx() if right else ax
-            target.plot([s for s, _ in pts], [v for _, v in pts], color=f"C{i}", label=label,
-                        drawstyle="steps-post" if "limit" in key else "default")
+            target.plot(
+                [s for s, _ in pts],
+                [v for _, v in pts],
+                color=f"C{i}",
+                label=label,
+                drawstyle="steps-post" if "limit" in key else "default",
+            )
             if right:
                 target.set_ylabel(label, color=f"C{i}")
         ax.set_ylabel(title if len(series) == 1 else series[0][1])

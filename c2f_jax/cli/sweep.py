@@ -46,8 +46,12 @@ def parse_args(argv=None):
     p.add_argument("--coarse-step", type=int, default=None, help="checkpoint step of a workdir --coarse")
     p.add_argument("--sft", required=True, help="the SFT / Instruct model (HF folder)")
     p.add_argument("--gammas", default="0.1,0.3,0.5,0.7,0.9", help="comma-separated weights of the coarse model")
-    p.add_argument("--method", choices=("linear", "slerp"), default="linear",
-                   help="linear (the paper's) or slerp, whose t runs from the SFT model (0) to the coarse (1)")
+    p.add_argument(
+        "--method",
+        choices=("linear", "slerp"),
+        default="linear",
+        help="linear (the paper's) or slerp, whose t runs from the SFT model (0) to the coarse (1)",
+    )
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--show", type=int, default=3, help="prompts whose responses go into generations.md")
     p.add_argument("--keep-models", action="store_true", help="keep the merged folders under OUT/models")
@@ -72,8 +76,15 @@ def table3(tmp: Path, args, gammas: list[float]) -> None:
     rows = []
     for g in gammas:
         params = merge.merge_params(coarse.params, sft.params, g, method=args.method)
-        lm = c2f_lm_eval.C2FJaxLM.from_params(sft.config, params, sft.tokenizer, f"gamma {g:g}", mesh=args.mesh,
-                                              batch_size=args.batch_size, max_length=args.max_length)
+        lm = c2f_lm_eval.C2FJaxLM.from_params(
+            sft.config,
+            params,
+            sft.tokenizer,
+            f"gamma {g:g}",
+            mesh=args.mesh,
+            batch_size=args.batch_size,
+            max_length=args.max_length,
+        )
         scores, outputs = c2f_lm_eval.run_tasks(lm, tasks, limit=args.task_limit, include_path=args.include_path)
         (tmp / "lm_eval" / f"gamma_{g:g}.json").write_text(json.dumps(outputs, indent=1, default=str) + "\n")
         # The mean, as the paper's, over the accuracies; a perplexity column stands beside it, not in it.
@@ -86,16 +97,29 @@ def table3(tmp: Path, args, gammas: list[float]) -> None:
         print(f"gamma {label(g)}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()), file=sys.stderr)
     names = [t for t, _ in tasks] + (["mean"] if "mean" in rows[0]["metrics"] else [])
     shots, metric_of["mean"] = dict(tasks), "mean accuracy"
-    head = "| gamma | " + " | ".join(n + (f" {shots[n]}-shot" if shots.get(n) is not None else "")
-                                     + f" ({metric_of[n]})" for n in names) + " |"
+    head = (
+        "| gamma | "
+        + " | ".join(
+            n + (f" {shots[n]}-shot" if shots.get(n) is not None else "") + f" ({metric_of[n]})" for n in names
+        )
+        + " |"
+    )
     lines = [head, "|" + "---|" * (len(names) + 1)]
-    lines += ["| " + label(r["gamma"]) + " | " + " | ".join(f"{r['metrics'][n]:.4f}" for n in names) + " |"
-              for r in rows]
+    lines += [
+        "| " + label(r["gamma"]) + " | " + " | ".join(f"{r['metrics'][n]:.4f}" for n in names) + " |" for r in rows
+    ]
     table = "\n".join(lines)
-    (tmp / "table3.md").write_text(f"# Gamma sweep on lm-eval tasks\n\ncoarse: `{args.coarse}`, SFT: `{args.sft}`"
-                                   f", limit: {args.task_limit}\n\n{table}\n")
-    (tmp / "table3.json").write_text(json.dumps({"coarse": str(args.coarse), "sft": str(args.sft), "tasks": tasks,
-                                                 "limit": args.task_limit, "rows": rows}, indent=1) + "\n")
+    (tmp / "table3.md").write_text(
+        f"# Gamma sweep on lm-eval tasks\n\ncoarse: `{args.coarse}`, SFT: `{args.sft}`"
+        f", limit: {args.task_limit}\n\n{table}\n"
+    )
+    (tmp / "table3.json").write_text(
+        json.dumps(
+            {"coarse": str(args.coarse), "sft": str(args.sft), "tasks": tasks, "limit": args.task_limit, "rows": rows},
+            indent=1,
+        )
+        + "\n"
+    )
     plot(rows, tmp / "table3.png", names, args.method)
     print(table)
 
@@ -122,11 +146,13 @@ def plot(rows: list[dict], path: Path, keys: list[str] | None = None, method: st
         ax.set_title(titles[key], fontsize=10)
         ax.set_xticks(gammas)
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(keys):]:
+    for ax in list(axes.flat)[len(keys) :]:
         ax.axis("off")
     for ax in axes[-1]:
         ax.set_xlabel("gamma (weight of the Coarse Actor)" if method == "linear" else "t (0: SFT, 1: Coarse Actor)")
-    fig.suptitle("theta = gamma * coarse + (1 - gamma) * SFT" if method == "linear" else "theta = slerp(t; SFT, coarse)")
+    fig.suptitle(
+        "theta = gamma * coarse + (1 - gamma) * SFT" if method == "linear" else "theta = slerp(t; SFT, coarse)"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -158,8 +184,10 @@ def main(argv=None) -> int:
         print(f"wrote {out}/table3.md, table3.json, table3.png, lm_eval/")
         return 0
     if not args.reward_model:
-        raise cli.UsageError("--reward-model is required: the sweep's first column is the reward score "
-                             "(or give --tasks for the lm-eval table)")
+        raise cli.UsageError(
+            "--reward-model is required: the sweep's first column is the reward score "
+            "(or give --tasks for the lm-eval table)"
+        )
     workdir.check_output(out, input_paths(args), overwrite=args.overwrite)
     settings = settings_from(args)
     sft = merge.resolve_input(args.sft)
@@ -184,19 +212,33 @@ def main(argv=None) -> int:
             folder = sft if g == 0 else coarse if g == 1 else tmp / "models" / merge.gamma_folder(g)
             result = evaluate.evaluate_model(evaluate.load_model(folder, args.dtype), prompts, settings, rm, pairs)
             rows.append({"gamma": g, **result})
-            print(f"gamma {label(g)}: " + ", ".join(f"{k} {v:.3f}" for k, v in result["metrics"].items()),
-                  file=sys.stderr)
+            print(
+                f"gamma {label(g)}: " + ", ".join(f"{k} {v:.3f}" for k, v in result["metrics"].items()), file=sys.stderr
+            )
             if 0 < g < 1 and not args.keep_models:
                 shutil.rmtree(folder)
         if not args.keep_models:
             shutil.rmtree(tmp / "models", ignore_errors=True)
         table = evaluate.markdown_table({label(r["gamma"]): r["metrics"] for r in rows}, first="gamma")
-        (tmp / "sweep.md").write_text(f"# Gamma sweep\n\ncoarse: `{args.coarse}`, SFT: `{args.sft}`, reward model: "
-                                      f"`{args.reward_model}`, {len(prompts)} prompts\n\n{table}\n")
-        (tmp / "sweep.json").write_text(json.dumps({
-            "coarse": str(args.coarse), "sft": str(args.sft), "method": args.method, "reward_model": str(args.reward_model),
-            "settings": dataclasses.asdict(settings), "num_prompts": len(prompts),
-            "rows": [{"gamma": r["gamma"], "metrics": r["metrics"]} for r in rows]}, indent=1) + "\n")
+        (tmp / "sweep.md").write_text(
+            f"# Gamma sweep\n\ncoarse: `{args.coarse}`, SFT: `{args.sft}`, reward model: "
+            f"`{args.reward_model}`, {len(prompts)} prompts\n\n{table}\n"
+        )
+        (tmp / "sweep.json").write_text(
+            json.dumps(
+                {
+                    "coarse": str(args.coarse),
+                    "sft": str(args.sft),
+                    "method": args.method,
+                    "reward_model": str(args.reward_model),
+                    "settings": dataclasses.asdict(settings),
+                    "num_prompts": len(prompts),
+                    "rows": [{"gamma": r["gamma"], "metrics": r["metrics"]} for r in rows],
+                },
+                indent=1,
+            )
+            + "\n"
+        )
         (tmp / "generations.md").write_text(generations_page(rows, args.show))
         plot(rows, tmp / "sweep.png", method=args.method)
         print(table)

@@ -97,7 +97,7 @@ def held_out_pairs(source: str = "bundled", limit: int | None = None) -> list[da
 
 
 def ngrams(tokens: Sequence, n: int) -> list[tuple]:
-    return [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+    return [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
 
 
 def repetition(tokens: Sequence, n: int = 4) -> float:
@@ -131,14 +131,25 @@ def text_metrics(responses: Sequence[Sequence[int]], ended: Sequence[bool]) -> d
 def _batches(items: Sequence, batch_size: int):
     """Fixed-size chunks; the last is filled with copies of its last item so every batch has one shape."""
     for start in range(0, len(items), batch_size):
-        chunk = list(items[start:start + batch_size])
+        chunk = list(items[start : start + batch_size])
         yield chunk, chunk + [chunk[-1]] * (batch_size - len(chunk))
 
 
-def sample_responses(m: Loaded, prompts: Sequence[str], *, max_new_tokens: int, temperature: float = 0.0,
-                     top_k: int = 0, top_p: float = 1.0, suppress_eos: bool = False, system_prompt: str | None = None,
-                     batch_size: int = 8, buckets: Sequence[int] = PROMPT_BUCKETS, truncate: bool = True,
-                     seed: int = 0) -> list[dict]:
+def sample_responses(
+    m: Loaded,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    suppress_eos: bool = False,
+    system_prompt: str | None = None,
+    batch_size: int = 8,
+    buckets: Sequence[int] = PROMPT_BUCKETS,
+    truncate: bool = True,
+    seed: int = 0,
+) -> list[dict]:
     """Responses to HH-formatted prompts, batched and bucketed: one compilation per prompt bucket.
 
     Returns per prompt {"prompt", "response" (text), "tokens" (ids without EOS), "ended_with_eos"}.
@@ -152,33 +163,59 @@ def sample_responses(m: Loaded, prompts: Sequence[str], *, max_new_tokens: int, 
     for chunk, padded in _batches(list(zip(prompts, token_lists)), batch_size):
         ids, mask = data.left_pad([t for _, t in padded], buckets, tok.pad_token_id, truncate=truncate)
         rng, key = jax.random.split(rng)
-        gen = rollout.generate(config, params, ids, mask, key, max_new_tokens=max_new_tokens,
-                               temperature=temperature, top_k=top_k, top_p=top_p, suppress_token_ids=suppress,
-                               eos_token_ids=(tok.eos_token_id,), pad_id=tok.pad_token_id)
+        gen = rollout.generate(
+            config,
+            params,
+            ids,
+            mask,
+            key,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            suppress_token_ids=suppress,
+            eos_token_ids=(tok.eos_token_id,),
+            pad_id=tok.pad_token_id,
+        )
         tokens, gen_mask = np.asarray(gen.tokens), np.asarray(gen.mask)
         for row, (prompt, _) in enumerate(chunk):
             kept = tokens[row][gen_mask[row] > 0].tolist()
             ended = bool(kept) and kept[-1] == tok.eos_token_id
             kept = kept[:-1] if ended else kept
-            out.append({"prompt": prompt, "response": tok.decode(kept, skip_special_tokens=True), "tokens": kept,
-                        "ended_with_eos": ended})
+            out.append(
+                {
+                    "prompt": prompt,
+                    "response": tok.decode(kept, skip_special_tokens=True),
+                    "tokens": kept,
+                    "ended_with_eos": ended,
+                }
+            )
     return out
 
 
-def reward_scores(rm: Loaded, prompts: Sequence[str], responses: Sequence[str], *, batch_size: int = 8,
-                  buckets: Sequence[int] = SEQUENCE_BUCKETS) -> np.ndarray:
+def reward_scores(
+    rm: Loaded,
+    prompts: Sequence[str],
+    responses: Sequence[str],
+    *,
+    batch_size: int = 8,
+    buckets: Sequence[int] = SEQUENCE_BUCKETS,
+) -> np.ndarray:
     """Reward-model score of each (prompt, response) text, float64 [N], formatted as the reward model
     was trained (HH dialogue, answer after 'Assistant:'; the start of over-long prompts is cut)."""
     if rm.config.has_lm_head or rm.config.num_labels != 1:
-        raise EvalError(f"{rm.path}: is a {rm.config.architecture}; the reward model must be a "
-                        f"{model.SEQ_CLS} with one label")
+        raise EvalError(
+            f"{rm.path}: is a {rm.config.architecture}; the reward model must be a {model.SEQ_CLS} with one label"
+        )
     tok = rm.tokenizer
-    seqs = [data.tokenize_prompt(tok, tokenizer.format_prompt(p)) + data.tokenize_answer(tok, r)
-            for p, r in zip(prompts, responses)]
+    seqs = [
+        data.tokenize_prompt(tok, tokenizer.format_prompt(p)) + data.tokenize_answer(tok, r)
+        for p, r in zip(prompts, responses)
+    ]
     scores = []
     for chunk, padded in _batches(seqs, batch_size):
         ids, mask = data.left_pad(padded, buckets, tok.pad_token_id, truncate=True)
-        scores.extend(np.asarray(reward.score_sequences(rm.params, ids, mask, config=rm.config))[:len(chunk)].tolist())
+        scores.extend(np.asarray(reward.score_sequences(rm.params, ids, mask, config=rm.config))[: len(chunk)].tolist())
     return np.asarray(scores, np.float64)
 
 
@@ -193,8 +230,12 @@ def score_packed(params, ids, positions, segments, targets, *, config) -> tuple[
     """
     mask = (segments >= 0).astype(jnp.int32)
     hidden = model.apply(config, params, ids, positions, positions, mask, head=False, segments=segments)[0]
-    logits = jnp.einsum("BKD,DV->BKV", hidden[:, -targets.shape[1]:], model.head_weight(config, params),
-                        preferred_element_type=jnp.float32)
+    logits = jnp.einsum(
+        "BKD,DV->BKV",
+        hidden[:, -targets.shape[1] :],
+        model.head_weight(config, params),
+        preferred_element_type=jnp.float32,
+    )
     scored = targets >= 0
     safe = jnp.where(scored, targets, 0)[..., None]
     logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), safe, -1)[..., 0]
@@ -221,8 +262,9 @@ def score_tokens(params, ids, mask, targets, *, config):
 compiled_score_tokens = jax.jit(score_tokens, static_argnames=("config",))
 
 
-def perplexity(m: Loaded, pairs: Sequence[data.Pair], *, batch_size: int = 8,
-               buckets: Sequence[int] = SEQUENCE_BUCKETS) -> float:
+def perplexity(
+    m: Loaded, pairs: Sequence[data.Pair], *, batch_size: int = 8, buckets: Sequence[int] = SEQUENCE_BUCKETS
+) -> float:
     """exp(mean negative log-likelihood per token) of the chosen answers given their prompts."""
     tok = m.tokenizer
     rows = []
@@ -235,16 +277,17 @@ def perplexity(m: Loaded, pairs: Sequence[data.Pair], *, batch_size: int = 8,
         raise EvalError("no preference pair with a non-empty chosen answer")
     total, count = 0.0, 0
     for chunk, padded in _batches(rows, batch_size):
-        ids, mask = data.left_pad([prompt + answer for prompt, answer in padded], buckets, tok.pad_token_id,
-                                  truncate=True)
+        ids, mask = data.left_pad(
+            [prompt + answer for prompt, answer in padded], buckets, tok.pad_token_id, truncate=True
+        )
         # Positions 0 .. T-2 predict tokens 1 .. T-1; the answers are the last tokens (truncation cuts prompts).
         targets = np.full((len(padded), ids.shape[1] - 1), -1, np.int32)
         for row, (_, answer) in enumerate(padded):
             n = min(len(answer), ids.shape[1] - 1)
             targets[row, -n:] = answer[-n:]
         logp, _ = compiled_score_tokens(m.params, ids[:, :-1], mask[:, :-1], targets, config=m.config)
-        total += float(np.sum(np.asarray(logp)[:len(chunk)]))
-        count += int(np.sum(targets[:len(chunk)] >= 0))
+        total += float(np.sum(np.asarray(logp)[: len(chunk)]))
+        count += int(np.sum(targets[: len(chunk)] >= 0))
     return float(np.exp(-total / count))
 
 
@@ -268,29 +311,55 @@ class EvalSettings:
         rollout.SamplingConfig(self.temperature, self.top_k, self.top_p)  # its range checks, before any model loads
 
 
-def evaluate_model(m: Loaded, prompts: Sequence[str], settings: EvalSettings, reward_model: Loaded | None = None,
-                   preference_pairs: Sequence[data.Pair] = ()) -> dict:
+def evaluate_model(
+    m: Loaded,
+    prompts: Sequence[str],
+    settings: EvalSettings,
+    reward_model: Loaded | None = None,
+    preference_pairs: Sequence[data.Pair] = (),
+) -> dict:
     """{"metrics": {name: float}, "generations": [...]} for one policy."""
     if not m.config.has_lm_head:
         raise EvalError(f"{m.path}: is a {m.config.architecture}; a policy must be a {model.CAUSAL_LM}")
     s = settings
-    gens = sample_responses(m, prompts, max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
-                            top_p=s.top_p, suppress_eos=s.suppress_eos, system_prompt=s.system_prompt,
-                            batch_size=s.batch_size, seed=s.seed)
+    gens = sample_responses(
+        m,
+        prompts,
+        max_new_tokens=s.max_new_tokens,
+        temperature=s.temperature,
+        top_k=s.top_k,
+        top_p=s.top_p,
+        suppress_eos=s.suppress_eos,
+        system_prompt=s.system_prompt,
+        batch_size=s.batch_size,
+        seed=s.seed,
+    )
     metrics = {}
     if reward_model is not None:
-        metrics["reward"] = float(np.mean(reward_scores(reward_model, [g["prompt"] for g in gens],
-                                                        [g["response"] for g in gens], batch_size=s.batch_size)))
+        metrics["reward"] = float(
+            np.mean(
+                reward_scores(
+                    reward_model, [g["prompt"] for g in gens], [g["response"] for g in gens], batch_size=s.batch_size
+                )
+            )
+        )
     metrics.update(text_metrics([g["tokens"] for g in gens], [g["ended_with_eos"] for g in gens]))
     if preference_pairs:
         metrics["perplexity"] = perplexity(m, preference_pairs, batch_size=s.batch_size)
-    return {"metrics": metrics, "generations": [{k: g[k] for k in ("prompt", "response", "ended_with_eos")}
-                                                for g in gens]}
+    return {
+        "metrics": metrics,
+        "generations": [{k: g[k] for k in ("prompt", "response", "ended_with_eos")} for g in gens],
+    }
 
 
 METRIC_NAMES = {
-    "reward": "reward", "length": "length (tokens)", "eos_rate": "EOS rate", "repetition": "repetition (4-gram)",
-    "distinct_1": "distinct-1", "distinct_2": "distinct-2", "perplexity": "perplexity (chosen)",
+    "reward": "reward",
+    "length": "length (tokens)",
+    "eos_rate": "EOS rate",
+    "repetition": "repetition (4-gram)",
+    "distinct_1": "distinct-1",
+    "distinct_2": "distinct-2",
+    "perplexity": "perplexity (chosen)",
 }
 
 
@@ -299,8 +368,7 @@ def markdown_table(rows: dict[str, dict], first: str = "model") -> str:
     tasks) in the order they first appear."""
     keys = [k for k in METRIC_NAMES if any(k in m for m in rows.values())]
     keys += [k for k in dict.fromkeys(k for m in rows.values() for k in m) if k not in METRIC_NAMES]
-    lines = [f"| {first} | " + " | ".join(METRIC_NAMES.get(k, k) for k in keys) + " |",
-             "|---|" + "---|" * len(keys)]
+    lines = [f"| {first} | " + " | ".join(METRIC_NAMES.get(k, k) for k in keys) + " |", "|---|" + "---|" * len(keys)]
     for label, m in rows.items():
         cells = [f"{m[k]:.3f}" if k in m else "" for k in keys]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")

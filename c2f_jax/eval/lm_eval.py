@@ -52,12 +52,29 @@ from c2f_jax.runtime import backend
 # The paper's Table 3 (Mistral-C2F, arXiv 2406.08657): its 11 benchmarks as lm-eval tasks, with the shot counts it
 # states (MMLU 5, BBH 3, RACE 1, GSM8K 8); the others are zero-shot. AGIEval and AGIEval-ZH are lm-eval's agieval_en
 # and agieval_cn groups; RACE-H is lm-eval's race, RACE-M our race_m (TASKS_DIR).
-PAPER_TASKS = (("mmlu", 5), ("agieval_en", 0), ("bbh_fewshot", 3), ("agieval_cn", 0), ("arc_easy", 0),
-               ("arc_challenge", 0), ("hellaswag", 0), ("winogrande", 0), ("race_m", 1), ("race", 1), ("gsm8k", 8))
+PAPER_TASKS = (
+    ("mmlu", 5),
+    ("agieval_en", 0),
+    ("bbh_fewshot", 3),
+    ("agieval_cn", 0),
+    ("arc_easy", 0),
+    ("arc_challenge", 0),
+    ("hellaswag", 0),
+    ("winogrande", 0),
+    ("race_m", 1),
+    ("race", 1),
+    ("gsm8k", 8),
+)
 TASKS_DIR = Path(__file__).resolve().parent.parent / "data" / "lm_eval_tasks"
 # A task's headline number: the first of these its results hold.
-MAIN_METRICS = ("acc,none", "exact_match,strict-match", "exact_match,none", "acc_norm,none", "bits_per_byte,none",
-                "word_perplexity,none")
+MAIN_METRICS = (
+    "acc,none",
+    "exact_match,strict-match",
+    "exact_match,none",
+    "acc_norm,none",
+    "bits_per_byte,none",
+    "word_perplexity,none",
+)
 # Generation settings we run; anything else in a task's generation_kwargs is refused, naming the key.
 GENERATION_KEYS = ("do_sample", "temperature", "top_k", "top_p")
 MIN_BUCKET = 32
@@ -92,7 +109,7 @@ def pack_windows(windows, capacity: int) -> list[tuple[tuple, list]]:
     (len(input) <= capacity)."""
     groups: dict = {}
     for inp, cont in sorted(windows, key=lambda w: (-len(w[1]), w)):
-        groups.setdefault(inp[:len(inp) - len(cont)], []).append((inp, cont))
+        groups.setdefault(inp[: len(inp) - len(cont)], []).append((inp, cont))
     rows = []
     for prefix, members in groups.items():
         mine: list = []  # [tokens used, windows]
@@ -119,14 +136,14 @@ def _packed_arrays(rows, T: int, K: int) -> tuple[tuple, list]:
     spans = []
     for r, (prefix, windows) in enumerate(rows):
         col = T - _row_length((prefix, windows))
-        ids[r, col:col + len(prefix)], positions[r, col:col + len(prefix)] = prefix, np.arange(len(prefix))
-        segments[r, col:col + len(prefix)] = 0
+        ids[r, col : col + len(prefix)], positions[r, col : col + len(prefix)] = prefix, np.arange(len(prefix))
+        segments[r, col : col + len(prefix)] = 0
         col += len(prefix)
         for j, (inp, cont) in enumerate(windows, start=1):
             n = len(cont)
-            ids[r, col:col + n], segments[r, col:col + n] = inp[len(inp) - n:], j
-            positions[r, col:col + n] = np.arange(len(prefix), len(prefix) + n)
-            targets[r, col - (T - K):col - (T - K) + n] = cont
+            ids[r, col : col + n], segments[r, col : col + n] = inp[len(inp) - n :], j
+            positions[r, col : col + n] = np.arange(len(prefix), len(prefix) + n)
+            targets[r, col - (T - K) : col - (T - K) + n] = cont
             spans.append((r, col - (T - K), (inp, cont)))
             col += n
     return (ids, positions, segments, targets), spans
@@ -140,8 +157,21 @@ def _mesh_shape(text: str) -> dict:
     return {"data": data, "fsdp": fsdp, "tensor": tensor}
 
 
-MODEL_ARGS = ("pretrained", "step", "coarse", "sft", "gamma", "dtype", "mesh", "max_length", "add_bos_token", "seed",
-              "batch_size", "max_batch_size", "device")
+MODEL_ARGS = (
+    "pretrained",
+    "step",
+    "coarse",
+    "sft",
+    "gamma",
+    "dtype",
+    "mesh",
+    "max_length",
+    "add_bos_token",
+    "seed",
+    "batch_size",
+    "max_batch_size",
+    "device",
+)
 
 
 def _number(args: dict, key: str, kind, low, high=None):
@@ -153,8 +183,12 @@ def _number(args: dict, key: str, kind, low, high=None):
         number = kind(value)
     except (TypeError, ValueError):
         number = None
-    if number is None or (kind is float and not math.isfinite(number)) or number < low or (
-            high is not None and number > high):
+    if (
+        number is None
+        or (kind is float and not math.isfinite(number))
+        or number < low
+        or (high is not None and number > high)
+    ):
         bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
         raise LMEvalError(f"model_args: {key}={value!r} must be {'an integer' if kind is int else 'a number'} {bound}")
     return number
@@ -193,8 +227,9 @@ def check_model_args(args: dict) -> None:
         _model_folder("pretrained", args["pretrained"], step)
     elif len(sources) < 3:
         missing = [k for k in ("coarse", "sft", "gamma") if k not in sources]
-        raise LMEvalError(f"model_args: pretrained=DIR, or coarse=DIR,sft=DIR,gamma=G, is required "
-                          f"(missing {', '.join(missing)})")
+        raise LMEvalError(
+            f"model_args: pretrained=DIR, or coarse=DIR,sft=DIR,gamma=G, is required (missing {', '.join(missing)})"
+        )
     else:
         _number(args, "gamma", float, 0.0, 1.0)
         _model_folder("coarse", args["coarse"], step)
@@ -214,17 +249,48 @@ def check_model_args(args: dict) -> None:
 class C2FJaxLM(TemplateLM):
     """An lm-eval model on c2f-jax's compiled forward pass and rollout (see the module docstring)."""
 
-    def __init__(self, pretrained: str | None = None, step: int | None = None, coarse: str | None = None,
-                 sft: str | None = None, gamma: float | None = None, dtype: str = "float32", mesh: str = "1x1x1",
-                 max_length: int | None = None, add_bos_token: bool | None = None, seed: int = 0,
-                 batch_size: int | str = 8, max_batch_size: int | None = None, device: str | None = None,
-                 **unknown):
+    def __init__(
+        self,
+        pretrained: str | None = None,
+        step: int | None = None,
+        coarse: str | None = None,
+        sft: str | None = None,
+        gamma: float | None = None,
+        dtype: str = "float32",
+        mesh: str = "1x1x1",
+        max_length: int | None = None,
+        add_bos_token: bool | None = None,
+        seed: int = 0,
+        batch_size: int | str = 8,
+        max_batch_size: int | None = None,
+        device: str | None = None,
+        **unknown,
+    ):
         super().__init__()
-        check_model_args(dict(pretrained=pretrained, step=step, coarse=coarse, sft=sft, gamma=gamma, dtype=dtype,
-                              mesh=mesh, max_length=max_length, seed=seed, batch_size=batch_size, **unknown))
+        check_model_args(
+            dict(
+                pretrained=pretrained,
+                step=step,
+                coarse=coarse,
+                sft=sft,
+                gamma=gamma,
+                dtype=dtype,
+                mesh=mesh,
+                max_length=max_length,
+                seed=seed,
+                batch_size=batch_size,
+                **unknown,
+            )
+        )
         dtype = float_dtype(dtype, "dtype").name
-        self._setup(*self._load(pretrained, step, coarse, sft, gamma, dtype), mesh=mesh, batch_size=batch_size,
-                    max_length=max_length, add_bos_token=add_bos_token, seed=seed)
+        self._setup(
+            *self._load(pretrained, step, coarse, sft, gamma, dtype),
+            mesh=mesh,
+            batch_size=batch_size,
+            max_length=max_length,
+            add_bos_token=add_bos_token,
+            seed=seed,
+        )
 
     @classmethod
     def from_params(cls, config, params, tokenizer, name: str, **options) -> "C2FJaxLM":
@@ -234,8 +300,19 @@ class C2FJaxLM(TemplateLM):
         lm._setup(config, params, tokenizer, name, **options)
         return lm
 
-    def _setup(self, config, params, tokenizer, name, *, mesh: str = "1x1x1", batch_size: int | str = 8,
-               max_length: int | None = None, add_bos_token: bool | None = None, seed: int = 0) -> None:
+    def _setup(
+        self,
+        config,
+        params,
+        tokenizer,
+        name,
+        *,
+        mesh: str = "1x1x1",
+        batch_size: int | str = 8,
+        max_length: int | None = None,
+        add_bos_token: bool | None = None,
+        seed: int = 0,
+    ) -> None:
         self.config, self.tokenizer, self.name = config, tokenizer, name
         self.mesh = sharding.make_mesh(**_mesh_shape(mesh))
         rows = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
@@ -290,8 +367,9 @@ class C2FJaxLM(TemplateLM):
     def tokenizer_name(self) -> str:
         return str(self.name).replace("/", "__")
 
-    def tok_encode(self, string: str, add_special_tokens: bool | None = None, left_truncate_len: int | None = None,
-                   **kwargs) -> list[int]:
+    def tok_encode(
+        self, string: str, add_special_tokens: bool | None = None, left_truncate_len: int | None = None, **kwargs
+    ) -> list[int]:
         """As the hf backend encodes: the tokenizer's special tokens unless told otherwise, none when the string
         already starts with the BOS text."""
         flag = add_special_tokens if add_special_tokens is not None else self.add_bos_token
@@ -303,8 +381,9 @@ class C2FJaxLM(TemplateLM):
     def apply_chat_template(self, chat_history: list[dict], add_generation_prompt: bool = True) -> str:
         if not getattr(self.tokenizer, "chat_template", None):
             raise LMEvalError(f"{self.name}: the tokenizer has no chat template (--apply_chat_template)")
-        return self.tokenizer.apply_chat_template(chat_history, tokenize=False,
-                                                  add_generation_prompt=add_generation_prompt)
+        return self.tokenizer.apply_chat_template(
+            chat_history, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
 
     # ------------------------------------------------------------------------- scoring
 
@@ -314,7 +393,7 @@ class C2FJaxLM(TemplateLM):
         rows = rows + [rows[-1]] * (self._batch_size - len(rows))
         ids, mask = np.zeros((len(rows), width), np.int32), np.zeros((len(rows), width), np.int32)
         for r, tokens in enumerate(rows):
-            ids[r, width - len(tokens):], mask[r, width - len(tokens):] = tokens, 1
+            ids[r, width - len(tokens) :], mask[r, width - len(tokens) :] = tokens, 1
         return sharding.global_batch(self.mesh, ids), sharding.global_batch(self.mesh, mask)
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
@@ -326,7 +405,7 @@ class C2FJaxLM(TemplateLM):
         for _, context, continuation in requests:
             if not continuation or len(continuation) > self._max_length:
                 raise LMEvalError(f"a continuation of {len(continuation)} tokens; it must be 1 to {self._max_length}")
-            whole = (list(context) + list(continuation))[-(self._max_length + 1):]
+            whole = (list(context) + list(continuation))[-(self._max_length + 1) :]
             windows.append((tuple(whole[:-1]), tuple(continuation)))
         scores = self.score_windows(set(windows), disable_tqdm)
         results = []
@@ -345,28 +424,38 @@ class C2FJaxLM(TemplateLM):
         choice) pair on its own. Rows are batched by length, each batch at static bucket widths."""
         rows = sorted(pack_windows(windows, self._max_length), key=lambda r: -_row_length(r))
         out = {}
-        for start in tqdm(range(0, len(rows), self._batch_size), disable=disable_tqdm or not rows,
-                          desc="c2f-jax loglikelihood"):
-            batch = rows[start:start + self._batch_size]
+        for start in tqdm(
+            range(0, len(rows), self._batch_size), disable=disable_tqdm or not rows, desc="c2f-jax loglikelihood"
+        ):
+            batch = rows[start : start + self._batch_size]
             T = _bucket(_row_length(batch[0]), self.buckets)
             K = min(_bucket(max(_row_length(r) - len(r[0]) for r in batch), self.buckets), T)
             arrays, spans = _packed_arrays(batch + [batch[-1]] * (self._batch_size - len(batch)), T, K)
-            logp, greedy = evaluate.compiled_score_packed(self.params, *map(partial(sharding.global_batch, self.mesh),
-                                                                            arrays), config=self.config)
+            logp, greedy = evaluate.compiled_score_packed(
+                self.params, *map(partial(sharding.global_batch, self.mesh), arrays), config=self.config
+            )
             logp, greedy = sharding.to_host(logp), sharding.to_host(greedy)
-            for r, first, window in spans[:sum(len(ws) for _, ws in batch)]:
+            for r, first, window in spans[: sum(len(ws) for _, ws in batch)]:
                 n = len(window[1])
-                out[window] = (float(np.sum(logp[r, first:first + n], dtype=np.float64)),
-                               bool(np.all(greedy[r, first:first + n])))
+                out[window] = (
+                    float(np.sum(logp[r, first : first + n], dtype=np.float64)),
+                    bool(np.all(greedy[r, first : first + n])),
+                )
         return out
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """Each document's total logprob over lm-eval's disjoint windows of max_length tokens."""
         windows, owner = [], []
         for n, (text,) in enumerate(req.args for req in requests):
-            for context, continuation in map(lm_utils.make_disjoint_window, lm_utils.get_rolling_token_windows(
-                    token_list=self.tok_encode(text), prefix_token=self.prefix_token_id,
-                    max_seq_len=self._max_length, context_len=1)):
+            for context, continuation in map(
+                lm_utils.make_disjoint_window,
+                lm_utils.get_rolling_token_windows(
+                    token_list=self.tok_encode(text),
+                    prefix_token=self.prefix_token_id,
+                    max_seq_len=self._max_length,
+                    context_len=1,
+                ),
+            ):
                 windows.append((None, context, continuation))
                 owner.append(n)
         scores = self._loglikelihood_tokens(windows, disable_tqdm=disable_tqdm)
@@ -391,20 +480,30 @@ class C2FJaxLM(TemplateLM):
     def _sampling(self, gen_kwargs: dict) -> tuple[list[str], int, dict]:
         """(stop strings, max_gen_toks, rollout.generate's sampling arguments) of one request's generation_kwargs."""
         kwargs = normalize_gen_kwargs(gen_kwargs, self.max_gen_toks)
-        until = handle_stop_sequences(kwargs.pop("until", None),
-                                      eos=self.tokenizer.decode(self.eot_token_id, skip_special_tokens=False))
+        until = handle_stop_sequences(
+            kwargs.pop("until", None), eos=self.tokenizer.decode(self.eot_token_id, skip_special_tokens=False)
+        )
         max_gen_toks = int(kwargs.pop("max_gen_toks"))
         unknown = sorted(k for k in kwargs if k not in GENERATION_KEYS)
         if unknown:
-            raise LMEvalError(f"generation_kwargs: {unknown[0]!r} is not supported by c2f-jax "
-                              f"(supported: until, max_gen_toks, {', '.join(GENERATION_KEYS)})")
+            raise LMEvalError(
+                f"generation_kwargs: {unknown[0]!r} is not supported by c2f-jax "
+                f"(supported: until, max_gen_toks, {', '.join(GENERATION_KEYS)})"
+            )
         temperature = float(kwargs.get("temperature") or 0.0) if kwargs.get("do_sample") else 0.0
         if kwargs.get("do_sample") and temperature == 0.0:
             temperature = 1.0  # sampling asked for without a temperature: the distribution as it is
         if max_gen_toks < 1 or max_gen_toks >= self._max_length:
             raise LMEvalError(f"max_gen_toks={max_gen_toks}: must be 1 to max_length - 1 ({self._max_length - 1})")
-        return until, max_gen_toks, {"temperature": temperature, "top_k": int(kwargs.get("top_k") or 0),
-                                     "top_p": float(kwargs.get("top_p") or 1.0)}
+        return (
+            until,
+            max_gen_toks,
+            {
+                "temperature": temperature,
+                "top_k": int(kwargs.get("top_k") or 0),
+                "top_p": float(kwargs.get("top_p") or 1.0),
+            },
+        )
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Greedy (or sampled) continuations, cut at the first stop string; EOS ends a row early."""
@@ -417,16 +516,25 @@ class C2FJaxLM(TemplateLM):
         bar = tqdm(total=len(requests), disable=disable_tqdm, desc="c2f-jax generate_until")
         for members in groups.values():
             until, max_gen_toks, sampling = self._sampling(args[members[0]][1])
-            contexts = {i: self.tok_encode(args[i][0], left_truncate_len=self._max_length - max_gen_toks)
-                        for i in members}
+            contexts = {
+                i: self.tok_encode(args[i][0], left_truncate_len=self._max_length - max_gen_toks) for i in members
+            }
             order = sorted(members, key=lambda i: (-len(contexts[i]), args[i][0]))
             for start in range(0, len(order), self._batch_size):
-                batch = order[start:start + self._batch_size]
+                batch = order[start : start + self._batch_size]
                 ids, mask = self._padded([contexts[i] for i in batch], _bucket(len(contexts[batch[0]]), self.buckets))
                 self.rng, key = jax.random.split(self.rng)
-                out = rollout.generate(layout, params, ids, mask, key, max_new_tokens=max_gen_toks,
-                                       eos_token_ids=(self.eot_token_id,), pad_id=self.tokenizer.pad_token_id or 0,
-                                       **sampling)
+                out = rollout.generate(
+                    layout,
+                    params,
+                    ids,
+                    mask,
+                    key,
+                    max_new_tokens=max_gen_toks,
+                    eos_token_ids=(self.eot_token_id,),
+                    pad_id=self.tokenizer.pad_token_id or 0,
+                    **sampling,
+                )
                 tokens, kept = sharding.to_host(out.tokens), sharding.to_host(out.mask)
                 for r, i in enumerate(batch):
                     text = self.tokenizer.decode(tokens[r][kept[r] > 0].tolist(), skip_special_tokens=True)
@@ -485,8 +593,14 @@ def headline(results: dict) -> tuple[str, float]:
     return key.split(",")[0], float(results[key])
 
 
-def run_tasks(lm, tasks: list[tuple[str, int | None]], *, limit: float | None = None,
-              include_path: str | None = None, seed: int = 0) -> tuple[dict, list[dict]]:
+def run_tasks(
+    lm,
+    tasks: list[tuple[str, int | None]],
+    *,
+    limit: float | None = None,
+    include_path: str | None = None,
+    seed: int = 0,
+) -> tuple[dict, list[dict]]:
     """Runs lm-eval on `lm`, once per shot count (lm-eval takes one per call): ({task: (metric, headline
     number)}, [lm-eval's results object per call, samples left out])."""
     import lm_eval
@@ -495,8 +609,16 @@ def run_tasks(lm, tasks: list[tuple[str, int | None]], *, limit: float | None = 
     scores, outputs = {}, []
     for shots in dict.fromkeys(s for _, s in tasks):
         names = [n for n, s in tasks if s == shots]
-        out = lm_eval.simple_evaluate(model=lm, tasks=names, num_fewshot=shots, limit=limit, task_manager=manager,
-                                      random_seed=seed, numpy_random_seed=seed, fewshot_random_seed=seed)
+        out = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=names,
+            num_fewshot=shots,
+            limit=limit,
+            task_manager=manager,
+            random_seed=seed,
+            numpy_random_seed=seed,
+            fewshot_random_seed=seed,
+        )
         outputs.append({k: v for k, v in out.items() if k != "samples"})
         scores.update({n: headline(out["results"][n]) for n in names})
     return scores, outputs

@@ -28,7 +28,7 @@ def _reward_eval(margins_fn, params, mesh, tok, pairs, buckets, batch_size, syst
     """Held-out loss/accuracy/margin over all pairs, in fixed-size batches (the last one padded by repeats)."""
     totals, n = {"loss": 0.0, "accuracy": 0.0, "margin": 0.0}, len(pairs)
     for start in range(0, n, batch_size):
-        chunk = pairs[start:start + batch_size]
+        chunk = pairs[start : start + batch_size]
         padded = chunk + [chunk[-1]] * (batch_size - len(chunk))
         batch = _device_batch(mesh, data.preference_batch(tok, padded, buckets, system_prompt))
         margin = sharding.to_host(margins_fn(params, batch))[: len(chunk)]
@@ -36,7 +36,6 @@ def _reward_eval(margins_fn, params, mesh, tok, pairs, buckets, batch_size, syst
         totals["accuracy"] += float(np.sum(margin > 0))
         totals["margin"] += float(np.sum(margin))
     return {f"eval/{k}": v / n for k, v in totals.items()}
-
 
 
 def run_reward(config, path: Path, show_progress: bool = True) -> dict:
@@ -69,12 +68,18 @@ def run_reward(config, path: Path, show_progress: bool = True) -> dict:
     for step in range(start + 1, config.steps + 1):
         batch = data.preference_batch(tok, [train_pairs[i] for i in order.next()], job.seq_buckets, system)
         state, stats = backend.of_mesh(mesh).wait(progs.train(state, _device_batch(mesh, batch)))
-        row = {"loss": float(stats["loss"]), "accuracy": float(stats["accuracy"]),
-               "grad_norm": float(stats["grad_norm"]), "skipped_updates": int(stats["skipped"]), "compilations": compilations.total(),
-               "data/skipped_rows": skipped}
+        row = {
+            "loss": float(stats["loss"]),
+            "accuracy": float(stats["accuracy"]),
+            "grad_norm": float(stats["grad_norm"]),
+            "skipped_updates": int(stats["skipped"]),
+            "compilations": compilations.total(),
+            "data/skipped_rows": skipped,
+        }
         if step % config.eval_every == 0 or step == config.steps:
-            last_eval = _reward_eval(progs.margins, state.params, mesh, tok, eval_pairs, job.seq_buckets,
-                                     job.batch_size, system)
+            last_eval = _reward_eval(
+                progs.margins, state.params, mesh, tok, eval_pairs, job.seq_buckets, job.batch_size, system
+            )
             row.update(last_eval)
         writer.write(step, row)
         bar.update(1)

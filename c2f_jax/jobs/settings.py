@@ -123,8 +123,11 @@ def with_stop_tokens(job: Coarse, stop_token_ids: tuple[int, ...]) -> Coarse:
     if not job.suppress_stop_tokens:
         return job
     ids = tuple(sorted(stop_token_ids))
-    return dataclasses.replace(job, sampling=dataclasses.replace(job.sampling, suppress_token_ids=ids),
-                               ppo=dataclasses.replace(job.ppo, suppress_token_ids=ids))
+    return dataclasses.replace(
+        job,
+        sampling=dataclasses.replace(job.sampling, suppress_token_ids=ids),
+        ppo=dataclasses.replace(job.ppo, suppress_token_ids=ids),
+    )
 
 
 def coarse(config, stop_token_ids: tuple[int, ...] = (), devices: int | None = None) -> Coarse:
@@ -147,8 +150,9 @@ def coarse(config, stop_token_ids: tuple[int, ...] = (), devices: int | None = N
     suppress = bool(r.pop("suppress_stop_tokens"))
     sampling = _fields(rollout.SamplingConfig, r, "rollout")
     if sampling.temperature <= 0:
-        raise SettingsError(f"rollout.temperature={sampling.temperature} must be > 0 (greedy rollouts have no "
-                            "policy ratio for PPO)")
+        raise SettingsError(
+            f"rollout.temperature={sampling.temperature} must be > 0 (greedy rollouts have no policy ratio for PPO)"
+        )
     p = _plain(config.ppo)
     actor = _fields(optim.OptimConfig, p.pop("actor"), "ppo.actor")
     critic = _fields(optim.OptimConfig, p.pop("critic"), "ppo.critic")
@@ -158,9 +162,15 @@ def coarse(config, stop_token_ids: tuple[int, ...] = (), devices: int | None = N
     sharding.batch_size_check(mesh, batch, "data.batch_size")
     minibatch = ppo.minibatch_size(batch, pc.minibatches, ("data.batch_size", "ppo.minibatches"))
     sharding.batch_size_check(mesh, minibatch, "PPO minibatch (data.batch_size / ppo.minibatches)")
-    job = Coarse(ppo=pc, cm=_fields(cm.CMConfig, config.cm, "cm"), sampling=sampling,
-                 prompt_buckets=_buckets(config, "data.prompt_buckets"), batch_size=batch, minibatch_size=minibatch,
-                 suppress_stop_tokens=suppress)
+    job = Coarse(
+        ppo=pc,
+        cm=_fields(cm.CMConfig, config.cm, "cm"),
+        sampling=sampling,
+        prompt_buckets=_buckets(config, "data.prompt_buckets"),
+        batch_size=batch,
+        minibatch_size=minibatch,
+        suppress_stop_tokens=suppress,
+    )
     return with_stop_tokens(job, stop_token_ids)
 
 
@@ -186,10 +196,12 @@ def coarse_models(config, base: MistralConfig, reward: MistralConfig | None = No
     base's with a scalar head, as when planning memory without files)."""
     actor = base.replace(**runtime(config))
     reward = reward or actor.replace(architecture=SEQ_CLS, num_labels=1)
-    return Roles(actor=actor, reference=actor.replace(param_dtype=config.model.reference_dtype),
-                 critic=reward.replace(**runtime(config)),
-                 reward=reward.replace(param_dtype=config.reward_model.dtype,
-                                       compute_dtype=config.model.compute_dtype))
+    return Roles(
+        actor=actor,
+        reference=actor.replace(param_dtype=config.model.reference_dtype),
+        critic=reward.replace(**runtime(config)),
+        reward=reward.replace(param_dtype=config.reward_model.dtype, compute_dtype=config.model.compute_dtype),
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,8 +220,11 @@ def reward(config, devices: int | None = None) -> Reward:
     _number(config, "data.eval_fraction", lambda v: 0 < v < 1, "in (0, 1)", kind=float)
     batch = _number(config, "data.batch_size", lambda v: v >= 1, "an integer >= 1")
     sharding.batch_size_check(mesh_shape(config, devices), batch, "data.batch_size")
-    return Reward(optim=_fields(optim.OptimConfig, config.optim, "optim"),
-                  seq_buckets=_buckets(config, "data.seq_buckets"), batch_size=batch)
+    return Reward(
+        optim=_fields(optim.OptimConfig, config.optim, "optim"),
+        seq_buckets=_buckets(config, "data.seq_buckets"),
+        batch_size=batch,
+    )
 
 
 def inline_reward_config(config):

@@ -17,10 +17,8 @@ class TrainError(ValueError):
     """A config, workdir or input that the run cannot use."""
 
 
-
 def config_dict(config) -> dict:
     return json.loads(config.to_json())
-
 
 
 def check_inputs(config, path: Path) -> None:
@@ -40,8 +38,14 @@ def check_inputs(config, path: Path) -> None:
             rm = check_model_folder("reward_model.path", config.reward_model.path, causal=False)
             fits.append((*longest, "reward_model.path", rm))
         else:
-            fits.append(("reward_model.train.data.seq_buckets", max(config.reward_model.train.data.seq_buckets),
-                         "model.base", base))
+            fits.append(
+                (
+                    "reward_model.train.data.seq_buckets",
+                    max(config.reward_model.train.data.seq_buckets),
+                    "model.base",
+                    base,
+                )
+            )
     else:
         fits = [("data.seq_buckets", max(config.data.seq_buckets), "model.base", base)]
     for fit in fits:
@@ -52,14 +56,14 @@ def check_inputs(config, path: Path) -> None:
         metrics.read_metrics(path, drop_torn_last_line=True)  # any other bad row stops the resume here
 
 
-
 def check_positions(key: str, longest: int, model_key: str, found: model.MistralConfig) -> None:
     """The longest sequence the buckets make must fit the model's positions (the rollout would refuse it only
     after the base and reward model had trained)."""
     if longest > found.max_position_embeddings:
-        raise TrainError(f"{key}: the longest sequence, {longest} tokens, is more than the "
-                         f"{found.max_position_embeddings} positions of {model_key}")
-
+        raise TrainError(
+            f"{key}: the longest sequence, {longest} tokens, is more than the "
+            f"{found.max_position_embeddings} positions of {model_key}"
+        )
 
 
 def check_model_folder(key: str, folder: str, causal: bool) -> model.MistralConfig:
@@ -77,7 +81,6 @@ def check_model_folder(key: str, folder: str, causal: bool) -> model.MistralConf
     return found
 
 
-
 def prepare_workdir(config, path: Path) -> checkpoint.Checkpointer:
     """Creates the workdir (check_inputs has passed) and opens its checkpoints."""
     if distributed.writes_here():
@@ -87,7 +90,6 @@ def prepare_workdir(config, path: Path) -> checkpoint.Checkpointer:
     return checkpoint.Checkpointer(path, keep=config.get("keep_checkpoints", 3), writer=True)
 
 
-
 def restore(ckpt: checkpoint.Checkpointer, path: Path, target: dict) -> tuple[dict, dict]:
     """The latest checkpoint onto `target`; a broken one is an error that says how to go on."""
     step = ckpt.latest_step()
@@ -95,7 +97,6 @@ def restore(ckpt: checkpoint.Checkpointer, path: Path, target: dict) -> tuple[di
         return ckpt.restore(step, target=target)
     except checkpoint.CheckpointError as e:
         raise checkpoint.with_hint(path, step, e) from None
-
 
 
 def load_base(config):
@@ -109,7 +110,6 @@ def load_base(config):
     return base, params, tokenizer.load_tokenizer(folder)
 
 
-
 def save_run_model(path: Path, config: model.MistralConfig, tok) -> None:
     """What export needs besides weights: the architecture and the tokenizer."""
     workdir.write_json(path / workdir.MODEL_CONFIG, config.to_hf())
@@ -117,10 +117,8 @@ def save_run_model(path: Path, config: model.MistralConfig, tok) -> None:
         workdir.write(path / workdir.TOKENIZER, tok.save_pretrained, folder=True)
 
 
-
 def _as_dtype(params, dtype: str):
     return jax.tree.map(lambda a: a.astype(dtype), params)
-
 
 
 def _placed(mesh, params):
@@ -128,12 +126,10 @@ def _placed(mesh, params):
     return sharding.place(params, sharding.param_shardings(mesh, params))
 
 
-
 def _placed_state(mesh, params, oc: optim.OptimConfig) -> optim.TrainState:
     """A fresh train state with params and optimizer moments in the train layout."""
     state = optim.create_state(_placed(mesh, params), oc)
     return sharding.place(state, sharding.like_params(mesh, state, state.params))
-
 
 
 def _device_batch(mesh, arrays: dict) -> dict:

@@ -28,8 +28,9 @@ def lm_loss(config: MistralConfig, params: Params, ids, mask) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("config", "optim_config"), donate_argnums=(0,))
-def train_step(state: optim.TrainState, ids, mask, *, config: MistralConfig,
-               optim_config: optim.OptimConfig) -> tuple[optim.TrainState, jax.Array]:
+def train_step(
+    state: optim.TrainState, ids, mask, *, config: MistralConfig, optim_config: optim.OptimConfig
+) -> tuple[optim.TrainState, jax.Array]:
     loss, grads = jax.value_and_grad(lambda p: lm_loss(config, p, ids, mask))(state.params)
     state, _ = optim.apply_gradients(state, grads, loss, optim_config)
     return state, loss
@@ -40,9 +41,19 @@ def optim_config(lr: float, steps: int) -> optim.OptimConfig:
     return optim.OptimConfig(lr=lr, warmup_steps=min(10, steps))
 
 
-def fine_tune(config: MistralConfig, params: Params, token_lists: Sequence[Sequence[int]], *, steps: int,
-              batch_size: int, lr: float, buckets: Sequence[int], pad_id: int, seed: int = 0,
-              progress: str | None = None) -> tuple[Params, float]:
+def fine_tune(
+    config: MistralConfig,
+    params: Params,
+    token_lists: Sequence[Sequence[int]],
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    buckets: Sequence[int],
+    pad_id: int,
+    seed: int = 0,
+    progress: str | None = None,
+) -> tuple[Params, float]:
     """`steps` AdamW steps over shuffled token lists (left-padded into buckets); returns (params, last loss).
     `progress`: a progress bar with this label."""
     from c2f_jax.runtime import metrics

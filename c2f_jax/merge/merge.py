@@ -46,8 +46,15 @@ _VOCAB_FILES = ("tokenizer.model", "tokenizer.json")
 # Buffers old checkpoints carry and transformers recomputes; never merged, never written.
 _SKIPPED = re.compile(r".*rotary_emb\.inv_freq$")
 # Architecture fields that may differ without changing any tensor shape; a difference is a warning.
-_CONFIG_FIELDS = ("rope_theta", "sliding_window", "rms_norm_eps", "max_position_embeddings", "bos_token_id",
-                  "eos_token_id", "pad_token_id")
+_CONFIG_FIELDS = (
+    "rope_theta",
+    "sliding_window",
+    "rms_norm_eps",
+    "max_position_embeddings",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+)
 
 
 class MergeError(ValueError):
@@ -96,8 +103,14 @@ def _cast(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return x.astype(np.float32, copy=False).astype(dtype)
 
 
-def lerp(coarse: np.ndarray, sft: np.ndarray, gamma: float, dtype, scratch: merge_io.Scratch | None = None,
-         out: np.ndarray | None = None) -> np.ndarray:
+def lerp(
+    coarse: np.ndarray,
+    sft: np.ndarray,
+    gamma: float,
+    dtype,
+    scratch: merge_io.Scratch | None = None,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
     """float32 `gamma * coarse + (1 - gamma) * sft`, rounded to `dtype`.
 
     coarse, sft: NumPy arrays of one shape, any float dtypes (bfloat16 via ml_dtypes). Returns an array of
@@ -162,8 +175,9 @@ def merge_params(coarse, sft, gamma: float, dtype=None, method: str = "linear"):
     for path, a in a_leaves.items():
         b = b_leaves[path]
         if tuple(a.shape) != tuple(b.shape):
-            raise MergeError(f"param {jax.tree_util.keystr(path)}: coarse shape {tuple(a.shape)}, "
-                             f"SFT shape {tuple(b.shape)}")
+            raise MergeError(
+                f"param {jax.tree_util.keystr(path)}: coarse shape {tuple(a.shape)}, SFT shape {tuple(b.shape)}"
+            )
         if not (_is_float(a.dtype) and _is_float(b.dtype)):
             raise MergeError(f"param {jax.tree_util.keystr(path)}: not floating point ({a.dtype}, {b.dtype})")
     if method == "slerp":
@@ -180,8 +194,9 @@ def merge_params(coarse, sft, gamma: float, dtype=None, method: str = "linear"):
         return jax.tree_util.tree_map_with_path(slerp_leaf, coarse, sft)
     if method != "linear":
         raise MergeError(f"method={method!r}; the pytree merge does 'linear' and 'slerp'")
-    return jax.tree.map(lambda a, b: _lerp_jax(jnp.asarray(a), jnp.asarray(b), gamma, np_dtype(dtype or b.dtype)),
-                        coarse, sft)
+    return jax.tree.map(
+        lambda a, b: _lerp_jax(jnp.asarray(a), jnp.asarray(b), gamma, np_dtype(dtype or b.dtype)), coarse, sft
+    )
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -195,8 +210,10 @@ def resolve_input(path: str | os.PathLike) -> Path:
     if not p.is_dir():
         raise MergeError(f"{p}: not a folder (expected an HF model folder with config.json and safetensors)")
     if workdir.is_workdir(p):
-        raise MergeError(f"{p}: is a training workdir; only --coarse takes one (export it with "
-                         f"c2f-export --checkpoint {p} --out DIR to pass it here)")
+        raise MergeError(
+            f"{p}: is a training workdir; only --coarse takes one (export it with "
+            f"c2f-export --checkpoint {p} --out DIR to pass it here)"
+        )
     if not (p / "config.json").exists():
         raise MergeError(f"{p}: not an HF model folder (no config.json); a training workdir has {workdir.RUN_CONFIG}")
     return p
@@ -247,7 +264,9 @@ def _open_checkpoint(folder: Path) -> hf.CheckpointReader:
         listed = {f.path.name for f in reader.files.values()}
         for shard in sorted(folder.glob("*.safetensors")):
             if safetensors_io.SHARD_NAME.match(shard.name) and shard.name not in listed:
-                raise MergeError(f"{shard}: shard not named in {safetensors_io.INDEX_NAME} (stale or partial checkpoint?)")
+                raise MergeError(
+                    f"{shard}: shard not named in {safetensors_io.INDEX_NAME} (stale or partial checkpoint?)"
+                )
     return reader
 
 
@@ -289,8 +308,10 @@ def compare_tokenizers(coarse: Path, sft: Path, allow_mismatch: bool = False) ->
     else:
         for name in sorted(a.keys() & b.keys()):
             if a[name] != b[name]:
-                problem = (f"tokenizers differ: {coarse / name} and {sft / name} "
-                           f"(content sha256 {a[name][:12]} vs {b[name][:12]})")
+                problem = (
+                    f"tokenizers differ: {coarse / name} and {sft / name} "
+                    f"(content sha256 {a[name][:12]} vs {b[name][:12]})"
+                )
                 break
     if problem is None:
         return []
@@ -302,8 +323,12 @@ def compare_tokenizers(coarse: Path, sft: Path, allow_mismatch: bool = False) ->
 def compare_configs(coarse: Path, sft: Path) -> list[str]:
     """One warning per architecture field (rope_theta, sliding_window, ...) whose values differ."""
     a, b = hf.read_config(coarse), hf.read_config(sft)
-    return [f"configs differ: {f} is {getattr(a, f)!r} in {coarse} and {getattr(b, f)!r} in {sft}; "
-            f"the output keeps the SFT's config.json" for f in _CONFIG_FIELDS if getattr(a, f) != getattr(b, f)]
+    return [
+        f"configs differ: {f} is {getattr(a, f)!r} in {coarse} and {getattr(b, f)!r} in {sft}; "
+        f"the output keeps the SFT's config.json"
+        for f in _CONFIG_FIELDS
+        if getattr(a, f) != getattr(b, f)
+    ]
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -416,8 +441,13 @@ def _copy_sft_files(plan: MergePlan, folder: Path) -> None:
             shutil.copy2(plan.sft / name, folder / name)
 
 
-def write_merge(plan: MergePlan, out, max_shard_size: int | str = "5GB", overwrite: bool = False,
-                chunk_bytes: int = merge_io.CHUNK_BYTES) -> list[dict]:
+def write_merge(
+    plan: MergePlan,
+    out,
+    max_shard_size: int | str = "5GB",
+    overwrite: bool = False,
+    chunk_bytes: int = merge_io.CHUNK_BYTES,
+) -> list[dict]:
     """Writes the merge: `out` is the model folder, or for a sweep holds one `gamma_<g>` folder per gamma.
 
     Each folder: safetensors shards of at most max_shard_size (+ index when more than one), the SFT's
@@ -434,8 +464,9 @@ def write_merge(plan: MergePlan, out, max_shard_size: int | str = "5GB", overwri
     shards = safetensors_io.plan_shards(plan.tensors, lambda t: t.out_nbytes, max_bytes)
     chunk = max(chunk_bytes // 4, 1)  # elements, sized for the float32 work buffers
     # (tensor, first element, element count) of every chunk, shard by shard.
-    jobs = [[(t, start, min(chunk, t.size - start)) for t in shard for start in range(0, t.size, chunk)]
-            for shard in shards]
+    jobs = [
+        [(t, start, min(chunk, t.size - start)) for t in shard for start in range(0, t.size, chunk)] for shard in shards
+    ]
     flat = [job for shard_jobs in jobs for job in shard_jobs]
     provenance = []
 
@@ -457,13 +488,16 @@ def write_merge(plan: MergePlan, out, max_shard_size: int | str = "5GB", overwri
                     writer.write(f, np.frombuffer(header, np.uint8))
                 for (t, _, _), a, b in itertools.islice(chunks, len(shard_jobs)):
                     for gamma, f in zip(plan.gammas, files):
-                        writer.write(f, lerp(a, b, gamma, t.out_dtype, scratch, out=writer.buffer(a.shape, t.out_dtype)))
+                        writer.write(
+                            f, lerp(a, b, gamma, t.out_dtype, scratch, out=writer.buffer(a.shape, t.out_dtype))
+                        )
                 for f in files:
                     writer.finish(f, size)
             writer.drain()
             digests = {"coarse": sa.sha.hexdigest(), "sft": sb.sha.hexdigest()}
-            provenance.extend(_finish_folder(plan, folder, gamma, shards, digests)
-                              for folder, gamma in zip(folders, plan.gammas))
+            provenance.extend(
+                _finish_folder(plan, folder, gamma, shards, digests) for folder, gamma in zip(folders, plan.gammas)
+            )
 
     try:
         workdir.write(out, fill, overwrite, folder=True)
@@ -473,8 +507,9 @@ def write_merge(plan: MergePlan, out, max_shard_size: int | str = "5GB", overwri
 
 
 def _finish_folder(plan: MergePlan, folder: Path, gamma: float, shards, digests) -> dict:
-    safetensors_io.write_index(folder, [[t.name for t in shard] for shard in shards],
-                               sum(t.out_nbytes for t in plan.tensors))
+    safetensors_io.write_index(
+        folder, [[t.name for t in shard] for shard in shards], sum(t.out_nbytes for t in plan.tensors)
+    )
     _copy_sft_files(plan, folder)
     provenance = {
         "method": "linear (c2f_jax.merge.merge): float32 gamma * coarse + (1 - gamma) * sft, rounded to the output dtype",
@@ -482,7 +517,7 @@ def _finish_folder(plan: MergePlan, folder: Path, gamma: float, shards, digests)
         "coarse": {"path": str(plan.coarse.resolve()), "sha256": digests["coarse"]},
         "sft": {"path": str(plan.sft.resolve()), "sha256": digests["sft"]},
         "sha256_covers": "each merged tensor's 'name|dtype|shape' line and bytes, in natural name order "
-                         "(so the sharding does not matter)",
+        "(so the sharding does not matter)",
         "tensors": len(plan.tensors),
         "dtype": plan.dtype or "as stored in the SFT model",
         "warnings": plan.warnings,

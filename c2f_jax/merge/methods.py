@@ -49,6 +49,7 @@ def rounding(dtype):
     if dtype is None or dtype == F32:
         return lambda x: x
     if dtype.name == "bfloat16":  # the top 16 bits, rounded half to even: a third of ml_dtypes' cast there and back
+
         def to_bfloat16(x):
             x = np.asarray(x, F32)
             bits = x.view(np.uint32)
@@ -58,6 +59,7 @@ def rounding(dtype):
             if nan.any():  # a NaN stays a (quiet) NaN: the rounding could carry its payload into inf or 0
                 bits[nan] = (x.view(np.uint32)[nan] & np.uint32(0xFFFF0000)) | np.uint32(0x00400000)
             return bits.view(F32)
+
         return to_bfloat16
     return lambda x: np.asarray(x, F32).astype(dtype).astype(F32)
 
@@ -258,8 +260,16 @@ METHODS = {
 }
 
 
-def sparsifier(how: str | None, density: float, size: int, rescale: bool, seed: int = 0, tensor: str = "",
-               model: int = 0, dtype=None):
+def sparsifier(
+    how: str | None,
+    density: float,
+    size: int,
+    rescale: bool,
+    seed: int = 0,
+    tensor: str = "",
+    model: int = 0,
+    dtype=None,
+):
     """What keeps which entries of one delta of `size` entries: "magnitude" (TIES), "random" (DARE, drawn
     from seed, tensor and model; rescaled as mergekit does in `dtype`) or None."""
     if how is None or density >= 1:
@@ -282,17 +292,28 @@ class TaskVectors:
     bfloat16 or float16 every step's result is rounded to it as torch rounds it; sums are float32 first.
     (DARE's drop and rescale run in float32 except for bfloat16, as mergekit's do.)"""
 
-    def __init__(self, method: str, weights: list[float], size: int, densities: list[float] | None = None,
-                 lam: float = 1.0, normalize: bool | None = None, seed: int = 0, tensor: str = "", dtype=None,
-                 rescale: bool | None = None):
+    def __init__(
+        self,
+        method: str,
+        weights: list[float],
+        size: int,
+        densities: list[float] | None = None,
+        lam: float = 1.0,
+        normalize: bool | None = None,
+        seed: int = 0,
+        tensor: str = "",
+        dtype=None,
+        rescale: bool | None = None,
+    ):
         self.how = METHODS[method]
         self.rounded = rounding(dtype)
         self.weights = self.rounded(np.asarray(weights, F32))
         self.lam, self.normalize = lam, self.how.normalize if normalize is None else normalize
         densities = densities or [1.0] * len(weights)
         rescale = self.how.rescale if rescale is None else rescale
-        self.sparsifiers = [sparsifier(self.how.sparsify, d, size, rescale, seed, tensor, i, dtype)
-                            for i, d in enumerate(densities)]
+        self.sparsifiers = [
+            sparsifier(self.how.sparsify, d, size, rescale, seed, tensor, i, dtype) for i, d in enumerate(densities)
+        ]
         self.counting_passes = max(s.counting_passes for s in self.sparsifiers)
 
     def observe(self, p: int, start: int, chunks: list[np.ndarray]) -> None:

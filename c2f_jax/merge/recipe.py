@@ -38,9 +38,14 @@ from c2f_jax.model.safetensors_io import SafetensorsError
 from c2f_jax.runtime import workdir
 
 TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source"}
-SHARED = {"slerp": {"t"}, "linear": {"normalize"}, "task_arithmetic": {"normalize", "lambda", "int8_mask"},
-          "ties": {"normalize", "lambda", "int8_mask"}, "dare_linear": {"normalize", "lambda", "rescale"},
-          "dare_ties": {"normalize", "lambda", "rescale", "int8_mask"}}
+SHARED = {
+    "slerp": {"t"},
+    "linear": {"normalize"},
+    "task_arithmetic": {"normalize", "lambda", "int8_mask"},
+    "ties": {"normalize", "lambda", "int8_mask"},
+    "dare_linear": {"normalize", "lambda", "rescale"},
+    "dare_ties": {"normalize", "lambda", "rescale", "int8_mask"},
+}
 PER_MODEL = {"slerp": set(), "linear": {"weight"}, **{m: {"weight", "density"} for m in methods.METHODS}}
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
 MAX_RECIPE_BYTES = 1 << 20
@@ -78,8 +83,10 @@ def _parameters(source, where: str, params, allowed: set, method: str) -> dict:
             _fail(source, f"{where}: unsupported key {key!r} for {method}")
         if isinstance(value, list):
             if not value or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
-                _fail(source, f"{where}.{key}: a list must hold numbers (a gradient); filters per tensor are not "
-                              "supported")
+                _fail(
+                    source,
+                    f"{where}.{key}: a list must hold numbers (a gradient); filters per tensor are not supported",
+                )
         elif not isinstance(value, (int, float, bool)):
             _fail(source, f"{where}.{key}: {value!r} is not supported (a number, a boolean or a list of numbers)")
         values = value if isinstance(value, list) else [value]
@@ -157,8 +164,10 @@ def read_recipe(path) -> Recipe:
         models.append((Path(entry["model"]), params))
     want = 1 if method == "slerp" else None
     if not models or (want and len(models) != want):
-        _fail(path, f"{method} needs {'one model besides the base' if want else 'at least one model'}; "
-                    f"found {len(models)}")
+        _fail(
+            path,
+            f"{method} needs {'one model besides the base' if want else 'at least one model'}; found {len(models)}",
+        )
     if method != "slerp" and any("weight" not in p for _, p in models):
         _fail(path, f"{method}: every model needs parameters.weight")
     if method == "slerp" and "t" not in shared:
@@ -197,10 +206,18 @@ def merger_for(recipe: Recipe, name: str, size: int, layers: int, seed: int, sto
         if shared.get("normalize", True) and sum(weights) == 0:
             _fail(recipe.source, f"tensor {name}: the weights sum to 0, and normalize divides by their sum")
         return methods.Linear(weights, shared.get("normalize", True))
-    return methods.TaskVectors(recipe.method, weights, size, [p.get("density", 1.0) for p in per],
-                               lam=shared.get("lambda", 1.0), normalize=shared.get("normalize"), seed=seed,
-                               tensor=name, dtype=merge.DTYPES[recipe.dtype] if recipe.dtype else stored,
-                               rescale=shared.get("rescale"))
+    return methods.TaskVectors(
+        recipe.method,
+        weights,
+        size,
+        [p.get("density", 1.0) for p in per],
+        lam=shared.get("lambda", 1.0),
+        normalize=shared.get("normalize"),
+        seed=seed,
+        tensor=name,
+        dtype=merge.DTYPES[recipe.dtype] if recipe.dtype else stored,
+        rescale=shared.get("rescale"),
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -273,18 +290,30 @@ def _merge_tensor(t: _Tensor, merger, chunks, count: int, as_f32, writer: merge_
 
 def _provenance(recipe: Recipe, seed: int, out_dtype: str | None, tensors: int, inputs: list[Path]) -> dict:
     """merge_provenance.json's content, before the inputs' sha256 (added once they are read)."""
-    return {"method": f"{recipe.method} (c2f_jax.merge.methods, as mergekit 0.1.5)",
-            "recipe": str(recipe.source.resolve()) if recipe.source else None,
-            "base": str(recipe.base) if recipe.base else None,
-            "models": [{"model": str(m), "parameters": p} for m, p in recipe.models],
-            "parameters": recipe.parameters, "seed": seed, "dtype": recipe.dtype, "out_dtype": out_dtype,
-            "tensors": tensors, "inputs": [{"path": str(f.resolve())} for f in inputs],
-            "sha256_covers": "each input tensor's 'name|dtype|shape' line and bytes, in natural name order "
-                             "(a tensor of no elements is left out)"}
+    return {
+        "method": f"{recipe.method} (c2f_jax.merge.methods, as mergekit 0.1.5)",
+        "recipe": str(recipe.source.resolve()) if recipe.source else None,
+        "base": str(recipe.base) if recipe.base else None,
+        "models": [{"model": str(m), "parameters": p} for m, p in recipe.models],
+        "parameters": recipe.parameters,
+        "seed": seed,
+        "dtype": recipe.dtype,
+        "out_dtype": out_dtype,
+        "tensors": tensors,
+        "inputs": [{"path": str(f.resolve())} for f in inputs],
+        "sha256_covers": "each input tensor's 'name|dtype|shape' line and bytes, in natural name order "
+        "(a tensor of no elements is left out)",
+    }
 
 
-def write_recipe(recipe: Recipe, out, seed: int = 0, max_shard_size: int | str = "5GB",
-                 overwrite: bool = False, chunk_bytes: int = merge_io.CHUNK_BYTES) -> dict:
+def write_recipe(
+    recipe: Recipe,
+    out,
+    seed: int = 0,
+    max_shard_size: int | str = "5GB",
+    overwrite: bool = False,
+    chunk_bytes: int = merge_io.CHUNK_BYTES,
+) -> dict:
     """Merges by `recipe` into the HF folder `out` (written under a temporary name, renamed when whole): the
     tensors, the base model's (or first model's) config.json, tokenizer and generation files, and
     merge_provenance.json (with each input's sha256, as the linear merge records them). Returns the provenance.
@@ -298,7 +327,7 @@ def write_recipe(recipe: Recipe, out, seed: int = 0, max_shard_size: int | str =
     readers = [merge._open_checkpoint(merge.resolve_input(f)) for f in folders]
     first = readers[0]
     # linear merges its models only, as mergekit's ignores a base_model that is not among them
-    inputs = list(zip(folders, readers))[1 if recipe.method == "linear" and recipe.base else 0:]
+    inputs = list(zip(folders, readers))[1 if recipe.method == "linear" and recipe.base else 0 :]
     names = _tensor_names(folders, readers)
     out_dtype = recipe.out_dtype or recipe.dtype
     tensors = [_Tensor(n, first.shape(n), merge.DTYPES[out_dtype] if out_dtype else first.dtype(n)) for n in names]
@@ -330,8 +359,9 @@ def write_recipe(recipe: Recipe, out, seed: int = 0, max_shard_size: int | str =
             writer.drain()
         for entry, s in zip(provenance["inputs"], streams):
             entry["sha256"] = s.sha.hexdigest()
-        safetensors_io.write_index(tmp, [[t.name for t in shard] for shard in shards],
-                                   sum(t.out_nbytes for t in tensors))
+        safetensors_io.write_index(
+            tmp, [[t.name for t in shard] for shard in shards], sum(t.out_nbytes for t in tensors)
+        )
         _copy_model_files(folders[0], tmp, out_dtype)
         (tmp / merge.PROVENANCE_NAME).write_text(json.dumps(provenance, indent=2))
 

@@ -237,4 +237,3 @@ TINY = MistralConfig(
     max_position_embeddings=4096,
 )
 PRESETS = {"mistral-7b-v0.1": MISTRAL_7B_V01, "mistral-7b-instruct-v0.2": MISTRAL_7B_INSTRUCT_V02, "tiny": TINY}
-

@@ -39,8 +39,9 @@ def load_model(path: str | os.PathLike, step: int | None = None):
     return config, params, path / workdir.TOKENIZER
 
 
-def export(path: str | os.PathLike, out: str | os.PathLike, step: int | None = None, dtype=None,
-           overwrite: bool = False) -> Path:
+def export(
+    path: str | os.PathLike, out: str | os.PathLike, step: int | None = None, dtype=None, overwrite: bool = False
+) -> Path:
     """Writes a workdir's trained model as an HF folder: the actor of a coarse run (MistralForCausalLM)
     or the reward model of a reward run (MistralForSequenceClassification), with the run's tokenizer."""
     try:
@@ -48,8 +49,9 @@ def export(path: str | os.PathLike, out: str | os.PathLike, step: int | None = N
     except ConfigError as e:
         raise workdir.WorkdirError(str(e)) from None
     if dtype is not None and dtype not in hf.HF_DTYPES:
-        raise workdir.WorkdirError(f"dtype={dtype!r}: an HF folder that transformers loads stores one of "
-                                   f"{', '.join(hf.HF_DTYPES)}")
+        raise workdir.WorkdirError(
+            f"dtype={dtype!r}: an HF folder that transformers loads stores one of {', '.join(hf.HF_DTYPES)}"
+        )
     workdir.check_output(out, {"--checkpoint": path}, overwrite=overwrite)
     if not Path(out).absolute().parent.is_dir():
         raise workdir.WorkdirError(f"{Path(out).absolute().parent}: parent folder does not exist")

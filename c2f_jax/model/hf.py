@@ -132,7 +132,9 @@ class CheckpointReader:
                 f = SafetensorsFile(self.path / SINGLE_NAME)
                 self.files = {name: f for name in f.names()}
             elif any(self.path.glob("*.bin")) or any(self.path.glob("*.pt")):
-                raise HFError(f"{self.path}: only pickle weights (.bin/.pt) found; we read safetensors only, never unpickle")
+                raise HFError(
+                    f"{self.path}: only pickle weights (.bin/.pt) found; we read safetensors only, never unpickle"
+                )
             else:
                 raise HFError(f"{self.path}: no {SINGLE_NAME} or {INDEX_NAME}")
         except SafetensorsError as e:
@@ -182,8 +184,9 @@ def _get(tree: Params, path: tuple[str, ...]):
     return tree
 
 
-def load_pretrained(path: str | os.PathLike, dtype="float32", shardings: Params | None = None,
-                    **runtime) -> tuple[MistralConfig, Params]:
+def load_pretrained(
+    path: str | os.PathLike, dtype="float32", shardings: Params | None = None, **runtime
+) -> tuple[MistralConfig, Params]:
     """Reads an HF `MistralForCausalLM` / `MistralForSequenceClassification` folder.
 
     Returns (config with param_dtype=dtype, params as a nested dict of jax arrays of
@@ -247,8 +250,15 @@ def copy_tokenizer(source, dest: Path) -> None:
             shutil.copy2(Path(source) / name, dest / name)
 
 
-def save_pretrained(path: str | os.PathLike, config: MistralConfig, params: Params, dtype=None,
-                    max_shard_size: int | str = "5GB", tokenizer_source: Any = None, overwrite: bool = False) -> None:
+def save_pretrained(
+    path: str | os.PathLike,
+    config: MistralConfig,
+    params: Params,
+    dtype=None,
+    max_shard_size: int | str = "5GB",
+    tokenizer_source: Any = None,
+    overwrite: bool = False,
+) -> None:
     """Writes an HF folder: safetensors shards (+ index when more than one), config.json,
     generation_config.json, and tokenizer files when `tokenizer_source` is given.
 
@@ -277,7 +287,9 @@ def save_pretrained(path: str | os.PathLike, config: MistralConfig, params: Para
         except (KeyError, TypeError):
             raise HFError(f"params have no {'/'.join(s.path)} (needed for {s.hf_name})") from None
         if tuple(leaf.shape) != _param_shape(s, config):
-            raise HFError(f"param {'/'.join(s.path)} has shape {tuple(leaf.shape)}, config implies {_param_shape(s, config)}")
+            raise HFError(
+                f"param {'/'.join(s.path)} has shape {tuple(leaf.shape)}, config implies {_param_shape(s, config)}"
+            )
         out_dtype = np_dtype(dtype or leaf.dtype)
 
         def produce(s=s, out_dtype=out_dtype):

@@ -200,8 +200,8 @@ def _cached_attention(kv, q, k, v, bias, write_index, layer, cdt):
     last = ends.index(bias.shape[-1])
     H, T = q.shape[-1], q.shape[1]
     new_k, new_v = k.transpose(0, 2, 1, 3).astype(cdt), v.transpose(0, 2, 3, 1).astype(cdt)  # [B,K,T,H], [B,K,H,T]
-    keys = [b[layer].astype(cdt) for b in kv["k"][:last + 1]]
-    values = [b[layer].astype(cdt) for b in kv["v"][:last + 1]]
+    keys = [b[layer].astype(cdt) for b in kv["k"][: last + 1]]
+    values = [b[layer].astype(cdt) for b in kv["v"][: last + 1]]
     whole = keys[-1].shape[2] == T  # the write fills the block (prefill): read the new keys themselves
     if whole:
         keys[-1], values[-1] = new_k, new_v
@@ -209,23 +209,39 @@ def _cached_attention(kv, q, k, v, bias, write_index, layer, cdt):
     if not whole:
         written = jnp.einsum("BTKGH,BKSH->BKGTS", q, new_k, preferred_element_type=jnp.float32)  # [.., T, T]
         scores[-1] = jax.lax.dynamic_update_slice_in_dim(scores[-1], written, write_index, axis=4)
-    scores = shard_as(jnp.concatenate(scores, axis=-1) * H**-0.5 + bias[:, None, None, :, :],
-                      BATCH, "tensor", None, None, None)
+    scores = shard_as(
+        jnp.concatenate(scores, axis=-1) * H**-0.5 + bias[:, None, None, :, :], BATCH, "tensor", None, None, None
+    )
     probs = jax.nn.softmax(scores, axis=-1).astype(cdt)
     out, start = 0.0, 0
     for b in values:
         n = b.shape[-1]
-        out = out + jnp.einsum("BKGTS,BKHS->BTKGH", probs[..., start:start + n], b, preferred_element_type=jnp.float32)
+        out = out + jnp.einsum(
+            "BKGTS,BKHS->BTKGH", probs[..., start : start + n], b, preferred_element_type=jnp.float32
+        )
         start += n
     if not whole:  # the written slots held the block's old values in the product above
-        p_new = jax.lax.dynamic_slice_in_dim(probs[..., start - values[-1].shape[-1]:], write_index, T, axis=4)
+        p_new = jax.lax.dynamic_slice_in_dim(probs[..., start - values[-1].shape[-1] :], write_index, T, axis=4)
         v_old = jax.lax.dynamic_slice_in_dim(values[-1], write_index, T, axis=3)
         out = out + jnp.einsum("BKGTS,BKHS->BTKGH", p_new, new_v - v_old, preferred_element_type=jnp.float32)
     at = {"k": (layer, 0, 0, write_index, 0), "v": (layer, 0, 0, 0, write_index)}
     new = {"k": new_k, "v": new_v}
-    kv = {name: [shard_as(jax.lax.dynamic_update_slice(b, new[name][None].astype(b.dtype), at[name]), None, BATCH,
-                          "tensor", None, None) if i == last else b for i, b in enumerate(blocks)]
-          for name, blocks in kv.items()}
+    kv = {
+        name: [
+            shard_as(
+                jax.lax.dynamic_update_slice(b, new[name][None].astype(b.dtype), at[name]),
+                None,
+                BATCH,
+                "tensor",
+                None,
+                None,
+            )
+            if i == last
+            else b
+            for i, b in enumerate(blocks)
+        ]
+        for name, blocks in kv.items()
+    }
     return kv, out.astype(cdt)
 
 
@@ -264,8 +280,9 @@ class DecoderLayer(nn.Module):
 
 def _remat_policy(name: str):
     policies = jax.checkpoint_policies
-    dots = policies.save_from_both_policies(policies.dots_with_no_batch_dims_saveable,
-                                            policies.save_only_these_names(DENSE_NAME))
+    dots = policies.save_from_both_policies(
+        policies.dots_with_no_batch_dims_saveable, policies.save_only_these_names(DENSE_NAME)
+    )
     return {"full": None, "dots": dots}[name]
 
 
@@ -364,8 +381,18 @@ def stack_layers(params: Params) -> Params:
     return params
 
 
-def apply(config: MistralConfig, params: Params, input_ids, positions, key_pos, key_mask, kv=None, write_index=0,
-          head=True, segments=None):
+def apply(
+    config: MistralConfig,
+    params: Params,
+    input_ids,
+    positions,
+    key_pos,
+    key_mask,
+    kv=None,
+    write_index=0,
+    head=True,
+    segments=None,
+):
     """The general entry point (forward and cached decoding).
 
     input_ids, positions int [B, T]; key_pos, key_mask [B, S] describe every key the

@@ -23,9 +23,20 @@ from c2f_jax.model.config import DtypeTable
 
 # Each safetensors dtype code and the NumPy dtype it stands for, resolved when first used: bfloat16 and the
 # float8 types come from ml_dtypes, whose import the float32-only tools should not pay (config.np_dtype).
-_DTYPE_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn",
-                "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
-                "BOOL": "bool"}
+_DTYPE_NAMES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+}
 
 
 class _Codes(Mapping):
@@ -157,7 +168,9 @@ def write_file(path: str | os.PathLike, tensors, metadata: dict | None = None) -
         for name, shape, dtype, produce in tensors:
             arr = np.ascontiguousarray(produce())
             if arr.shape != tuple(shape) or arr.dtype != np.dtype(dtype):
-                raise SafetensorsError(f"{path}: tensor {name!r} produced {arr.shape}/{arr.dtype}, declared {shape}/{dtype}")
+                raise SafetensorsError(
+                    f"{path}: tensor {name!r} produced {arr.shape}/{arr.dtype}, declared {shape}/{dtype}"
+                )
             f.write(arr.reshape(-1).view(np.uint8).data)  # no copy
         f.flush()
         os.fsync(f.fileno())

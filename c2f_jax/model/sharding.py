@@ -98,8 +98,9 @@ def check_mesh(data: int, fsdp: int, tensor: int, devices: int | None = None) ->
     devices = jax.device_count() if devices is None else devices
     n = data * fsdp * tensor
     if n > devices or (jax.process_count() > 1 and n != devices):
-        raise ShardingError(f"mesh data={data} x fsdp={fsdp} x tensor={tensor} = {n} devices, "
-                            f"but {devices} are available")
+        raise ShardingError(
+            f"mesh data={data} x fsdp={fsdp} x tensor={tensor} = {n} devices, but {devices} are available"
+        )
 
 
 def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
@@ -114,8 +115,7 @@ def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices=None) -> Me
     n = data * fsdp * tensor
     if jax.process_count() == 1 and n < len(devices):
         devices = devices[:n]
-    return jax.make_mesh((data, fsdp, tensor), AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,
-                         devices=devices)
+    return jax.make_mesh((data, fsdp, tensor), AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=devices)
 
 
 def logical_axes(path, leaf) -> tuple:
@@ -145,7 +145,8 @@ def param_shardings(mesh: Mesh, params: Params, layout: str = "train") -> Params
     """A tree like params of NamedShardings in the given layout ('train' or 'rollout')."""
     rules = RULES[layout]
     return jax.tree_util.tree_map_with_path(
-        lambda path, x: NamedSharding(mesh, spec_for(x.shape, logical_axes(path, x), rules, mesh)), params)
+        lambda path, x: NamedSharding(mesh, spec_for(x.shape, logical_axes(path, x), rules, mesh)), params
+    )
 
 
 def like_params(mesh: Mesh, tree, params: Params, layout: str = "train"):

@@ -47,9 +47,11 @@ def _bundled_folder() -> Path:
     shutil.rmtree(src, ignore_errors=True)
     src.mkdir(parents=True)
     shutil.copy(bundled_model_file(), src / "tokenizer.model")
-    (src / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False, "legacy": False}
-    ))
+    (src / "tokenizer_config.json").write_text(
+        json.dumps(
+            {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False, "legacy": False}
+        )
+    )
     tok = transformers.AutoTokenizer.from_pretrained(src)
     tmp = cache.parent / f".tok-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -97,8 +97,8 @@ def update(config: CMConfig, state: dict, reward_mean: float, critic_loss: float
     state = {**state, "steps_at_bucket": state["steps_at_bucket"] + 1}
     if not (math.isfinite(reward_mean) and math.isfinite(critic_loss)):
         return {**state, "rewards": [], "critic_losses": [], "p_advance": 0.0}
-    rewards = (state["rewards"] + [float(reward_mean)])[-config.window:]
-    losses = (state["critic_losses"] + [float(critic_loss)])[-config.window:]
+    rewards = (state["rewards"] + [float(reward_mean)])[-config.window :]
+    losses = (state["critic_losses"] + [float(critic_loss)])[-config.window :]
     state.update(rewards=rewards, critic_losses=losses)
     if config.mode == "fixed" or len(rewards) < config.window:
         return {**state, "p_advance": 0.0}

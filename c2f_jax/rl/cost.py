@@ -51,9 +51,18 @@ class ProgramCost:
     bytes: float  # moved to and from memory, per device
 
 
-def iteration_cost(actor: MistralConfig, critic: MistralConfig, reference: MistralConfig, reward: MistralConfig,
-                   batch: int, prompt: int, response: int, epochs: int, minibatches: int,
-                   devices: int) -> dict[str, ProgramCost]:
+def iteration_cost(
+    actor: MistralConfig,
+    critic: MistralConfig,
+    reference: MistralConfig,
+    reward: MistralConfig,
+    batch: int,
+    prompt: int,
+    response: int,
+    epochs: int,
+    minibatches: int,
+    devices: int,
+) -> dict[str, ProgramCost]:
     """{program: cost} of one coarse iteration (the job's programs, rollout at `response` tokens), FLOPs summed
     over all devices, bytes per device.
 
@@ -70,19 +79,28 @@ def iteration_cost(actor: MistralConfig, critic: MistralConfig, reference: Mistr
     kv_per_token = 2 * actor.num_hidden_layers * actor.num_key_value_heads * actor.head_dim * width
     rows = batch / devices
     decode_bytes = response * weights + rows * kv_per_token * sum(prompt + t for t in range(response))
-    decode_flops = sum(batch * (2 * (_body_params(actor) + actor.hidden_size * actor.vocab_size)
-                                + _attention_flops(actor, prompt + t)) for t in range(response))
+    decode_flops = sum(
+        batch * (2 * (_body_params(actor) + actor.hidden_size * actor.vocab_size) + _attention_flops(actor, prompt + t))
+        for t in range(response)
+    )
     rollout = ProgramCost(forward_flops(actor, batch, prompt, 1) + decode_flops, decode_bytes + weights)
 
     score = forward_flops(reward, batch, seq, 1)
     train = [(actor, response), (critic, response)]
     forwards = sum(forward_flops(c, batch, seq, heads) for c, heads in train)
     backwards = 2 * forwards + 2 * batch * response * actor.hidden_size * actor.vocab_size
-    update = (forwards + forward_flops(reference, batch, seq, response) + epochs * backwards
-              + (epochs - 1 / minibatches) * forwards)
+    update = (
+        forwards
+        + forward_flops(reference, batch, seq, response)
+        + epochs * backwards
+        + (epochs - 1 / minibatches) * forwards
+    )
     train_bytes = sum(sum_params(c) * 4 * 3 for c, _ in train) / devices  # fp32 masters and two moments
-    return {"rollout": rollout, "reward_score": ProgramCost(score, sum_params(reward) * width / devices),
-            "ppo_iteration": ProgramCost(update, train_bytes * (1 + epochs))}
+    return {
+        "rollout": rollout,
+        "reward_score": ProgramCost(score, sum_params(reward) * width / devices),
+        "ppo_iteration": ProgramCost(update, train_bytes * (1 + epochs)),
+    }
 
 
 def sum_params(c: MistralConfig) -> int:
@@ -95,5 +113,11 @@ def seconds(costs: dict[str, ProgramCost], hardware: str, devices: int) -> dict[
     """Estimated seconds per program on `devices` chips of `hardware`: the rollout at the bandwidth bound, the
     others at the FLOP bound, each divided by its measured efficiency."""
     flops, bandwidth = HARDWARE[hardware]
-    return {name: (cost.bytes / (bandwidth * ROLLOUT_BANDWIDTH_EFFICIENCY) if name == "rollout"
-                   else cost.flops / (devices * flops * UPDATE_MFU)) for name, cost in costs.items()}
+    return {
+        name: (
+            cost.bytes / (bandwidth * ROLLOUT_BANDWIDTH_EFFICIENCY)
+            if name == "rollout"
+            else cost.flops / (devices * flops * UPDATE_MFU)
+        )
+        for name, cost in costs.items()
+    }

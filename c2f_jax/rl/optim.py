@@ -37,15 +37,23 @@ class OptimConfig:
     eps: float = 1e-8
 
     def __post_init__(self):
-        bad = next((f"{k}={v!r} must be {rule}" for k, v, ok, rule in (
-            ("lr", self.lr, self.lr > 0, "> 0"),
-            ("warmup_steps", self.warmup_steps, self.warmup_steps >= 0, ">= 0"),
-            ("decay_steps", self.decay_steps, self.decay_steps >= 0, ">= 0 (0: a constant lr after warmup)"),
-            ("weight_decay", self.weight_decay, self.weight_decay >= 0, ">= 0"),
-            ("max_grad_norm", self.max_grad_norm, self.max_grad_norm > 0, "> 0"),
-            ("b1", self.b1, 0 <= self.b1 < 1, "in [0, 1)"),
-            ("b2", self.b2, 0 <= self.b2 < 1, "in [0, 1)"),
-            ("eps", self.eps, self.eps > 0, "> 0")) if not ok), None)
+        bad = next(
+            (
+                f"{k}={v!r} must be {rule}"
+                for k, v, ok, rule in (
+                    ("lr", self.lr, self.lr > 0, "> 0"),
+                    ("warmup_steps", self.warmup_steps, self.warmup_steps >= 0, ">= 0"),
+                    ("decay_steps", self.decay_steps, self.decay_steps >= 0, ">= 0 (0: a constant lr after warmup)"),
+                    ("weight_decay", self.weight_decay, self.weight_decay >= 0, ">= 0"),
+                    ("max_grad_norm", self.max_grad_norm, self.max_grad_norm > 0, "> 0"),
+                    ("b1", self.b1, 0 <= self.b1 < 1, "in [0, 1)"),
+                    ("b2", self.b2, 0 <= self.b2 < 1, "in [0, 1)"),
+                    ("eps", self.eps, self.eps > 0, "> 0"),
+                )
+                if not ok
+            ),
+            None,
+        )
         if bad:
             raise OptimError(bad)
 

@@ -64,16 +64,23 @@ class PPOConfig:
             raise PPOError(f"epochs={self.epochs} and minibatches={self.minibatches} must be >= 1")
         if self.temperature <= 0:
             raise PPOError(f"temperature={self.temperature} must be > 0 (greedy rollouts have no policy ratio)")
-        for name, ok, rule in (("kl_coef", self.kl_coef >= 0, ">= 0"), ("reward_clip", self.reward_clip > 0, "> 0"),
-                               ("gamma", 0 <= self.gamma <= 1, "in [0, 1]"), ("lam", 0 <= self.lam <= 1, "in [0, 1]"),
-                               ("clip_ratio", self.clip_ratio > 0, "> 0"), ("value_clip", self.value_clip > 0, "> 0"),
-                               ("kl_target", self.kl_target >= 0, ">= 0 (0: a fixed kl_coef)"),
-                               ("kl_horizon", self.kl_horizon >= 1, ">= 1")):
+        for name, ok, rule in (
+            ("kl_coef", self.kl_coef >= 0, ">= 0"),
+            ("reward_clip", self.reward_clip > 0, "> 0"),
+            ("gamma", 0 <= self.gamma <= 1, "in [0, 1]"),
+            ("lam", 0 <= self.lam <= 1, "in [0, 1]"),
+            ("clip_ratio", self.clip_ratio > 0, "> 0"),
+            ("value_clip", self.value_clip > 0, "> 0"),
+            ("kl_target", self.kl_target >= 0, ">= 0 (0: a fixed kl_coef)"),
+            ("kl_horizon", self.kl_horizon >= 1, ">= 1"),
+        ):
             if not ok:
                 raise PPOError(f"{name}={getattr(self, name)!r} must be {rule}")
         if self.kl_target and not self.kl_coef:
-            raise PPOError(f"kl_coef=0 with kl_target={self.kl_target}: the adaptive coefficient scales kl_coef, "
-                           "so it must start > 0")
+            raise PPOError(
+                f"kl_coef=0 with kl_target={self.kl_target}: the adaptive coefficient scales kl_coef, "
+                "so it must start > 0"
+            )
 
 
 @jax.tree_util.register_dataclass
@@ -125,8 +132,9 @@ def shaped_rewards(kl: jax.Array, score: jax.Array, mask: jax.Array, kl_coef: fl
     return (-kl_coef * kl + at_last * jnp.clip(score, -reward_clip, reward_clip)[:, None]) * mask
 
 
-def gae(rewards: jax.Array, values: jax.Array, mask: jax.Array, gamma: float = 0.95,
-        lam: float = 0.95) -> tuple[jax.Array, jax.Array]:
+def gae(
+    rewards: jax.Array, values: jax.Array, mask: jax.Array, gamma: float = 0.95, lam: float = 0.95
+) -> tuple[jax.Array, jax.Array]:
     """Generalised advantage estimation over float32 [B, R]; mask marks valid tokens (a prefix of each row).
 
     The value after the last valid token is 0 (the episode ends there). Returns
@@ -167,8 +175,15 @@ def value_loss(values, old_values, returns, mask, value_clip: float) -> jax.Arra
 # ----------------------------------------------------------------------------- forward passes
 
 
-def response_logprobs(config: MistralConfig, params: Params, seq_ids, seq_mask, response_len: int,
-                      temperature: float = 1.0, suppress: tuple[int, ...] = ()) -> tuple[jax.Array, jax.Array]:
+def response_logprobs(
+    config: MistralConfig,
+    params: Params,
+    seq_ids,
+    seq_mask,
+    response_len: int,
+    temperature: float = 1.0,
+    suppress: tuple[int, ...] = (),
+) -> tuple[jax.Array, jax.Array]:
     """(logprob of each response token, entropy of the policy there), float32 [B, R].
 
     Position P-1+t predicts response token t, so the logits used are [:, P-1:-1].
@@ -176,15 +191,17 @@ def response_logprobs(config: MistralConfig, params: Params, seq_ids, seq_mask, 
     The entropy is a metric: no gradient flows through it.
     """
     # The LM head only where response tokens are predicted: [B, R, V] logits, not [B, P+R, V].
-    hidden = model.hidden_states(config, params, seq_ids, seq_mask)[:, -response_len - 1:-1]  # [B, R, D]
-    logp, entropy = token_logprobs(hidden, model.head_weight(config, params), seq_ids[:, -response_len:], temperature,
-                                   suppress)
+    hidden = model.hidden_states(config, params, seq_ids, seq_mask)[:, -response_len - 1 : -1]  # [B, R, D]
+    logp, entropy = token_logprobs(
+        hidden, model.head_weight(config, params), seq_ids[:, -response_len:], temperature, suppress
+    )
     return logp, jax.lax.stop_gradient(entropy)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def token_logprobs(hidden, head, tokens, temperature: float = 1.0,
-                   suppress: tuple[int, ...] = ()) -> tuple[jax.Array, jax.Array]:
+def token_logprobs(
+    hidden, head, tokens, temperature: float = 1.0, suppress: tuple[int, ...] = ()
+) -> tuple[jax.Array, jax.Array]:
     """(log softmax(hidden @ head / temperature) at tokens, entropy), float32 [B, R].
 
     hidden [B, R, D], head [D, V], tokens int [B, R]; the `suppress` ids (static) get
@@ -229,17 +246,20 @@ token_logprobs.defvjp(_token_logprobs_fwd, _token_logprobs_bwd)
 
 def response_values(config: MistralConfig, params: Params, seq_ids, seq_mask, response_len: int) -> jax.Array:
     """Critic value of the state before each response token, float32 [B, R]."""
-    return model.forward_values(config, params, seq_ids, seq_mask)[:, -response_len - 1:-1]
+    return model.forward_values(config, params, seq_ids, seq_mask)[:, -response_len - 1 : -1]
 
 
 def join(prompt_ids, prompt_mask, tokens, response_mask) -> tuple[jax.Array, jax.Array]:
     """Prompt [B, P] + response [B, R] -> seq_ids, seq_mask int32 [B, P+R] (after-EOS tokens masked out)."""
-    return (jnp.concatenate([prompt_ids, tokens], axis=1).astype(jnp.int32),
-            jnp.concatenate([prompt_mask, response_mask], axis=1).astype(jnp.int32))
+    return (
+        jnp.concatenate([prompt_ids, tokens], axis=1).astype(jnp.int32),
+        jnp.concatenate([prompt_mask, response_mask], axis=1).astype(jnp.int32),
+    )
 
 
-def policy_logprobs(config: MistralConfig, params: Params, seq_ids, seq_mask, response_len: int,
-                    ppo: PPOConfig) -> tuple[jax.Array, jax.Array]:
+def policy_logprobs(
+    config: MistralConfig, params: Params, seq_ids, seq_mask, response_len: int, ppo: PPOConfig
+) -> tuple[jax.Array, jax.Array]:
     """`response_logprobs` under the sampler's policy as `ppo` records it (temperature, suppressed ids)."""
     return response_logprobs(config, params, seq_ids, seq_mask, response_len, ppo.temperature, ppo.suppress_token_ids)
 
@@ -250,8 +270,18 @@ def scored_experience(seq_ids, seq_mask, response_mask, old, ref, values, score,
     kl_coef = ppo.kl_coef if kl_coef is None else kl_coef
     rewards = shaped_rewards(kl_penalty(old, ref, ppo.kl_estimator), score, mask, kl_coef, ppo.reward_clip)
     advantages, returns = gae(rewards, values, mask, ppo.gamma, ppo.lam)
-    return Experience(seq_ids, seq_mask, mask, old * mask, ref * mask, values * mask, rewards,
-                      whiten(advantages, mask), returns, score)
+    return Experience(
+        seq_ids,
+        seq_mask,
+        mask,
+        old * mask,
+        ref * mask,
+        values * mask,
+        rewards,
+        whiten(advantages, mask),
+        returns,
+        score,
+    )
 
 
 def experience_metrics(exp: Experience) -> dict:
@@ -265,10 +295,15 @@ def experience_metrics(exp: Experience) -> dict:
     def spread(x):
         return jnp.sqrt(masked_mean((x - masked_mean(x, mask)) ** 2, mask))
 
-    return {"kl": masked_mean(kl, mask), "kl/per_response": jnp.mean(jnp.sum(kl, axis=-1)),
-            "advantages/mean": masked_mean(advantages, mask), "advantages/std": spread(advantages),
-            "returns/mean": masked_mean(exp.returns, mask), "returns/std": spread(exp.returns),
-            "value/explained_variance": 1.0 - spread(advantages) ** 2 / jnp.maximum(spread(exp.returns) ** 2, 1e-12)}
+    return {
+        "kl": masked_mean(kl, mask),
+        "kl/per_response": jnp.mean(jnp.sum(kl, axis=-1)),
+        "advantages/mean": masked_mean(advantages, mask),
+        "advantages/std": spread(advantages),
+        "returns/mean": masked_mean(exp.returns, mask),
+        "returns/std": spread(exp.returns),
+        "value/explained_variance": 1.0 - spread(advantages) ** 2 / jnp.maximum(spread(exp.returns) ** 2, 1e-12),
+    }
 
 
 def adapt_kl_coef(kl_coef: float, kl_per_token: float, batch: int, ppo: PPOConfig) -> float:
@@ -318,8 +353,10 @@ MAX_METRICS = ("ratio/max",)
 def _forwards(states, mb: Experience, *, actor_config, critic_config, ppo: PPOConfig) -> tuple:
     """Both models' forward passes on a minibatch at the states' params, kept for their backward passes."""
     R = mb.response_mask.shape[1]
-    return (_actor_forward(actor_config, states[0].params, mb.seq_ids, mb.seq_mask, R, ppo),
-            _critic_forward(critic_config, states[1].params, mb.seq_ids, mb.seq_mask, R))
+    return (
+        _actor_forward(actor_config, states[0].params, mb.seq_ids, mb.seq_mask, R, ppo),
+        _critic_forward(critic_config, states[1].params, mb.seq_ids, mb.seq_mask, R),
+    )
 
 
 def _minibatch_step(states, mb: Experience, forwards, *, ppo: PPOConfig):
@@ -327,23 +364,37 @@ def _minibatch_step(states, mb: Experience, forwards, *, ppo: PPOConfig):
     model's outputs, pulled back through its forward pass (`forwards`, from `_forwards`)."""
     (actor_state, critic_state), ((logp, actor_pullback, entropy), (values, critic_pullback)) = states, forwards
     (p_loss, info), d_logp = jax.value_and_grad(policy_loss, has_aux=True)(
-        logp, mb.old_logprobs, mb.advantages, mb.response_mask, ppo.clip_ratio)
+        logp, mb.old_logprobs, mb.advantages, mb.response_mask, ppo.clip_ratio
+    )
     actor_state, a_info = optim.apply_gradients(actor_state, actor_pullback(d_logp)[0], p_loss, ppo.actor)
-    v_loss, d_values = jax.value_and_grad(value_loss)(values, mb.values, mb.returns, mb.response_mask,
-                                                      ppo.value_clip)
+    v_loss, d_values = jax.value_and_grad(value_loss)(values, mb.values, mb.returns, mb.response_mask, ppo.value_clip)
     critic_state, c_info = optim.apply_gradients(critic_state, critic_pullback(d_values)[0], v_loss, ppo.critic)
 
     ratio = jnp.where(mb.response_mask > 0, jnp.exp(logp - mb.old_logprobs), 0.0)
-    metrics = {"loss/policy": p_loss, "loss/value": v_loss, "clipfrac": info["clipfrac"],
-               "approx_kl": info["approx_kl"], "ratio/max": jnp.max(ratio),
-               "entropy": masked_mean(entropy, mb.response_mask),
-               "grad_norm/actor": a_info["grad_norm"], "grad_norm/critic": c_info["grad_norm"]}
+    metrics = {
+        "loss/policy": p_loss,
+        "loss/value": v_loss,
+        "clipfrac": info["clipfrac"],
+        "approx_kl": info["approx_kl"],
+        "ratio/max": jnp.max(ratio),
+        "entropy": masked_mean(entropy, mb.response_mask),
+        "grad_norm/actor": a_info["grad_norm"],
+        "grad_norm/critic": c_info["grad_norm"],
+    }
     return (actor_state, critic_state), metrics
 
 
-def update(actor_state: optim.TrainState, critic_state: optim.TrainState, exp: Experience, orders: jax.Array, *,
-           actor_config: MistralConfig, critic_config: MistralConfig, ppo: PPOConfig,
-           first_forwards=None) -> tuple[optim.TrainState, optim.TrainState, dict]:
+def update(
+    actor_state: optim.TrainState,
+    critic_state: optim.TrainState,
+    exp: Experience,
+    orders: jax.Array,
+    *,
+    actor_config: MistralConfig,
+    critic_config: MistralConfig,
+    ppo: PPOConfig,
+    first_forwards=None,
+) -> tuple[optim.TrainState, optim.TrainState, dict]:
     """`ppo.epochs` passes over the experience in `ppo.minibatches` minibatches, one program.
 
     orders: int32 [epochs, B], each epoch's order of the rows (`epoch_orders`). Actor and critic step with
@@ -361,16 +412,29 @@ def update(actor_state: optim.TrainState, critic_state: optim.TrainState, exp: E
     states = (actor_state, critic_state)
     states, first_metrics = step(states, first, first_forwards or forwards(states, first))
     states, later_metrics = jax.lax.scan(lambda s, mb: step(s, mb, forwards(s, mb)), states, later)
-    reduced = {k: (jnp.max if k in MAX_METRICS else jnp.mean)(jnp.concatenate([first_metrics[k][None],
-                                                                             later_metrics[k]]))
-               for k in first_metrics}
+    reduced = {
+        k: (jnp.max if k in MAX_METRICS else jnp.mean)(jnp.concatenate([first_metrics[k][None], later_metrics[k]]))
+        for k in first_metrics
+    }
     return *states, reduced
 
 
-def iteration(actor_state: optim.TrainState, critic_state: optim.TrainState, reference: Params, seq_ids, seq_mask,
-              response_mask, score, rng: jax.Array, kl_coef=None, *, actor_config: MistralConfig,
-              ref_config: MistralConfig, critic_config: MistralConfig,
-              ppo: PPOConfig) -> tuple[optim.TrainState, optim.TrainState, Experience, dict]:
+def iteration(
+    actor_state: optim.TrainState,
+    critic_state: optim.TrainState,
+    reference: Params,
+    seq_ids,
+    seq_mask,
+    response_mask,
+    score,
+    rng: jax.Array,
+    kl_coef=None,
+    *,
+    actor_config: MistralConfig,
+    ref_config: MistralConfig,
+    critic_config: MistralConfig,
+    ppo: PPOConfig,
+) -> tuple[optim.TrainState, optim.TrainState, Experience, dict]:
     """One PPO iteration as one program: score the rollout (old and reference logprobs, values, shaped rewards,
     whitened advantages, returns: `scored_experience`), then `update`.
 
@@ -399,7 +463,14 @@ def iteration(actor_state: optim.TrainState, critic_state: optim.TrainState, ref
     in_order = jnp.argsort(orders[0])  # rows [first, rest] back to input order
     ref, _ = policy_logprobs(ref_config, reference, seq_ids, seq_mask, R, ppo)
     exp = scored_experience(seq_ids, seq_mask, response_mask, old[in_order], ref, values[in_order], score, kl_coef, ppo)
-    actor_state, critic_state, metrics = update(actor_state, critic_state, exp, orders, actor_config=actor_config,
-                                                critic_config=critic_config, ppo=ppo,
-                                                first_forwards=(actor_first, critic_first))
+    actor_state, critic_state, metrics = update(
+        actor_state,
+        critic_state,
+        exp,
+        orders,
+        actor_config=actor_config,
+        critic_config=critic_config,
+        ppo=ppo,
+        first_forwards=(actor_first, critic_first),
+    )
     return actor_state, critic_state, exp, {**metrics, **experience_metrics(exp)}

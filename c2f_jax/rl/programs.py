@@ -45,11 +45,22 @@ class CoarsePrograms:
     iteration: object
 
 
-def coarse_programs(mesh: Mesh, *, actor_config: MistralConfig, ref_config: MistralConfig,
-                    critic_config: MistralConfig, rm_config: MistralConfig, pc: ppo.PPOConfig,
-                    sampling: rollout.SamplingConfig, eos_token_ids: tuple, pad_id: int,
-                    actor_state: optim.TrainState, critic_state: optim.TrainState, reference: Params,
-                    rm_params: Params) -> CoarsePrograms:
+def coarse_programs(
+    mesh: Mesh,
+    *,
+    actor_config: MistralConfig,
+    ref_config: MistralConfig,
+    critic_config: MistralConfig,
+    rm_config: MistralConfig,
+    pc: ppo.PPOConfig,
+    sampling: rollout.SamplingConfig,
+    eos_token_ids: tuple,
+    pad_id: int,
+    actor_state: optim.TrainState,
+    critic_state: optim.TrainState,
+    reference: Params,
+    rm_params: Params,
+) -> CoarsePrograms:
     batch2, batch1, repl = sharding.batch_sharding(mesh, 2), sharding.batch_sharding(mesh, 1), sharding.replicated(mesh)
     actor_sh = sharding.like_params(mesh, actor_state, actor_state.params)
     critic_sh = sharding.like_params(mesh, critic_state, critic_state.params)
@@ -63,9 +74,17 @@ def coarse_programs(mesh: Mesh, *, actor_config: MistralConfig, ref_config: Mist
 
     @functools.lru_cache(maxsize=None)
     def generate(length: int):
-        return _jit(mesh, rollout.sample, (rollout_sh, batch2, batch2, repl), rollout.Rollout(batch2, batch2, batch2),
-                    config=layout, max_new_tokens=length, sampling=sampling,
-                    eos_token_ids=eos_token_ids, pad_id=pad_id)
+        return _jit(
+            mesh,
+            rollout.sample,
+            (rollout_sh, batch2, batch2, repl),
+            rollout.Rollout(batch2, batch2, batch2),
+            config=layout,
+            max_new_tokens=length,
+            sampling=sampling,
+            eos_token_ids=eos_token_ids,
+            pad_id=pad_id,
+        )
 
     exp_sh = ppo.Experience(*([batch2] * 9), batch1)
     return CoarsePrograms(
@@ -73,9 +92,17 @@ def coarse_programs(mesh: Mesh, *, actor_config: MistralConfig, ref_config: Mist
         copy_programs=copy_programs,
         generate=generate,
         score=_jit(mesh, reward.score_sequences, (rm_sh, batch2, batch2), batch1, config=rm_config),
-        iteration=_jit(mesh, ppo.iteration, (actor_sh, critic_sh, ref_sh, batch2, batch2, batch2, batch1, repl, repl),
-                       (actor_sh, critic_sh, exp_sh, repl), donate=(0, 1), actor_config=actor_config,
-                       ref_config=ref_config, critic_config=critic_config, ppo=pc),
+        iteration=_jit(
+            mesh,
+            ppo.iteration,
+            (actor_sh, critic_sh, ref_sh, batch2, batch2, batch2, batch1, repl, repl),
+            (actor_sh, critic_sh, exp_sh, repl),
+            donate=(0, 1),
+            actor_config=actor_config,
+            ref_config=ref_config,
+            critic_config=critic_config,
+            ppo=pc,
+        ),
     )
 
 
@@ -89,12 +116,15 @@ def _rollout_copy(mesh, layout: MistralConfig, config: MistralConfig, train_sh: 
     it into its output, holding a second whole copy (README, "Measurements behind the code's choices").
     """
     cast = lambda tree, sh: jax.tree.map(
-        lambda a, s: jax.lax.with_sharding_constraint(a.astype(config.compute_dtype), s), tree, sh)
+        lambda a, s: jax.lax.with_sharding_constraint(a.astype(config.compute_dtype), s), tree, sh
+    )
     rest = [k for k in train_sh if not k.startswith("layers")]
     rest_sh = {k: train_sh[k] for k in rest}
-    copy_rest = _jit(mesh, lambda p: rollout.rollout_params(layout, cast(p, rest_sh)), (rest_sh,),
-                     {k: rollout_sh[k] for k in rest})
+    copy_rest = _jit(
+        mesh, lambda p: rollout.rollout_params(layout, cast(p, rest_sh)), (rest_sh,), {k: rollout_sh[k] for k in rest}
+    )
     if config.scan_layers:  # layer i of the stacked weights, i a traced index: one program for every layer
+
         def one_layer(stacked, i):
             one = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, i, 1), stacked)
             return rollout.rollout_params(layout, {"layers": cast(one, train_sh["layers"])})["layers_0"]
@@ -102,6 +132,7 @@ def _rollout_copy(mesh, layout: MistralConfig, config: MistralConfig, train_sh: 
         layer_sh = (train_sh["layers"], sharding.replicated(mesh))
         layer = lambda params, i: (params["layers"], np.int32(i))
     else:
+
         def one_layer(weights):
             return rollout.rollout_params(layout, {"layers_0": cast(weights, train_sh["layers_0"])})["layers_0"]
 
@@ -116,6 +147,7 @@ def _rollout_copy(mesh, layout: MistralConfig, config: MistralConfig, train_sh: 
         for i in range(config.num_hidden_layers):
             copy[f"layers_{i}"] = copy_layer(*layer(params, i))
         return copy
+
     return to_rollout, {"copy_rest": (copy_rest, rest_of), "copy_layer": (copy_layer, lambda params: layer(params, 0))}
 
 
@@ -125,13 +157,22 @@ class RewardPrograms:
     margins: object
 
 
-def reward_programs(mesh: Mesh, *, config: MistralConfig, optim_config: optim.OptimConfig,
-                    state: optim.TrainState) -> RewardPrograms:
-    batch = {k: sharding.batch_sharding(mesh, 2) for k in ("chosen_ids", "chosen_mask", "rejected_ids",
-                                                            "rejected_mask")}
+def reward_programs(
+    mesh: Mesh, *, config: MistralConfig, optim_config: optim.OptimConfig, state: optim.TrainState
+) -> RewardPrograms:
+    batch = {
+        k: sharding.batch_sharding(mesh, 2) for k in ("chosen_ids", "chosen_mask", "rejected_ids", "rejected_mask")
+    }
     state_sh, repl = sharding.like_params(mesh, state, state.params), sharding.replicated(mesh)
     return RewardPrograms(
-        train=_jit(mesh, reward.train, (state_sh, batch), (state_sh, repl), donate=(0,), config=config,
-                   optim_config=optim_config),
+        train=_jit(
+            mesh,
+            reward.train,
+            (state_sh, batch),
+            (state_sh, repl),
+            donate=(0,),
+            config=config,
+            optim_config=optim_config,
+        ),
         margins=_jit(mesh, reward.margins, (state_sh.params, batch), sharding.batch_sharding(mesh, 1), config=config),
     )

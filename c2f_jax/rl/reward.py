@@ -52,8 +52,9 @@ def bradley_terry(chosen: jax.Array, rejected: jax.Array) -> dict:
     }
 
 
-def train(state: optim.TrainState, batch: dict, *, config: MistralConfig,
-               optim_config: optim.OptimConfig) -> tuple[optim.TrainState, dict]:
+def train(
+    state: optim.TrainState, batch: dict, *, config: MistralConfig, optim_config: optim.OptimConfig
+) -> tuple[optim.TrainState, dict]:
     """One AdamW step on the Bradley-Terry loss; batch holds int32 [B, T] chosen/rejected ids and masks."""
 
     def loss_fn(params):

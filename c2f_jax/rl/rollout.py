@@ -68,8 +68,10 @@ def init_kv(config: MistralConfig, batch: int, lengths: Sequence[int]):
     L = c.num_hidden_layers if c.scan_layers else 1
     K, H = c.num_key_value_heads, c.head_dim
     block = lambda shape: shard_as(jnp.zeros(shape, c.compute_dtype), None, BATCH, "tensor", None, None)
-    layer = lambda: {"k": [block((L, batch, K, n, H)) for n in lengths],
-                     "v": [block((L, batch, K, H, n)) for n in lengths]}
+    layer = lambda: {
+        "k": [block((L, batch, K, n, H)) for n in lengths],
+        "v": [block((L, batch, K, H, n)) for n in lengths],
+    }
     return layer() if c.scan_layers else [layer() for _ in range(c.num_hidden_layers)]
 
 
@@ -178,8 +180,9 @@ def decode_chunks(new_tokens: int, chunk: int = DECODE_CHUNK) -> list[tuple[int,
     return [(first, min(first + size, new_tokens)) for first in range(1, new_tokens, size)]
 
 
-def decode(params, prompt_ids, prompt_mask, rng, *, config, max_new_tokens, sampling, eos_token_ids, pad_id,
-           chunk=DECODE_CHUNK) -> tuple[Rollout, jax.Array]:
+def decode(
+    params, prompt_ids, prompt_mask, rng, *, config, max_new_tokens, sampling, eos_token_ids, pad_id, chunk=DECODE_CHUNK
+) -> tuple[Rollout, jax.Array]:
     """`sample`, plus the number of decode steps that ran the model: int32 [], max_new_tokens - 1 unless every
     row had stopped (EOS not suppressed) before a chunk began, which then runs no model step."""
     B, P = prompt_ids.shape
@@ -208,19 +211,29 @@ def decode(params, prompt_ids, prompt_mask, rng, *, config, max_new_tokens, samp
         key_mask = jax.lax.dynamic_update_slice(key_mask, jnp.ones((B, 1), jnp.int32), (0, slot))
         key_pos = jax.lax.dynamic_update_slice(key_pos, next_pos[:, None], (0, slot))
         attend = P + end - 1
-        hidden, kv = model.apply(config, params, token[:, None], next_pos[:, None], key_pos[:, :attend],
-                                 key_mask[:, :attend], kv, t - begin, head=False)
+        hidden, kv = model.apply(
+            config,
+            params,
+            token[:, None],
+            next_pos[:, None],
+            key_pos[:, :attend],
+            key_mask[:, :attend],
+            kv,
+            t - begin,
+            head=False,
+        )
         new, new_logprob = draw(model.head_output(config, params, hidden[:, 0]), rngs[t], sampling)
-        return ((new, new_logprob, alive_after(token, alive), next_pos + 1, key_mask, key_pos, kv),
-                (token, logprob, alive))
+        return (
+            (new, new_logprob, alive_after(token, alive), next_pos + 1, key_mask, key_pos, kv),
+            (token, logprob, alive),
+        )
 
     def stopped(carry, t):
         """Every row has stopped: the last token keeps its flag, the slots after it are masked; no model call."""
         token, logprob, alive, *rest = carry
         return (token, logprob, alive * 0, *rest), (token, logprob, alive)
 
-    carry = (*draw(logits, rngs[0], sampling), jnp.ones((B,), jnp.int32), prompt_pos[:, -1] + 1,
-             key_mask, key_pos, kv)
+    carry = (*draw(logits, rngs[0], sampling), jnp.ones((B,), jnp.int32), prompt_pos[:, -1] + 1, key_mask, key_pos, kv)
     outputs, ran = [], jnp.int32(0)  # per chunk: (tokens, logprobs, mask), each [steps, B]
     for begin, end in chunks:
         steps = jnp.arange(begin, end)
@@ -234,9 +247,13 @@ def decode(params, prompt_ids, prompt_mask, rng, *, config, max_new_tokens, samp
             ran += end - begin
         outputs.append(out)
     # Each output's chunks, then the last sampled token's entry from the carry: [B, R].
-    tokens, logprobs, mask = (jnp.concatenate([*parts, last[None]], axis=0).T
-                              for parts, last in zip(list(zip(*outputs)) or [()] * 3, carry[:3]))
-    return Rollout(tokens=jnp.where(mask > 0, tokens, pad_id), mask=mask, logprobs=jnp.where(mask > 0, logprobs, 0.0)), ran
+    tokens, logprobs, mask = (
+        jnp.concatenate([*parts, last[None]], axis=0).T
+        for parts, last in zip(list(zip(*outputs)) or [()] * 3, carry[:3])
+    )
+    return Rollout(
+        tokens=jnp.where(mask > 0, tokens, pad_id), mask=mask, logprobs=jnp.where(mask > 0, logprobs, 0.0)
+    ), ran
 
 
 def sample(params, prompt_ids, prompt_mask, rng, **settings) -> Rollout:
@@ -257,8 +274,9 @@ def _sample_loaded(params, prompt_ids, prompt_mask, rng, *, config, **settings) 
     return sample(rollout_params(config, params), prompt_ids, prompt_mask, rng, config=config, **settings)
 
 
-_generate_loaded = jax.jit(_sample_loaded,
-                           static_argnames=("config", "max_new_tokens", "sampling", "eos_token_ids", "pad_id"))
+_generate_loaded = jax.jit(
+    _sample_loaded, static_argnames=("config", "max_new_tokens", "sampling", "eos_token_ids", "pad_id")
+)
 
 
 def check_lengths(config: MistralConfig, batch: int, prompt_len: int, max_new_tokens: int) -> None:
@@ -266,22 +284,44 @@ def check_lengths(config: MistralConfig, batch: int, prompt_len: int, max_new_to
     or its KV cache alone would not fit in one device's memory (XLA would abort the process instead)."""
     total = prompt_len + max_new_tokens
     if total > config.max_position_embeddings:
-        raise RolloutError(f"max_new_tokens={max_new_tokens}: prompt ({prompt_len}) + response = {total} tokens is "
-                           f"more than the model's {config.max_position_embeddings} positions")
-    cache = (2 * config.num_hidden_layers * batch * total * config.num_key_value_heads * config.head_dim
-             * jnp.dtype(config.compute_dtype).itemsize)
+        raise RolloutError(
+            f"max_new_tokens={max_new_tokens}: prompt ({prompt_len}) + response = {total} tokens is "
+            f"more than the model's {config.max_position_embeddings} positions"
+        )
+    cache = (
+        2
+        * config.num_hidden_layers
+        * batch
+        * total
+        * config.num_key_value_heads
+        * config.head_dim
+        * jnp.dtype(config.compute_dtype).itemsize
+    )
     device = jax.local_devices()[0]
     stats = device.memory_stats() if device.platform != "cpu" else None
     limit = (stats or {}).get("bytes_limit") or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if cache > limit:
-        raise RolloutError(f"max_new_tokens={max_new_tokens}: the KV cache for {batch} x {total} tokens needs "
-                           f"{cache / 2**30:.1f} GiB, more than the {limit / 2**30:.1f} GiB of {device.platform} memory")
+        raise RolloutError(
+            f"max_new_tokens={max_new_tokens}: the KV cache for {batch} x {total} tokens needs "
+            f"{cache / 2**30:.1f} GiB, more than the {limit / 2**30:.1f} GiB of {device.platform} memory"
+        )
 
 
-def generate(config: MistralConfig, params: Params, prompt_ids, prompt_mask, rng, *, max_new_tokens: int,
-             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             suppress_token_ids: Sequence[int] = (), eos_token_ids: Sequence[int] | None = None,
-             pad_id: int | None = None) -> Rollout:
+def generate(
+    config: MistralConfig,
+    params: Params,
+    prompt_ids,
+    prompt_mask,
+    rng,
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    suppress_token_ids: Sequence[int] = (),
+    eos_token_ids: Sequence[int] | None = None,
+    pad_id: int | None = None,
+) -> Rollout:
     """Samples exactly `max_new_tokens` tokens after left-padded prompts.
 
     prompt_ids, prompt_mask: int [B, P], P a prompt bucket, every row with >= 1 real
@@ -303,12 +343,22 @@ def generate(config: MistralConfig, params: Params, prompt_ids, prompt_mask, rng
     check_lengths(config, *prompt_ids.shape, max_new_tokens)
     if not bool(jnp.all(prompt_mask[:, -1] == 1)):
         raise RolloutError("prompts must be left-padded: every row's last column must be a real token")
-    sampling = SamplingConfig(float(temperature), int(top_k), float(top_p),
-                              tuple(sorted(int(t) for t in suppress_token_ids)))
+    sampling = SamplingConfig(
+        float(temperature), int(top_k), float(top_p), tuple(sorted(int(t) for t in suppress_token_ids))
+    )
     eos = tuple(config.eos_token_ids if eos_token_ids is None else eos_token_ids)
     if pad_id is None:
         pad_id = config.pad_token_id if config.pad_token_id is not None else 0
     layout = rollout_layout(config, backend.of(jax.default_backend()))
     program = _generate if config == layout else _generate_loaded
-    return program(params, prompt_ids, prompt_mask, rng, config=layout, max_new_tokens=int(max_new_tokens),
-                   sampling=sampling, eos_token_ids=eos, pad_id=int(pad_id))
+    return program(
+        params,
+        prompt_ids,
+        prompt_mask,
+        rng,
+        config=layout,
+        max_new_tokens=int(max_new_tokens),
+        sampling=sampling,
+        eos_token_ids=eos,
+        pad_id=int(pad_id),
+    )

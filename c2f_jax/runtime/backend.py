@@ -38,8 +38,12 @@ def of(platform: str) -> Backend:
     """The choices for a JAX platform name ("cpu", "gpu", "tpu")."""
     cpu = platform == "cpu"
     hints = os.environ.get(HINTS_ENV)
-    return Backend(platform=platform, transposed_down=cpu,
-                   sharding_hints=(not cpu) if hints is None else hints == "1", serial_programs=cpu)
+    return Backend(
+        platform=platform,
+        transposed_down=cpu,
+        sharding_hints=(not cpu) if hints is None else hints == "1",
+        serial_programs=cpu,
+    )
 
 
 def of_mesh(mesh) -> Backend:

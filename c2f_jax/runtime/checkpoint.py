@@ -68,9 +68,13 @@ def _closed_loop_callback(unraisable) -> bool:
     """TensorStore's native thread calling `loop.call_soon_threadsafe` on Orbax's closed loop: the traceback
     starts in asyncio (no Python caller) and the unraisable has no object."""
     tb = unraisable.exc_traceback
-    return (unraisable.object is None and isinstance(unraisable.exc_value, RuntimeError)
-            and str(unraisable.exc_value) == "Event loop is closed" and tb is not None
-            and tb.tb_frame.f_code.co_name == "call_soon_threadsafe")
+    return (
+        unraisable.object is None
+        and isinstance(unraisable.exc_value, RuntimeError)
+        and str(unraisable.exc_value) == "Event loop is closed"
+        and tb is not None
+        and tb.tb_frame.f_code.co_name == "call_soon_threadsafe"
+    )
 
 
 _UNREAD = "_read_array_index_and_device_put"  # Orbax's per-array read coroutine
@@ -93,8 +97,11 @@ def drop_orbax_echoes() -> Callable[[], None]:
 
     def hook(unraisable) -> None:
         code = getattr(unraisable.object, "cr_code", None)
-        if not (_closed_loop_callback(unraisable) or (code is not None and _in_orbax(code))
-                or _from_orbax(unraisable.exc_traceback)):
+        if not (
+            _closed_loop_callback(unraisable)
+            or (code is not None and _in_orbax(code))
+            or _from_orbax(unraisable.exc_traceback)
+        ):
             previous(unraisable)
 
     def log_filter(record) -> bool:
@@ -143,8 +150,11 @@ def _close_abandoned_reads() -> None:
     gc.collect()
     for obj in gc.get_objects():
         # type(), not isinstance(): that reads __class__, which some objects compute (and warn from)
-        if (type(obj) is types.CoroutineType and obj.cr_code.co_name == _UNREAD
-                and inspect.getcoroutinestate(obj) == inspect.CORO_CREATED):
+        if (
+            type(obj) is types.CoroutineType
+            and obj.cr_code.co_name == _UNREAD
+            and inspect.getcoroutinestate(obj) == inspect.CORO_CREATED
+        ):
             obj.close()
 
 
@@ -189,12 +199,17 @@ def unreadable(step_dir: Path, error: BaseException) -> CheckpointError:
     tensor = re.search(r'Error reading "([^"/]+)', text)
     what = f"tensor {tensor.group(1).replace('.', '/')}" if tensor else "its arrays"
     size = re.search(r"value of size (\d+)", text)
-    cut = [p for p in (step_dir / "state").rglob("*") if size and p.is_file() and p.stat().st_size == int(size.group(1))]
+    cut = [
+        p for p in (step_dir / "state").rglob("*") if size and p.is_file() and p.stat().st_size == int(size.group(1))
+    ]
     if cut:
-        return CheckpointError(f"checkpoint step {step_dir.name}: {what} cannot be read: {cut[0]} is truncated "
-                               f"({size.group(1)} bytes)")
-    return CheckpointError(f"checkpoint step {step_dir.name}: {what} cannot be read from {step_dir / 'state'} "
-                           f"({type(error).__name__}: {text[:200]})")
+        return CheckpointError(
+            f"checkpoint step {step_dir.name}: {what} cannot be read: {cut[0]} is truncated ({size.group(1)} bytes)"
+        )
+    return CheckpointError(
+        f"checkpoint step {step_dir.name}: {what} cannot be read from {step_dir / 'state'} "
+        f"({type(error).__name__}: {text[:200]})"
+    )
 
 
 def latest_checked(workdir: str | os.PathLike) -> int | None:
@@ -222,8 +237,10 @@ def with_hint(workdir: str | os.PathLike, step: int, error: CheckpointError) -> 
             except CheckpointError:
                 continue
             broken = ckpt.directory / str(step)
-            return CheckpointError(f"{error}; step {earlier} is intact: to resume from it, move the broken step "
-                                   f"aside (mv {broken} {ckpt.directory.parent / f'broken-step-{step}'}) and rerun")
+            return CheckpointError(
+                f"{error}; step {earlier} is intact: to resume from it, move the broken step "
+                f"aside (mv {broken} {ckpt.directory.parent / f'broken-step-{step}'}) and rerun"
+            )
     finally:
         ckpt.close()
     return CheckpointError(f"{error}; no earlier checkpoint is intact: use another --workdir to start over")
@@ -236,8 +253,9 @@ class Checkpointer:
         """`writer`: the job that holds the workdir (runtime.workdir_lock); it removes the uncommitted folders
         a save cut off (a kill, a full disk) left behind. A reader must not: they may be a running save's."""
         self.directory = Path(workdir).absolute() / "checkpoints"
-        self.options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
-                                                    create=True, cleanup_tmp_directories=writer)
+        self.options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=writer
+        )
         _drop_orbax_echoes_from_now_on()  # before the manager: making it can fail on a bad disk too
         self.manager = ocp.CheckpointManager(self.directory, options=self.options)
         self._saving: int | None = None
@@ -253,8 +271,9 @@ class Checkpointer:
         self.wait()  # the previous save: its failure is its own
         self._saving = step
         with self._save_failures():
-            self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                            meta=ocp.args.JsonSave(meta)))
+            self.manager.save(
+                step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+            )
 
     def restore(self, step: int | None = None, target: Any = None) -> tuple[Any, dict]:
         """(state, meta) of `step` (default: latest). `target`: a tree of arrays or ShapeDtypeStructs
@@ -262,12 +281,14 @@ class Checkpointer:
         step = self._existing(step)
         if target is not None:
             target = jax.tree.map(
-                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), target)
+                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), target
+            )
         step_dir = self.directory / str(step)
         check_files(step_dir)
         try:
-            restored = self.manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+            restored = self.manager.restore(
+                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
+            )
         except Exception as e:  # TensorStore's and Orbax's errors (of several types) for a file cut short or garbled
             _finalise_failed_read(e)
             raise unreadable(step_dir, e) from None
@@ -294,12 +315,14 @@ class Checkpointer:
 
         def inside(path) -> bool:
             names = tuple(getattr(k, "key", getattr(k, "idx", None)) for k in path)
-            return names[:len(keys)] == tuple(keys)
+            return names[: len(keys)] == tuple(keys)
 
         item = jax.tree_util.tree_map_with_path(
-            lambda path, m: jax.ShapeDtypeStruct(m.shape, m.dtype) if inside(path) else ocp.PLACEHOLDER, saved)
+            lambda path, m: jax.ShapeDtypeStruct(m.shape, m.dtype) if inside(path) else ocp.PLACEHOLDER, saved
+        )
         args = jax.tree_util.tree_map_with_path(
-            lambda path, m: ocp.RestoreArgs(restore_type=np.ndarray) if inside(path) else ocp.PLACEHOLDER, saved)
+            lambda path, m: ocp.RestoreArgs(restore_type=np.ndarray) if inside(path) else ocp.PLACEHOLDER, saved
+        )
         handler = ocp.PyTreeCheckpointHandler()
         try:
             restored = handler.restore(state_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=args))
@@ -345,7 +368,14 @@ class Checkpointer:
                 shutil.rmtree(tmp, ignore_errors=True)
             self.manager = ocp.CheckpointManager(self.directory, options=self.options)
             text = str(e)
-            cause = ("no space left on device" if "No space left on device" in text or "os_error_code='28'" in text
-                     else text.splitlines()[0][:300] if text else type(e).__name__)
-            raise CheckpointError(f"{self.directory / str(step)}: the checkpoint was not saved ({cause}); the "
-                                  f"latest intact one is step {self.latest_step()}") from None
+            cause = (
+                "no space left on device"
+                if "No space left on device" in text or "os_error_code='28'" in text
+                else text.splitlines()[0][:300]
+                if text
+                else type(e).__name__
+            )
+            raise CheckpointError(
+                f"{self.directory / str(step)}: the checkpoint was not saved ({cause}); the "
+                f"latest intact one is step {self.latest_step()}"
+            ) from None

@@ -17,9 +17,12 @@ def add_sampling_args(parser, temperature: float) -> None:
     parser.add_argument("--temperature", type=float, default=temperature, help=f"0 is greedy (default {temperature})")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--suppress-eos", action="store_true",
-                        help="never sample EOS/stop tokens (the Coarse Actor's training mode)")
-    parser.add_argument("--system-prompt", default=None, help="text placed before each dialogue; 'coarse' = the paper's")
+    parser.add_argument(
+        "--suppress-eos", action="store_true", help="never sample EOS/stop tokens (the Coarse Actor's training mode)"
+    )
+    parser.add_argument(
+        "--system-prompt", default=None, help="text placed before each dialogue; 'coarse' = the paper's"
+    )
 
 
 def add_overwrite_arg(parser) -> None:

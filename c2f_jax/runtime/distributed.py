@@ -59,8 +59,7 @@ WORKING = "working: "
 FAILED_KEY, ALIVE_KEY, ACK_KEY, AT_KEY = "c2f/failed/", "c2f/alive/", "c2f/ack/", "c2f/at/"
 EXIT_PEER_FAILED = 3
 
-_state = {"barriers": collections.Counter(), "watchdog": None, "stop": threading.Event(), "working": 0,
-          "work": ""}
+_state = {"barriers": collections.Counter(), "watchdog": None, "stop": threading.Event(), "working": 0, "work": ""}
 
 
 def _client():
@@ -91,11 +90,15 @@ def initialize() -> None:
     env = os.environ
     if env.get("JAX_COORDINATOR_ADDRESS"):
         try:
-            where = dict(coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
-                         num_processes=int(env["JAX_NUM_PROCESSES"]), process_id=int(env["JAX_PROCESS_ID"]))
+            where = dict(
+                coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
+                num_processes=int(env["JAX_NUM_PROCESSES"]),
+                process_id=int(env["JAX_PROCESS_ID"]),
+            )
         except (KeyError, ValueError):
-            raise ValueError("JAX_COORDINATOR_ADDRESS is set: JAX_NUM_PROCESSES and JAX_PROCESS_ID must be "
-                             "integers too") from None
+            raise ValueError(
+                "JAX_COORDINATOR_ADDRESS is set: JAX_NUM_PROCESSES and JAX_PROCESS_ID must be integers too"
+            ) from None
     elif int(env.get("SLURM_NTASKS", "1")) > 1 and env.get("SLURM_STEP_ID") is not None:
         where = {}  # inside `srun` with several tasks: JAX reads SLURM's variables
     else:
@@ -105,9 +108,12 @@ def initialize() -> None:
     # JAX's preemption notifier would swallow SIGTERM (c2f_jax.runtime.preemption handles it) and log its
     # own errors when process 0 is lost.
     jax.config.update("jax_enable_preemption_service", False)
-    jax.distributed.initialize(**where, initialization_timeout=int(env.get("C2F_INIT_TIMEOUT", 300)),
-                               heartbeat_timeout_seconds=JAX_HEARTBEAT_TIMEOUT,
-                               shutdown_timeout_seconds=SHUTDOWN_TIMEOUT)
+    jax.distributed.initialize(
+        **where,
+        initialization_timeout=int(env.get("C2F_INIT_TIMEOUT", 300)),
+        heartbeat_timeout_seconds=JAX_HEARTBEAT_TIMEOUT,
+        shutdown_timeout_seconds=SHUTDOWN_TIMEOUT,
+    )
     fatal_filter.start(process_index())
     _state["stop"].clear()
     _state["answered"] = time.monotonic()
@@ -153,8 +159,9 @@ def _deadman() -> None:
     watchdog's calls hanging until JAX's heartbeat timeout: this ends the process after PEER_TIMEOUT."""
     while not _state["stop"].wait(1.0):
         if time.monotonic() - _state["answered"] > PEER_TIMEOUT:
-            _exit_now(f"error: stopping: lost the coordinator (process 0): its store has not answered for "
-                      f"{PEER_TIMEOUT} s")
+            _exit_now(
+                f"error: stopping: lost the coordinator (process 0): its store has not answered for {PEER_TIMEOUT} s"
+            )
 
 
 def _barrier_wait(client, me: int, seen: tuple | None) -> tuple | None:
@@ -172,12 +179,22 @@ def _barrier_wait(client, me: int, seen: tuple | None) -> tuple | None:
     other = next(((peer, b) for peer, b in others if b and b != mine and not b.startswith(WORKING)), None)
     stray = [peer for peer, b in others if not b]
     if other is not None:
-        what, limit = (f"process {me} waits at barrier {mine!r}, process {other[0]} at {other[1]!r}: the processes "
-                       "took different paths"), BARRIER_MISMATCH
+        what, limit = (
+            (
+                f"process {me} waits at barrier {mine!r}, process {other[0]} at {other[1]!r}: the processes "
+                "took different paths"
+            ),
+            BARRIER_MISMATCH,
+        )
     elif stray:
         names = ", ".join(map(str, stray))
-        what, limit = (f"process {me} has waited at barrier {mine!r} for {_stray_limit()} s; process{'es' * (len(stray) > 1)} "
-                       f"{names} neither came nor declared long work: stuck elsewhere"), _stray_limit()
+        what, limit = (
+            (
+                f"process {me} has waited at barrier {mine!r} for {_stray_limit()} s; process{'es' * (len(stray) > 1)} "
+                f"{names} neither came nor declared long work: stuck elsewhere"
+            ),
+            _stray_limit(),
+        )
     else:
         return None
     if seen is None or seen[0] != what:

@@ -27,9 +27,13 @@ CPP_LOG_LINE = re.compile(rb"^[IWEF]\d{4} ")  # absl's prefix: held back until c
 
 def start(process: int) -> None:
     """From now on this process's stderr (fd 2, Python's and C++'s) goes through the filter."""
-    child = subprocess.Popen([sys.executable, "-m", __name__, str(process), str(os.getpid())],
-                             stdin=subprocess.PIPE, stdout=sys.__stderr__.fileno(), stderr=subprocess.DEVNULL,
-                             start_new_session=False)
+    child = subprocess.Popen(
+        [sys.executable, "-m", __name__, str(process), str(os.getpid())],
+        stdin=subprocess.PIPE,
+        stdout=sys.__stderr__.fileno(),
+        stderr=subprocess.DEVNULL,
+        start_new_session=False,
+    )
     sys.stderr.flush()
     os.dup2(child.stdin.fileno(), 2)
     child.stdin.close()  # fd 2 is now the pipe's only writing end: the filter ends when this process does

@@ -32,11 +32,11 @@ def free_port() -> int:
 def process_env(index: int, processes: int, devices: int, port: int, base: dict | None = None) -> dict:
     """The environment of process `index` of a local job (no SLURM variables: they would win)."""
     env = {k: v for k, v in (os.environ if base is None else base).items() if not k.startswith("SLURM_")}
-    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-               PYTHONUNBUFFERED="1")
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", PYTHONUNBUFFERED="1")
     if processes > 1:
-        env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(processes),
-                   JAX_PROCESS_ID=str(index))
+        env.update(
+            JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(processes), JAX_PROCESS_ID=str(index)
+        )
     return env
 
 
@@ -55,8 +55,9 @@ class LocalJob:
     (or one argv for all, with `processes`). `env` adds to (or replaces) this process's environment;
     the job's own variables (devices, coordinator) win over both."""
 
-    def __init__(self, commands, devices: int = 1, processes: int | None = None, env: dict | None = None,
-                 cwd=None, log_dir=None):
+    def __init__(
+        self, commands, devices: int = 1, processes: int | None = None, env: dict | None = None, cwd=None, log_dir=None
+    ):
         if processes is not None:
             commands = [commands] * processes
         self.commands, self.devices, self.cwd = [list(map(str, c)) for c in commands], devices, cwd
@@ -72,8 +73,17 @@ class LocalJob:
         for i, command in enumerate(self.commands):
             log = open(self.log_dir / f"process_{i}.log", "w")
             env = process_env(i, n, self.devices, port, {**os.environ, **self.extra_env})
-            self.procs.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=self.cwd,
-                                               env=env, start_new_session=True, stdin=subprocess.DEVNULL))
+            self.procs.append(
+                subprocess.Popen(
+                    command,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    cwd=self.cwd,
+                    env=env,
+                    start_new_session=True,
+                    stdin=subprocess.DEVNULL,
+                )
+            )
             self.logs.append(log)
         return self
 
@@ -98,10 +108,15 @@ class LocalJob:
     def exits(self) -> list[Exit]:
         for log in self.logs:
             log.flush()
-        return [Exit(i, p.returncode if i in self.ended else None,
-                     self.ended.get(i, time.monotonic()) - self.started,
-                     (self.log_dir / f"process_{i}.log").read_text(errors="replace"))
-                for i, p in enumerate(self.procs)]
+        return [
+            Exit(
+                i,
+                p.returncode if i in self.ended else None,
+                self.ended.get(i, time.monotonic()) - self.started,
+                (self.log_dir / f"process_{i}.log").read_text(errors="replace"),
+            )
+            for i, p in enumerate(self.procs)
+        ]
 
     def _kill_all(self) -> None:
         for i, p in enumerate(self.procs):
@@ -139,7 +154,9 @@ def main(argv=None) -> int:
         except KeyboardInterrupt:
             exits = job.exits()
     for e in exits:
-        print(f"process {e.index}: exit {e.returncode} after {e.seconds:.1f} s, log {job.log_dir}/process_{e.index}.log")
+        print(
+            f"process {e.index}: exit {e.returncode} after {e.seconds:.1f} s, log {job.log_dir}/process_{e.index}.log"
+        )
     for e in exits:
         if e.returncode != 0:
             sys.stdout.write(f"--- process {e.index} (last lines)\n" + "\n".join(e.log.splitlines()[-5:]) + "\n")

@@ -35,8 +35,10 @@ def read_metrics(path: str | os.PathLike, drop_torn_last_line: bool = False, war
         except ValueError as e:
             if drop_torn_last_line and number == len(lines):
                 if warn:
-                    print(f"warning: {file}:{number}: dropped a torn last line (written after the last checkpoint)",
-                          file=sys.stderr)
+                    print(
+                        f"warning: {file}:{number}: dropped a torn last line (written after the last checkpoint)",
+                        file=sys.stderr,
+                    )
                 break
             reason = "torn (a crash mid-write?)" if number == len(lines) else str(e).split(":")[0]
             raise workdir.WorkdirError(f"{file}:{number}: not a metrics row: {reason}") from None
@@ -95,7 +97,7 @@ def append_whole(fd: int, path: Path, data: bytes) -> None:
     try:
         view = memoryview(data)
         while view:
-            view = view[os.write(fd, view):]
+            view = view[os.write(fd, view) :]
     except OSError as e:
         os.ftruncate(fd, start)
         raise OSError(e.errno, e.strerror, str(path)) from None
@@ -115,13 +117,17 @@ class _TensorBoardEvents:
         self.path = folder / f"events.out.tfevents.{time.time():.0f}.{socket.gethostname()}.{os.getpid()}"
         self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         # TensorBoard hides the events of steps > purge_after from the earlier files (a resumed run)
-        self._append([Event(wall_time=time.time(), step=purge_after + 1, file_version="brain.Event:2"),
-                      Event(wall_time=time.time(), step=purge_after + 1,
-                            session_log=SessionLog(status=SessionLog.START))])
+        self._append(
+            [
+                Event(wall_time=time.time(), step=purge_after + 1, file_version="brain.Event:2"),
+                Event(wall_time=time.time(), step=purge_after + 1, session_log=SessionLog(status=SessionLog.START)),
+            ]
+        )
 
     def write(self, step: int, metrics: dict) -> None:
-        self._append([self.Event(wall_time=time.time(), step=step, summary=self.scalar(k, float(v)))
-                      for k, v in metrics.items()])
+        self._append(
+            [self.Event(wall_time=time.time(), step=step, summary=self.scalar(k, float(v))) for k, v in metrics.items()]
+        )
 
     def _append(self, events) -> None:
         records = []

@@ -25,8 +25,7 @@ class Stopped(Exception):
     """Raised by a job loop once it has saved `step` because a stop was requested."""
 
     def __init__(self, step: int):
-        super().__init__(f"stopped at step {step} on a signal; its checkpoint is saved: run the same command to "
-                         "resume")
+        super().__init__(f"stopped at step {step} on a signal; its checkpoint is saved: run the same command to resume")
         self.step = step
 
 

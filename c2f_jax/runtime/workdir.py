@@ -95,7 +95,7 @@ def _remove_abandoned(path: Path) -> None:
     """Removes the temporaries of `path` left by writers on this host that were killed mid-write (their process
     is gone): a killed run's next write of the same file leaves no clutter behind."""
     for stale in path.parent.glob(f".{glob.escape(path.name)}.*-*"):
-        kind, _, pid = stale.name[len(path.name) + 2:].rpartition("-")
+        kind, _, pid = stale.name[len(path.name) + 2 :].rpartition("-")
         if kind in ("tmp", "old") and pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
             _remove(stale)
 
@@ -107,8 +107,9 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-def write(path: str | os.PathLike, fill: Callable[[Path], object], overwrite: bool = False,
-          folder: bool = False) -> Path:
+def write(
+    path: str | os.PathLike, fill: Callable[[Path], object], overwrite: bool = False, folder: bool = False
+) -> Path:
     """The one way a file or folder gets written: `fill(tmp)` builds it at a temporary path (an empty
     folder when `folder`), which is renamed onto `path` once complete.
 
@@ -129,8 +130,9 @@ def write(path: str | os.PathLike, fill: Callable[[Path], object], overwrite: bo
     return path
 
 
-def check_replaceable(out: str | os.PathLike, overwrite: bool = False, folder: bool = True,
-                      flag: str = "--out") -> None:
+def check_replaceable(
+    out: str | os.PathLike, overwrite: bool = False, folder: bool = True, flag: str = "--out"
+) -> None:
     """A WorkdirError unless writing `out` (a folder when `folder`, else a file) may take its place: an existing
     path is replaced only with `overwrite`, and a folder never by a file, nor a file by a folder."""
     out = Path(out)
@@ -149,12 +151,19 @@ def check_apart(out, inputs, flag: str = "--out") -> None:
     None and names that are no path, such as a hub dataset, are skipped): writing there would mix the output
     into what the command reads, or replace it."""
     target = Path(out).absolute().resolve()
-    for name, src in (inputs.items() if hasattr(inputs, "items") else inputs):
+    for name, src in inputs.items() if hasattr(inputs, "items") else inputs:
         if not src or not Path(src).exists():
             continue
         source = Path(src).absolute().resolve()
-        relation = ("is" if target == source else "is inside" if source in target.parents
-                    else "contains" if target in source.parents else None)
+        relation = (
+            "is"
+            if target == source
+            else "is inside"
+            if source in target.parents
+            else "contains"
+            if target in source.parents
+            else None
+        )
         if relation:
             raise WorkdirError(f"{flag} {out}: {relation} the input {name} {src}; choose another output")
 
@@ -226,5 +235,7 @@ def check_resumable(path: str | os.PathLike, config: dict) -> None:
     for key in sorted(set(saved) | set(new)):
         if key.startswith(RESUMABLE_KEYS) or saved.get(key) == new.get(key):
             continue
-        raise WorkdirError(f"{path} holds checkpoints of an incompatible config: {key} was "
-                           f"{saved.get(key)!r}, now {new.get(key)!r} (use another --workdir)")
+        raise WorkdirError(
+            f"{path} holds checkpoints of an incompatible config: {key} was "
+            f"{saved.get(key)!r}, now {new.get(key)!r} (use another --workdir)"
+        )

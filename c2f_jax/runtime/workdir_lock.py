@@ -59,8 +59,12 @@ def process_alive(pid: int) -> bool:
 
 
 def _record() -> dict:
-    return {"host": socket.gethostname(), "pid": os.getpid(), "start_ticks": _start_ticks(os.getpid()),
-            "since": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+    return {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "start_ticks": _start_ticks(os.getpid()),
+        "since": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+    }
 
 
 def _describe(holder: dict) -> str:
@@ -109,11 +113,16 @@ def hold(workdir: str | os.PathLike) -> None:
                 break  # this process's own hold, from before
             gone = _gone(holder, lock)
             if gone is None:
-                raise HeldError(f"{workdir}: in use by another job ({_describe(holder)}, in {lock}); wait for it "
-                                "to end or use another --workdir") from None
+                raise HeldError(
+                    f"{workdir}: in use by another job ({_describe(holder)}, in {lock}); wait for it "
+                    "to end or use another --workdir"
+                ) from None
             if gone != "released":
-                print(f"{workdir}: taking over the hold of a job that is gone ({_describe(holder)}: {gone})",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"{workdir}: taking over the hold of a job that is gone ({_describe(holder)}: {gone})",
+                    file=sys.stderr,
+                    flush=True,
+                )
             try:
                 lock.unlink()
             except FileNotFoundError:
