@@ -12,6 +12,8 @@ import bad_inputs  # noqa: E402  (tests/bad_inputs.py, the table's harness)
 import pytest
 from conftest import ROOT, SHORT, cli_env
 
+pytestmark = pytest.mark.slow  # the whole bad-input table through the CLIs
+
 # Each once printed a traceback, aborted, or logged above our line.
 AS_SUBPROCESS = (
     "train truncated checkpoint file",
@@ -182,6 +184,7 @@ def test_a_failed_reads_abandoned_coroutines_print_nothing_at_exit():
     script = """
 import sys, warnings
 from c2f_jax.runtime import checkpoint
+
 async def _read_array_index_and_device_put():
     pass
 held = [_read_array_index_and_device_put() for _ in range(3)]  # what the failed read leaves behind

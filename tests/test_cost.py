@@ -4,6 +4,7 @@ since XLA counts a loop body once."""
 
 import jax
 import numpy as np
+import pytest
 
 from c2f_jax.model import model, sharding
 from c2f_jax.rl import cost, optim, ppo, programs, reward, rollout
@@ -16,6 +17,7 @@ def xla_flops(compiled) -> float:
     return (analysis[0] if isinstance(analysis, list) else analysis)["flops"]
 
 
+@pytest.mark.slow  # compiles a whole iteration for XLA's count
 def test_the_iteration_flops_agree_with_xlas_count_and_2_and_6_x_params_x_tokens():
     """Ours within 5% of XLA's. Against the rule of thumb (2 x params x tokens per forward, 6 per trained
     token): the attention's scores and sums come on top (4 x layers x width x keys per token and forward), and

@@ -14,6 +14,8 @@ from conftest import ROOT, cli_env, fill
 from c2f_jax.model import export
 from c2f_jax.runtime import checkpoint, metrics
 
+pytestmark = pytest.mark.slow  # full disks (tmpfs) under whole runs
+
 MANY = {f"scalar/{i:04d}": float(i) for i in range(400)}  # a row larger than a page's slack: it needs new blocks
 
 

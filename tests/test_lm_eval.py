@@ -129,6 +129,7 @@ def test_windows_pack_into_rows_that_share_their_prefix():
     assert len([p for p, _ in rows if p == ()]) == 3  # 100 tokens in rows of 40, first-fit longest first
 
 
+@pytest.mark.slow  # lm-eval's CLI, task index or a second mesh
 def test_a_second_evaluation_compiles_nothing(folder, monkeypatch):
     """Requests are batched into static length buckets: once a task's buckets have compiled, nothing does."""
     import lm_eval
@@ -179,6 +180,7 @@ def test_bad_model_args_are_one_line_errors(folder):
         C2FJaxLM(coarse=str(folder))
 
 
+@pytest.mark.slow  # lm-eval's CLI, task index or a second mesh
 def test_the_cli_is_lm_evals_with_c2f_jax_registered(folder, tmp_path):
     out = tmp_path / "results"
     done = subprocess.run(
@@ -218,6 +220,7 @@ def test_the_cli_is_lm_evals_with_c2f_jax_registered(folder, tmp_path):
     assert any(out.rglob("samples_c2f_mc_*.jsonl"))
 
 
+@pytest.mark.slow  # lm-eval's CLI, task index or a second mesh
 def test_paper_preset_names_the_papers_11_benchmarks_lm_eval_knows():
     from lm_eval.tasks import TaskManager
 
@@ -230,6 +233,7 @@ def test_paper_preset_names_the_papers_11_benchmarks_lm_eval_knows():
     assert parse_tasks("c2f_mc:2, c2f_gen") == [("c2f_mc", 2), ("c2f_gen", None)]
 
 
+@pytest.mark.slow  # lm-eval's CLI, task index or a second mesh
 def test_sweep_tasks_writes_table3_with_every_gamma_merged_in_memory(folder, tmp_path, monkeypatch):
 
     from c2f_jax.model import hf
@@ -275,6 +279,7 @@ def test_sweep_tasks_writes_table3_with_every_gamma_merged_in_memory(folder, tmp
     assert not (out / "models").exists()  # merged in memory, no folder per gamma
 
 
+@pytest.mark.slow  # lm-eval's CLI, task index or a second mesh
 def test_on_a_2x2x2_mesh_the_results_equal_one_device(folder, monkeypatch):
     """Params in the train layout over 8 devices, batches split over data x fsdp: the same loglikelihoods and
     greedy generations as one device."""

@@ -148,16 +148,30 @@ def test_gamma_0_and_1_return_the_inputs_bit_exactly(pair, request, root, tmp_pa
     coarse, sft = (tmp_path / "coarse", tmp_path / "sft")
     for src, dst in zip(request.getfixturevalue(pair), (coarse, sft)):
         shutil.copytree(src, dst)
-    # Values that 0 * x + y would not keep: -0.0 next to a positive coarse value, inf and NaN on the other side.
+    # Values that 0 * x + y would not keep: -0.0 next to a positive value on the other side, and the smallest
+    # subnormals (NaN and inf are refused as inputs: test_non_finite_weights_are_refused_naming_tensor_and_file).
     special = lambda x, v: np.concatenate([np.array(v, x.dtype), x.reshape(-1)[len(v) :]]).reshape(x.shape)
-    rewrite_tensor(coarse, "model.norm.weight", lambda x: special(x, [1.0, np.inf, np.nan, -0.0]))
-    rewrite_tensor(sft, "model.norm.weight", lambda x: special(x, [-0.0, np.nan, -np.inf, 2.0]))
+    tiny = float(np.finfo(np.float32).smallest_subnormal)
+    rewrite_tensor(coarse, "model.norm.weight", lambda x: special(x, [1.0, tiny, -tiny, -0.0]))
+    rewrite_tensor(sft, "model.norm.weight", lambda x: special(x, [-0.0, -tiny, tiny, 2.0]))
     run("--coarse", coarse, "--sft", sft, "--gamma", "0,1", "--out", tmp_path / "out")
     for gamma, source in ((0, sft), (1, coarse)):
         src, out = tensors(source), tensors(tmp_path / "out" / f"gamma_{gamma}")
         for name in src:
             assert out[name].dtype == src[name].dtype
             assert out[name].tobytes() == src[name].tobytes(), (gamma, name)
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_non_finite_weights_are_refused_naming_tensor_and_file(value, fp32, root, tmp_path):
+    sft = tmp_path / "sft"
+    shutil.copytree(fp32[1], sft)
+    rewrite_tensor(sft, "model.norm.weight", lambda x: np.concatenate([[value], x.reshape(-1)[1:]]).astype(x.dtype))
+    with pytest.raises(
+        MergeError, match=r"sft/model-\d+-of-\d+\.safetensors: tensor model\.norm\.weight holds NaN or inf"
+    ):
+        run("--coarse", fp32[0], "--sft", sft, "--gamma", "0.5", "--out", tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
 
 
 def test_sweep_equals_separate_merges(fp32, root, tmp_path):
@@ -409,7 +423,7 @@ def test_missing_input_and_existing_output(fp32, tmp_path):
         run("--coarse", fp32[0] / "config.json", "--sft", fp32[1], "--gamma", "0.5", "--out", tmp_path / "out")
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "old").write_text("x")
-    with pytest.raises(MergeError, match="already exists"):
+    with pytest.raises(ValueError, match=r"already exists \(pass --overwrite to replace it\)"):
         run("--coarse", fp32[0], "--sft", fp32[1], "--gamma", "0.5", "--out", tmp_path / "out")
     with pytest.raises(ValueError, match="is the input --sft"):
         run("--coarse", fp32[0], "--sft", fp32[1], "--gamma", "0.5", "--out", fp32[1], "--overwrite")

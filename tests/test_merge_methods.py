@@ -21,6 +21,8 @@ from conftest import ROOT, hf_model
 from c2f_jax.merge import merge, methods, recipe
 from c2f_jax.model import hf
 
+pytestmark = pytest.mark.slow  # mergekit in its own venv as the reference
+
 BF16 = np.dtype(ml_dtypes.bfloat16)
 
 

@@ -23,6 +23,8 @@ from c2f_jax.runtime import checkpoint, distributed, metrics, preemption
 from c2f_jax.runtime import workdir as c2f_workdir
 from c2f_jax.runtime.local_job import LocalJob
 
+pytestmark = pytest.mark.slow  # several processes and a local SLURM
+
 TRAIN = [sys.executable, "-m", "c2f_jax.train", "--config", "tiny_coarse.py", *SHORT]
 STEPS = ["--config.steps=3"]
 NO_CPP_TRACES = ("Check failure stack trace", "*** SIG", "terminate called")
@@ -277,6 +279,7 @@ def test_a_declared_long_wait_completes_and_a_peer_stuck_elsewhere_ends_the_job(
 LOSE_PROCESS_0 = """import os, sys, time
 import numpy as np
 from c2f_jax.runtime import cli, distributed
+
 def main():
     distributed.barrier("start")
     me = distributed.process_index()

@@ -15,6 +15,8 @@ from conftest import ROOT
 sys.path.insert(0, str(ROOT / "scripts"))
 import ppo_optimum  # noqa: E402
 
+pytestmark = pytest.mark.slow  # whole Coarse Actor runs to the optimum
+
 STEPS = {"bandit": 40, "sequence": 100}
 
 

@@ -11,6 +11,8 @@ from conftest import ROOT, cli_env
 
 from c2f_jax.runtime import cli
 
+pytestmark = pytest.mark.slow  # compiles for a TPU slice
+
 needs_libtpu = pytest.mark.skipif(
     importlib.util.find_spec("libtpu") is None, reason="libtpu is not installed (pip install -e '.[tpu]')"
 )

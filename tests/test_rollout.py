@@ -292,7 +292,7 @@ def test_generate_cli_writes_jsonl(tiny, tmp_path):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["prompt"] for r in rows] == ["Hello there", "What is RLHF?", "Why?"]
     assert all(r["num_tokens"] == 6 and not r["ended_with_eos"] for r in rows)
-    bad = subprocess.run(cmd[:2] + ["--model", str(tmp_path / "nope"), "--prompt", "x"], capture_output=True, text=True)
+    bad = subprocess.run(cmd[:3] + ["--model", str(tmp_path / "nope"), "--prompt", "x"], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "not a model folder" in bad.stderr
 
 

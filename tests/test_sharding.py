@@ -91,6 +91,7 @@ def test_sharded_iteration_matches_one_device(single, shape):
     assert shards["tokens"] == {(B // (mesh.shape["data"] * mesh.shape["fsdp"]), R)}
 
 
+@pytest.mark.slow  # a second compile of the iteration
 def test_iteration_with_layout_hints_matches_one_device(single, monkeypatch):
     """The activation hints GPU meshes run with (off on CPU meshes by default), through every program once."""
     out1, exp1, actor1, _, _, _ = single

@@ -33,6 +33,7 @@ def run_cli(*args, timeout=600):
     )
 
 
+@pytest.mark.slow  # the whole demo
 def test_demo_logs_every_metric_and_advances_cm(demo):
     workdir, rows = demo
     logged = metrics.read_metrics(workdir)
@@ -81,6 +82,7 @@ def test_demo_logs_every_metric_and_advances_cm(demo):
     assert saved["job"] == "coarse" and saved["cm"]["buckets"] == [8, 12, 16]
 
 
+@pytest.mark.slow  # the whole demo
 def test_compilations_stop_growing_once_every_bucket_is_seen(demo):
     _, rows = demo
     shapes = [(r["prompt/bucket"], r["cm/length_limit"]) for r in rows]
@@ -89,6 +91,7 @@ def test_compilations_stop_growing_once_every_bucket_is_seen(demo):
     assert len(after) >= 2 and len(set(after)) == 1, [(s, r["compilations"]) for s, r in zip(shapes, rows)]
 
 
+@pytest.mark.slow  # the whole demo
 def test_export_loads_in_transformers_with_our_logits(demo, tmp_path):
     workdir, _ = demo
     out = export.export(workdir, tmp_path / "hf", dtype="float32")
@@ -109,6 +112,7 @@ def test_export_loads_in_transformers_with_our_logits(demo, tmp_path):
     assert done.returncode == 0 and (workdir / "run.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow  # the whole demo
 def test_workdir_model_is_restored_alone_and_exactly(demo):
     workdir, _ = demo
     ckpt = checkpoint.Checkpointer(workdir)
@@ -212,6 +216,7 @@ def ppo_reference(demo, tmp_path_factory):
     return common, path
 
 
+@pytest.mark.slow  # the whole demo
 def test_killed_or_signalled_run_resumes_to_the_same_metrics_and_weights(ppo_reference, tmp_path):
     """SIGKILL loses the steps since the last checkpoint; SIGTERM (a time limit, a preemption) saves the step
     it stops at, even with no periodic checkpoint due, and exits with EXIT_RESUMABLE; a second SIGTERM during
@@ -256,6 +261,7 @@ def test_killed_or_signalled_run_resumes_to_the_same_metrics_and_weights(ppo_ref
         assert_ends_as(path, reference)
 
 
+@pytest.mark.slow  # the whole demo
 def test_a_full_disk_ends_the_run_with_one_line_and_the_resume_loses_nothing(ppo_reference, small_disk):
     """The workdir's disk fills up mid-run: whichever write meets it first (a step's metrics, its TensorBoard
     event, its checkpoint) ends the run with one line naming the file; the rows and checkpoints left are whole;
@@ -310,6 +316,7 @@ def test_bad_inputs_are_one_line_errors(extra, words, tmp_path):
     assert done.returncode == 2 and words in done.stderr and done.stderr.strip().count("\n") == 0, done.stderr
 
 
+@pytest.mark.slow  # the whole demo
 def test_incompatible_workdir_is_refused_and_untouched(demo):
     workdir, _ = demo
     before = (workdir / c2f_workdir.RUN_CONFIG).read_text()
@@ -335,6 +342,7 @@ def _tool(name):
     return module
 
 
+@pytest.mark.slow  # the whole demo
 def test_gamma_sweep_end_to_end_on_the_demo_models(demo, tmp_path):
     """scripts/sft.py makes an Instruct stand-in from the demo's base; c2f-sweep merges it with the demo's
     Coarse Actor workdir at two gammas and evaluates all four models; c2f-evaluate on the workdir gives
