@@ -166,6 +166,15 @@ def nan_weight(source: str) -> Callable[[Env], None]:
     return setup
 
 
+def wider_config(env: Env) -> None:
+    """box/m: fixtures/hf whose config.json says intermediate_size is twice what its tensors hold."""
+    copy_hf(env)
+    config = json.loads((env.box / "m" / "config.json").read_text())
+    (env.box / "m" / "config.json").write_text(
+        json.dumps({**config, "intermediate_size": 2 * config["intermediate_size"]})
+    )
+
+
 def an_existing_folder(env: Env) -> None:
     """box/out: a folder holding a file, which a refused command must leave as it is."""
     (env.box / "out").mkdir()
@@ -598,6 +607,12 @@ CASES = [
             "--config.data.prompt_buckets=(128,)",
         )(env),
         nan_weight("hf"),
+    ),
+    Case(
+        "train model.base config.json disagrees with its tensors",
+        "train",
+        lambda env: _train(f"--config.model.base={env.box / 'm'}", f"--config.reward_model.path={env.f('rm')}")(env),
+        wider_config,
     ),
     Case(
         "train prompts longer than every bucket, truncation off",

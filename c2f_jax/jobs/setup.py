@@ -67,12 +67,13 @@ def check_positions(key: str, longest: int, model_key: str, found: model.Mistral
 
 
 def check_model_folder(key: str, folder: str, causal: bool) -> model.MistralConfig:
-    """An HF folder with a readable config.json and safetensors headers, of the right architecture; its config."""
+    """An HF folder with a readable config.json and safetensors headers that hold the tensors it implies, of the
+    right architecture; its config."""
     if not Path(folder).is_dir():
         raise TrainError(f"{key}={str(folder)!r}: model folder not found")
     try:
         found = hf.read_config(folder)
-        hf.CheckpointReader(folder)
+        hf.check_tensors(hf.CheckpointReader(folder), hf.tensor_specs(found))  # headers only: no weight is read
     except hf.HFError as e:
         raise TrainError(f"{key}: {e}") from None
     if found.has_lm_head != causal:

@@ -422,7 +422,10 @@ def plan_merge(coarse, sft, gammas, dtype=None, allow_tokenizer_mismatch: bool =
 def _check_out(plan: MergePlan, out: Path, overwrite: bool) -> None:
     if not out.parent.is_dir():
         raise MergeError(f"{out.parent}: parent folder does not exist")
-    workdir.check_output(out, {"--coarse": plan.coarse, "--sft": plan.sft}, overwrite=overwrite)
+    try:
+        workdir.check_output(out, {"--coarse": plan.coarse, "--sft": plan.sft}, overwrite=overwrite)
+    except workdir.WorkdirError as e:
+        raise MergeError(str(e)) from None
 
 
 def _copy_sft_files(plan: MergePlan, folder: Path) -> None:

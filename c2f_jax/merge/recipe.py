@@ -323,7 +323,10 @@ def write_recipe(
     writes the merged chunks; the inputs' readers run one chunk ahead through all passes alike."""
     out = Path(out)
     folders = ([recipe.base] if recipe.base else []) + [m for m, _ in recipe.models]
-    workdir.check_output(out, [(str(f), f) for f in folders], "--out", overwrite=overwrite)
+    try:
+        workdir.check_output(out, [(str(f), f) for f in folders], "--out", overwrite=overwrite)
+    except workdir.WorkdirError as e:
+        raise merge.MergeError(str(e)) from None
     readers = [merge._open_checkpoint(merge.resolve_input(f)) for f in folders]
     first = readers[0]
     # linear merges its models only, as mergekit's ignores a base_model that is not among them

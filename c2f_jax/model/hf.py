@@ -300,7 +300,10 @@ def save_pretrained(
     max_bytes = parse_size(max_shard_size)
     config_dtype = dtype or config.param_dtype
     if distributed.writes_here():
-        workdir.check_replaceable(path, overwrite, folder=True)
+        try:
+            workdir.check_replaceable(path, overwrite, folder=True)
+        except workdir.WorkdirError as e:
+            raise HFError(str(e)) from None
     if not path.parent.is_dir():
         raise HFError(f"{path.parent}: parent folder does not exist")
 
