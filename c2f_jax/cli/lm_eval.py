@@ -56,10 +56,13 @@ def check_run(args) -> None:
 
 
 def main(argv=None) -> int:
+    try:
+        import c2f_jax.eval.lm_eval  # noqa: F401  (registers the model `c2f-jax`)
+    except ImportError as e:  # the eval extra is optional
+        raise cli.UsageError(str(e)) from None
     from lm_eval._cli import HarnessCLI
     from lm_eval.utils import setup_logging
 
-    import c2f_jax.eval.lm_eval  # noqa: F401  (registers the model `c2f-jax`)
     from c2f_jax.eval.lm_eval import TASKS_DIR
 
     argv = list(sys.argv[1:] if argv is None else argv)

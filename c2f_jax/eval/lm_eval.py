@@ -40,7 +40,7 @@ try:
     from lm_eval.api.registry import register_model
     from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 except ImportError:  # the eval extra is optional
-    raise ImportError("lm-eval is not installed: pip install -e '.[eval]' (lm-eval==0.4.13)") from None
+    raise ImportError("lm-eval is not installed: pip install 'c2f-jax[eval]' (lm-eval==0.4.13)") from None
 
 from c2f_jax.eval import evaluate
 from c2f_jax.merge import merge
