@@ -158,12 +158,18 @@ def main(argv=None) -> int:
     if config.job not in ("reward", "coarse"):
         raise TrainError(f"job={config.job!r}; expected 'reward' or 'coarse'")
     preemption.install()
+    new = not path.exists()
     try:
         (run_reward if config.job == "reward" else run_coarse)(config, path)
     except preemption.Stopped as e:
         if distributed.writes_here():
             print(f"{path}: {e}", flush=True)
         return preemption.EXIT_RESUMABLE
+    except BaseException:
+        workdir_lock.release_all()
+        if new and distributed.writes_here():  # an input refused while it was read: no empty workdir left behind
+            workdir.remove_if_empty(path)
+        raise
     finally:  # however the job ended (an error too), its workdirs are free again
         workdir_lock.release_all()
     if distributed.writes_here():

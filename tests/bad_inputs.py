@@ -873,7 +873,7 @@ def run_case(case: Case, env: Env, mode: str = "fork", timeout: float = 90) -> d
     changed = []
     for w, b in zip(watched, before):
         a = snapshot(w)
-        changed += [f"{w.name}/{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        changed += [f"{w.name}/{k}" for k in sorted(set(a) | set(b)) if a.get(k, "absent") != b.get(k, "absent")]
     return {
         "name": case.name,
         "tool": case.tool,

@@ -204,7 +204,10 @@ def test_a_nan_batch_is_skipped(tiny_roles):
     assert all(jax.tree.leaves(same))
 
 
-@pytest.mark.parametrize("epochs,minibatches", [(1, 1), (2, 2), (1, 4)])
+@pytest.mark.parametrize(
+    "epochs,minibatches",
+    [(1, 1), pytest.param(2, 2, marks=pytest.mark.slow), pytest.param(1, 4, marks=pytest.mark.slow)],
+)
 def test_iteration_equals_experience_then_update(tiny_roles, epochs, minibatches):
     config, actor, critic_config, critic = tiny_roles
     B, P, R = 8, 6, 5

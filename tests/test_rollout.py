@@ -116,6 +116,7 @@ def test_chunked_decode_matches_transformers(tiny, prompts, layout):
     assert mask.all() and ran == R - 1
 
 
+@pytest.mark.slow  # compiles decoding at several chunk sizes
 def test_decoding_stops_between_chunks_once_every_row_has_stopped(tiny, prompts):
     _, config, params = tiny
     free, _, _ = decode_greedy(config, params, *prompts, chunk=4, eos=())  # nothing stops it
@@ -259,6 +260,7 @@ def test_right_padded_prompts_are_refused(tiny):
 # ----------------------------------------------------------------------------- c2f-generate
 
 
+@pytest.mark.slow  # the command as a subprocess
 def test_generate_cli_writes_jsonl(tiny, tmp_path):
     hm, _, _ = tiny
     from c2f_jax.model import tokenizer

@@ -100,6 +100,14 @@ def _remove_abandoned(path: Path) -> None:
             _remove(stale)
 
 
+def remove_if_empty(path: str | os.PathLike) -> None:
+    """Removes the folder `path` when it holds no file, only (empty) folders: what a run that failed before its
+    first write leaves."""
+    path = Path(path)
+    if path.is_dir() and not any(p.is_file() or p.is_symlink() for p in path.rglob("*")):
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
