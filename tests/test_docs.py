@@ -43,6 +43,22 @@ def _code_lines(text: str):
     yield from (m for m in re.findall(r"`([^`\n]+)`", text) if m.split(" ")[0] in MODULES or m.startswith("python "))
 
 
+def scripts():
+    """(page, script path, argv) of every `python benchmarks/...` or `python scripts/...` the docs show."""
+    found = []
+    for page in PAGES:
+        for line in _code_lines(page.read_text()):
+            for part in re.split(r"&&|;|\|", line.split(" #")[0]):
+                words = part.split()
+                if (
+                    len(words) > 1
+                    and words[0] in ("python", "python3")
+                    and re.match(r"(benchmarks|scripts)/", words[1])
+                ):
+                    found.append((page.relative_to(ROOT), words[1], words[2:]))
+    return found
+
+
 def commands():
     """(page, command name, argv) of every command the docs show."""
     found = []
@@ -120,6 +136,21 @@ def test_each_flag_shown_exists(page, name, argv):
         flag = arg.split("=", 1)[0]
         if flag.startswith("--") and flag not in known:
             pytest.fail(f"{page}: `{name} ... {flag}`: no such flag (known: {', '.join(sorted(known)[:12])} ...)")
+
+
+@functools.cache
+def script_help(script: str) -> str:
+    done = subprocess.run([sys.executable, str(ROOT / script), "--help"], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, f"{script} --help: {done.stderr[-1000:]}"
+    return done.stdout
+
+
+@pytest.mark.slow  # each script's --help imports JAX in a process of its own
+@pytest.mark.parametrize("page, script, argv", scripts(), ids=lambda v: str(v)[:60] if isinstance(v, str) else None)
+def test_each_script_flag_shown_exists(page, script, argv):
+    known = set(FLAG.findall(script_help(script)))
+    for flag in (a.split("=", 1)[0] for a in argv if a.startswith("--")):
+        assert flag in known, f"{page}: `python {script} ... {flag}`: no such flag"
 
 
 def test_every_relative_link_resolves():

@@ -112,11 +112,10 @@ def _expanded_size(root) -> int:
     return 0 if root is None else size(root)
 
 
-def read_recipe(path) -> Recipe:
-    """The recipe in mergekit YAML file `path`; a MergeError naming the first thing we do not support."""
+def _load_yaml(path: Path):
+    """The YAML document in `path`, bounded in size, before and after its aliases expand."""
     import yaml
 
-    path = Path(path)
     try:
         if path.stat().st_size > MAX_RECIPE_BYTES:
             _fail(path, f"{path.stat().st_size} bytes; a recipe is at most {MAX_RECIPE_BYTES} bytes")
@@ -129,6 +128,13 @@ def read_recipe(path) -> Recipe:
         doc = yaml.safe_load(text)
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         _fail(path, f"not a readable YAML file ({str(e).splitlines()[0]})")
+    return doc
+
+
+def read_recipe(path) -> Recipe:
+    """The recipe in mergekit YAML file `path`; a MergeError naming the first thing we do not support."""
+    path = Path(path)
+    doc = _load_yaml(path)
     if not isinstance(doc, dict):
         _fail(path, "not a mergekit recipe (a mapping with merge_method)")
     for key in doc:
