@@ -149,3 +149,34 @@ def test_a_lock_of_a_live_job_is_refused_naming_the_lock_file(tmp_path):
     )
     with pytest.raises(workdir_lock.HeldError, match=f"in {lock}"):
         workdir_lock.hold(tmp_path)
+
+
+def test_export_refuses_a_checkpoint_holding_nan_naming_the_tensor(tmp_path, monkeypatch):
+    """What export reads back from a checkpoint is checked as the weights of any input model are."""
+    import numpy as np
+
+    from c2f_jax.model import export
+
+    class Restored:  # a checkpoint whose actor holds a NaN, as training would never write it
+        def __init__(self, path):
+            pass
+
+        def restore_subtree(self, keys, step):
+            return {"model": {"norm": np.array([1.0, np.nan], np.float32)}}, {}
+
+        def latest_step(self):
+            return 7
+
+        def close(self):
+            pass
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / workdir.RUN_CONFIG).write_text(json.dumps({"job": "coarse"}))
+    from c2f_jax.model import model
+
+    (run / workdir.MODEL_CONFIG).write_text(json.dumps(model.TINY.to_hf()))
+    monkeypatch.setattr(export.checkpoint, "Checkpointer", Restored)
+    with pytest.raises(workdir.WorkdirError, match=r"checkpoints/7: tensor actor/params/model/norm holds NaN or inf"):
+        export.export(run, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

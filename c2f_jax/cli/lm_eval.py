@@ -56,16 +56,19 @@ def check_run(args) -> None:
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
         import c2f_jax.eval.lm_eval  # noqa: F401  (registers the model `c2f-jax`)
     except ImportError as e:  # the eval extra is optional
+        if argv in (["-h"], ["--help"]):
+            print(f"usage: c2f-lm-eval [lm-eval's flags]\n{__doc__}\n{e}")
+            return 0
         raise cli.UsageError(str(e)) from None
     from lm_eval._cli import HarnessCLI
     from lm_eval.utils import setup_logging
 
     from c2f_jax.eval.lm_eval import TASKS_DIR
 
-    argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("--tasks", "-t") or a.startswith("--tasks=") for a in argv) and not any(
         a.startswith("--include_path") for a in argv
     ):
